@@ -1,0 +1,762 @@
+"""A pickle virtual machine that never unpickles and never imports.
+
+It executes the opcode stream the way CPython's C unpickler (`_pickle.c`) does, byte for
+byte, but its values are symbols: names the loader would import (`GlobalRef`), calls it
+would make (`Call`), and plain data kept only as far as a person needs to read a call's
+arguments. It reports facts (this name, used this way, with these arguments, at this
+offset) and knows nothing about which names are dangerous; that is `policy.py`'s job.
+
+Where CPython and `pickletools` disagree, this follows CPython: INT/LONG lines are parsed
+with `int(x, 0)`, MARK sets a fence that pops may not cross, POP removes a bare MARK, FRAME
+is only a read-ahead hint, MEMOIZE uses the count of memo entries, and several pickles may
+follow one another in a file.
+
+The stream is read in chunks and never held whole: long byte strings are skipped with a
+seek and remembered as a `Blob` (offset, length), containers keep only their first items,
+and the memo stores plain data only up to a budget, after which entries become `Unknown`
+(so a name fed from an evicted entry is reported as unresolved: failing closed).
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+from modelscan_core.scanners.pickle.values import (
+    BUILT,
+    CALLED,
+    DISPLAY_ITEMS,
+    NEW,
+    Blob,
+    Call,
+    GlobalRef,
+    PDict,
+    PSet,
+    Unknown,
+)
+
+CHUNK = 1 << 20
+#: bytes/str operands longer than this are left in the file (a `Blob`)
+INLINE_LIMIT = 4096
+#: a protocol-0 line longer than this cannot be a real model's; stop as incomplete
+MAX_LINE = 64 << 20
+HIGHEST_PROTOCOL = 5
+#: calls remembered per global (for showing arguments), and unresolved events kept
+KEEP_CALLS = 4
+KEEP_EVENTS = 64
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,255}\Z")
+
+_unpack_i = struct.Struct("<i").unpack_from
+_unpack_I = struct.Struct("<I").unpack_from
+_unpack_Q = struct.Struct("<Q").unpack_from
+_unpack_H = struct.Struct("<H").unpack_from
+_unpack_d = struct.Struct(">d").unpack_from
+
+_EVICTED = Unknown("memo entry not kept")
+
+
+class PickleError(Exception):
+    """The unpickler would raise here: the stream ends at `offset`."""
+
+    def __init__(self, message: str, offset: int, incomplete: bool = False):
+        super().__init__(message)
+        self.offset = offset
+        self.incomplete = incomplete
+
+
+@dataclass
+class StreamFacts:
+    """What one pickle stream (PROTO ... STOP) would make a loader do."""
+
+    start: int
+    end: int = 0
+    protocol: int = 0
+    stopped: bool = False
+    error: str | None = None
+    error_offset: int | None = None
+    error_incomplete: bool = False
+    globals: list[GlobalRef] = field(default_factory=list)
+    dynamic_calls: list[Call] = field(default_factory=list)  # calls of a non-name callable
+    unresolved: list[tuple[int, str]] = field(default_factory=list)  # names not known statically
+    calls: int = 0  # calls of any kind made before the end
+    ops: int = 0
+
+
+#: BuildHook(vm, target, state, offset) may consume bytes that follow BUILD (joblib arrays)
+#: and returns the value that replaces the target on the stack, or None to keep it.
+BuildHook = Callable[["PickleVM", object, object, int], object]
+
+
+class PickleVM:
+    """Runs one pickle stream at a time from a binary file object."""
+
+    def __init__(
+        self,
+        f: BinaryIO,
+        *,
+        size: int | None = None,
+        memo_budget: int = 200_000,
+        build_hook: BuildHook | None = None,
+    ):
+        self.f = f
+        self.size = size
+        self.memo_budget = memo_budget
+        self.build_hook = build_hook
+        self._seekable = _is_seekable(f)
+        # read state, shared with hooks through read()/skip()/tell()
+        self._buf = b""
+        self._pos = 0
+        self._base = f.tell() if self._seekable else 0  # file offset of _buf[0]
+        self._eof = False
+
+    # -- reading ---------------------------------------------------------------
+
+    def tell(self) -> int:
+        return self._base + self._pos
+
+    def _fill(self, need: int) -> bool:
+        """Make `need` bytes available at _pos if the file has them. False at EOF."""
+        buf, pos = self._buf, self._pos
+        have = len(buf) - pos
+        if have >= need:
+            return True
+        if self._eof:
+            return False
+        parts = [buf[pos:]]
+        want = max(CHUNK, need - have)
+        while have < need or want > 0:
+            piece = self.f.read(want)
+            if not piece:
+                self._eof = True
+                break
+            parts.append(piece)
+            have += len(piece)
+            want -= len(piece)
+            if have >= need and want <= 0:
+                break
+            want = max(want, need - have)
+            if have >= need:
+                break
+        self._base += pos
+        self._buf = b"".join(parts)
+        self._pos = 0
+        return len(self._buf) >= need
+
+    def read(self, n: int) -> bytes:
+        """Consume n bytes (for hooks). Raises PickleError when the stream is shorter."""
+        if not self._fill(n):
+            raise PickleError(f"stream ends inside a {n}-byte read", self.tell(), incomplete=False)
+        data = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        """Move past n bytes without keeping them (seek when the file allows it)."""
+        have = len(self._buf) - self._pos
+        if n <= have:
+            self._pos += n
+            return
+        target = self.tell() + n
+        if self._seekable:
+            if self.size is not None and target > self.size:
+                raise PickleError(f"stream ends inside a {n}-byte operand", self.tell())
+            self.f.seek(target)
+            self._base, self._buf, self._pos = target, b"", 0
+            self._eof = False
+            return
+        n -= have
+        self._base += len(self._buf)
+        self._buf, self._pos = b"", 0
+        while n > 0:
+            piece = self.f.read(min(n, CHUNK))
+            if not piece:
+                self._eof = True
+                raise PickleError("stream ends inside an operand", self._base)
+            n -= len(piece)
+            self._base += len(piece)
+
+    def at_eof(self) -> bool:
+        return not self._fill(1)
+
+    def _readline(self) -> bytes:
+        """A protocol-0 operand: bytes up to and including the next newline."""
+        buf, pos = self._buf, self._pos
+        nl = buf.find(b"\n", pos)
+        while nl < 0:
+            if len(buf) - pos > MAX_LINE:
+                raise PickleError("line operand longer than the scan limit", self.tell(), incomplete=True)
+            if not self._fill(len(buf) - pos + CHUNK):
+                if self._eof:
+                    raise PickleError("stream ends inside a line operand", self.tell())
+            buf, pos = self._buf, self._pos
+            nl = buf.find(b"\n", pos)
+            if nl < 0 and self._eof:
+                raise PickleError("stream ends inside a line operand", self.tell())
+        self._pos = nl + 1
+        return buf[pos : nl + 1]
+
+    def _take(self, n: int, offset: int, text: bool):
+        """A length-prefixed operand: small ones as values, long ones as Blob."""
+        if n > INLINE_LIMIT:
+            self.skip(n)
+            return Blob(offset, n, text)
+        if not self._fill(n):
+            raise PickleError(f"stream ends inside a {n}-byte operand", self.tell())
+        data = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        if text:
+            try:
+                return data.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError as exc:
+                raise PickleError(f"invalid UTF-8 in string operand: {exc.reason}", offset) from None
+        return data
+
+    # -- the machine -----------------------------------------------------------
+
+    def run(self) -> StreamFacts:
+        """Execute one pickle stream from the current position to STOP (or its failure)."""
+        facts = StreamFacts(start=self.tell())
+        try:
+            self._execute(facts)
+        except PickleError as exc:
+            facts.error, facts.error_offset, facts.error_incomplete = str(exc), exc.offset, exc.incomplete
+        except (ValueError, OverflowError, struct.error, MemoryError, RecursionError) as exc:
+            facts.error, facts.error_offset = f"{type(exc).__name__}: {exc}", self.tell()
+        facts.end = self.tell()
+        return facts
+
+    def _execute(self, facts: StreamFacts) -> None:  # noqa: C901 - one loop, by design
+        # The hot state lives in locals: `buf`, `pos`, `blen`, `base` mirror self._buf,
+        # self._pos, len(self._buf) and self._base. Every call into a reading method is
+        # bracketed by `self._pos = pos` before and `buf, pos, blen, base = self._sync()` after.
+        stack: list = []
+        marks: list[int] = []
+        fence = 0
+        mseq: list = []
+        msparse: dict = {}
+        memo_left = self.memo_budget
+        refs: dict[tuple[str, str], GlobalRef] = {}
+        ops = 0
+        sync = self._sync
+        take = self._take
+        readline = self._readline
+
+        def err(msg: str, at: int) -> PickleError:
+            return PickleError(msg, at)
+
+        def new_global(module: object, name: object, at: int, opname: str) -> object:
+            if not isinstance(module, str) or not isinstance(name, str):
+                symbolic = (str, Unknown, Call, GlobalRef, Blob)
+                if not isinstance(module, symbolic) or not isinstance(name, symbolic):
+                    raise err(f"{opname} requires str operands", at)
+                if len(facts.unresolved) < KEEP_EVENTS:
+                    facts.unresolved.append((at, f"{opname} operands are not static strings: {module!r}, {name!r}"))
+                return Unknown(f"name computed at load time ({opname})")
+            key = (module, name)
+            ref = refs.get(key)
+            if ref is None:
+                ref = refs[key] = GlobalRef(module, name, at, opname)
+                facts.globals.append(ref)
+            return ref
+
+        def note_call(func: object, call: Call, use: int) -> None:
+            facts.calls += 1
+            if isinstance(func, GlobalRef):
+                func.uses |= use
+                if len(func.calls) < KEEP_CALLS:
+                    func.calls.append(call)
+            elif len(facts.dynamic_calls) < KEEP_EVENTS:
+                facts.dynamic_calls.append(call)
+
+        def pop_mark(at: int) -> list:
+            nonlocal fence
+            if not marks:
+                raise err("MARK expected but none is open", at)
+            start = marks.pop()
+            items = stack[start:]
+            del stack[start:]
+            fence = marks[-1] if marks else 0
+            return items
+
+        def memo_put(idx: int, value: object) -> None:
+            nonlocal memo_left
+            if memo_left > 0:
+                memo_left -= 1
+            else:
+                # Past the budget keep only what can name a global or be one; the rest
+                # becomes Unknown, which fails closed wherever it is used as a name.
+                t = type(value)
+                if t is str:
+                    if not (value[:1].isalpha() or value[:1] == "_") or not _IDENTIFIER.match(value):
+                        value = _EVICTED
+                elif t is not GlobalRef and t is not int and t is not Unknown:
+                    value = _EVICTED
+            if idx == len(mseq):
+                mseq.append(value)
+                while msparse and len(mseq) in msparse:
+                    mseq.append(msparse.pop(len(mseq)))
+            elif idx < len(mseq):
+                mseq[idx] = value
+            else:
+                msparse[idx] = value
+
+        def memo_get(idx: int, at: int) -> object:
+            if 0 <= idx < len(mseq):
+                return mseq[idx]
+            value = msparse.get(idx, _MISSING)
+            if value is _MISSING:
+                raise err(f"memo key {idx} was never set", at)
+            return value
+
+        buf, pos, blen, base = sync()
+        try:
+            while True:
+                if pos + 16 > blen:
+                    if not self._eof:
+                        self._pos = pos
+                        self._fill(16)
+                        buf, pos, blen, base = sync()
+                    if pos >= blen:
+                        raise err("stream ends without STOP (truncated pickle)", base + pos)
+                op = buf[pos]
+                pos += 1
+                ops += 1
+                # Ordered by how often real pickles use them; the data-only ops stay inline.
+                if op == 0x94:  # MEMOIZE
+                    if len(stack) <= fence:
+                        raise err("MEMOIZE on an empty stack", base + pos - 1)
+                    if memo_left > 0 and not msparse:
+                        mseq.append(stack[-1])
+                        memo_left -= 1
+                    else:
+                        memo_put(len(mseq) + len(msparse), stack[-1])
+                    continue
+                if op == 0x8C:  # SHORT_BINUNICODE
+                    n = buf[pos]
+                    end = pos + 1 + n
+                    if end <= blen:
+                        try:
+                            stack.append(buf[pos + 1 : end].decode("utf-8", "surrogatepass"))
+                        except UnicodeDecodeError as exc:
+                            raise err(f"invalid UTF-8 in string operand: {exc.reason}", base + pos - 1) from None
+                        pos = end
+                    else:
+                        self._pos = pos + 1
+                        stack.append(take(n, base + pos - 1, True))
+                        buf, pos, blen, base = sync()
+                    continue
+                if op == 0x4B:  # K BININT1
+                    stack.append(buf[pos])
+                    pos += 1
+                    continue
+                if op == 0x5D:  # ] EMPTY_LIST
+                    stack.append([])
+                    continue
+                if op == 0x28:  # ( MARK
+                    fence = len(stack)
+                    marks.append(fence)
+                    continue
+                if op == 0x65:  # e APPENDS
+                    if not marks:
+                        raise err("APPENDS without MARK", base + pos - 1)
+                    k = marks.pop()
+                    fence = marks[-1] if marks else 0
+                    if k <= 0:
+                        raise err("APPENDS without a list", base + pos - 1)
+                    if k < len(stack):
+                        target = stack[k - 1]
+                        if type(target) is list:
+                            room = DISPLAY_ITEMS - len(target)
+                            if room > 0:
+                                target.extend(stack[k : k + room])
+                        elif not isinstance(target, (Call, GlobalRef, Unknown)):
+                            raise err(f"APPENDS to {type(target).__name__}", base + pos - 1)
+                        del stack[k:]
+                    continue
+                if op == 0x71 or op == 0x68:  # q BINPUT / h BINGET
+                    idx = buf[pos]
+                    pos += 1
+                    if op == 0x71:
+                        if len(stack) <= fence:
+                            raise err("BINPUT on an empty stack", base + pos - 2)
+                        memo_put(idx, stack[-1])
+                    else:
+                        stack.append(memo_get(idx, base + pos - 2))
+                    continue
+                if op == 0x4D:  # M BININT2
+                    stack.append(buf[pos] | (buf[pos + 1] << 8))
+                    pos += 2
+                    continue
+                if op == 0x4A:  # J BININT
+                    stack.append(_unpack_i(buf, pos)[0])
+                    pos += 4
+                    continue
+                if op == 0x75 or op == 0x73:  # u SETITEMS / s SETITEM
+                    at = base + pos - 1
+                    if op == 0x75:
+                        if not marks:
+                            raise err("SETITEMS without MARK", at)
+                        k = marks.pop()
+                        fence = marks[-1] if marks else 0
+                    else:
+                        k = len(stack) - 2
+                    if k <= 0:
+                        raise err("SETITEMS without a dict", at)
+                    if k < len(stack):
+                        if (len(stack) - k) % 2:
+                            raise err("odd number of items for SETITEMS", at)
+                        target = stack[k - 1]
+                        if type(target) is PDict:
+                            room = DISPLAY_ITEMS - len(target)
+                            for i in range(k, min(len(stack), k + 2 * max(room, 0)), 2):
+                                target.append((stack[i], stack[i + 1]))
+                        elif not isinstance(target, (Call, GlobalRef, Unknown)):
+                            raise err(f"SETITEMS on {type(target).__name__}", at)
+                        del stack[k:]
+                    continue
+                if op == 0x7D:  # } EMPTY_DICT
+                    stack.append(PDict())
+                    continue
+                if op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1/2/3
+                    n = op - 0x84
+                    if len(stack) - fence < n:
+                        raise err("stack underflow building a tuple", base + pos - 1)
+                    t = tuple(stack[-n:])
+                    del stack[-n:]
+                    stack.append(t)
+                    continue
+                if op == 0x29:  # ) EMPTY_TUPLE
+                    stack.append(())
+                    continue
+                if op == 0x4E:  # N NONE
+                    stack.append(None)
+                    continue
+                if op == 0x88 or op == 0x89:  # NEWTRUE / NEWFALSE
+                    stack.append(op == 0x88)
+                    continue
+                if op == 0x47:  # G BINFLOAT
+                    stack.append(_unpack_d(buf, pos)[0])
+                    pos += 8
+                    continue
+                if op == 0x72 or op == 0x6A:  # r LONG_BINPUT / j LONG_BINGET
+                    idx = _unpack_I(buf, pos)[0]
+                    pos += 4
+                    if op == 0x72:
+                        if len(stack) <= fence:
+                            raise err("LONG_BINPUT on an empty stack", base + pos - 5)
+                        memo_put(idx, stack[-1])
+                    else:
+                        stack.append(memo_get(idx, base + pos - 5))
+                    continue
+                if op == 0x61:  # a APPEND
+                    if len(stack) < 2:
+                        raise err("APPEND needs a list and a value", base + pos - 1)
+                    value = stack.pop()
+                    target = stack[-1]
+                    if type(target) is list:
+                        if len(target) < DISPLAY_ITEMS:
+                            target.append(value)
+                    elif not isinstance(target, (Call, GlobalRef, Unknown)):
+                        raise err(f"APPEND to {type(target).__name__}", base + pos - 1)
+                    continue
+                if op == 0x74:  # t TUPLE
+                    stack.append(tuple(pop_mark(base + pos - 1)))
+                    continue
+                if op == 0x95:  # FRAME: a read-ahead hint to CPython, nothing more
+                    pos += 8
+                    continue
+                if op == 0x2E:  # . STOP
+                    if len(stack) <= fence:
+                        raise err("STOP on an empty stack", base + pos - 1)
+                    facts.stopped = True
+                    break
+
+                # Everything below is rare in data and may read through the file object.
+                at = base + pos - 1
+                self._pos = pos
+                if op == 0x93:  # STACK_GLOBAL
+                    if len(stack) - fence < 2:
+                        raise err("STACK_GLOBAL needs a module and a name", at)
+                    name = stack.pop()
+                    module = stack.pop()
+                    stack.append(new_global(module, name, at, "STACK_GLOBAL"))
+                elif op == 0x52:  # R REDUCE
+                    if len(stack) - fence < 2:
+                        raise err("REDUCE needs a callable and arguments", at)
+                    args = stack.pop()
+                    func = stack[-1]
+                    if not isinstance(args, (tuple, Unknown, Call)):
+                        raise err(f"REDUCE arguments must be a tuple, not {type(args).__name__}", at)
+                    call = Call(func, args, "reduce", at)
+                    note_call(func, call, CALLED)
+                    stack[-1] = call
+                elif op == 0x62:  # b BUILD
+                    if len(stack) - fence < 2:
+                        raise err("BUILD needs an object and its state", at)
+                    state = stack.pop()
+                    target = stack[-1]
+                    _mark_built(target)
+                    if self.build_hook is not None:
+                        replacement = self.build_hook(self, target, state, at)
+                        if replacement is not None:
+                            stack[-1] = replacement
+                elif op == 0x81 or op == 0x92:  # NEWOBJ / NEWOBJ_EX
+                    kwargs = None
+                    if op == 0x92:
+                        if len(stack) - fence < 3:
+                            raise err("NEWOBJ_EX needs a class, arguments and keywords", at)
+                        kwargs = stack.pop()
+                    elif len(stack) - fence < 2:
+                        raise err("NEWOBJ needs a class and arguments", at)
+                    args = stack.pop()
+                    cls = stack[-1]
+                    if not isinstance(args, (tuple, Unknown, Call)):
+                        raise err("NEWOBJ expected an arg tuple", at)
+                    call = Call(cls, args, "newobj" if op == 0x81 else "newobj_ex", at, kwargs)
+                    note_call(cls, call, NEW)
+                    stack[-1] = call
+                elif op == 0x58 or op == 0x8D:  # X BINUNICODE / BINUNICODE8
+                    width = 4 if op == 0x58 else 8
+                    n = (_unpack_I if width == 4 else _unpack_Q)(self.read(width), 0)[0]
+                    stack.append(take(n, at, True))
+                elif op == 0x42 or op == 0x43 or op == 0x8E or op == 0x96:  # BINBYTES(8), SHORT_BINBYTES, BYTEARRAY8
+                    width = 1 if op == 0x43 else 4 if op == 0x42 else 8
+                    raw = self.read(width)
+                    n = raw[0] if width == 1 else (_unpack_I if width == 4 else _unpack_Q)(raw, 0)[0]
+                    stack.append(take(n, at, False))
+                elif op == 0x80:  # PROTO
+                    proto = self.read(1)[0]
+                    if proto > HIGHEST_PROTOCOL:
+                        raise err(f"unsupported pickle protocol: {proto}", at)
+                    facts.protocol = proto
+                elif op == 0x63 or op == 0x69:  # c GLOBAL / i INST
+                    if op == 0x69 and not marks:
+                        raise err("INST without MARK", at)
+                    module = readline()[:-1].decode("utf-8", "surrogatepass")
+                    name = readline()[:-1].decode("utf-8", "surrogatepass")
+                    if op == 0x63:
+                        stack.append(new_global(module, name, at, "GLOBAL"))
+                    else:
+                        ref = new_global(module, name, at, "INST")
+                        call = Call(ref, tuple(pop_mark(at)), "inst", at)
+                        note_call(ref, call, CALLED)
+                        stack.append(call)
+                elif op == 0x6F:  # o OBJ
+                    items = pop_mark(at)
+                    if not items:
+                        raise err("OBJ needs a class", at)
+                    call = Call(items[0], tuple(items[1:]), "obj", at)
+                    note_call(items[0], call, CALLED)
+                    stack.append(call)
+                elif op == 0x30:  # 0 POP (removes a bare MARK, as CPython does)
+                    if marks and marks[-1] == len(stack):
+                        marks.pop()
+                        fence = marks[-1] if marks else 0
+                    elif len(stack) > fence:
+                        stack.pop()
+                    else:
+                        raise err("POP on an empty stack", at)
+                elif op == 0x31:  # 1 POP_MARK
+                    pop_mark(at)
+                elif op == 0x32:  # 2 DUP
+                    if len(stack) <= fence:
+                        raise err("DUP on an empty stack", at)
+                    stack.append(stack[-1])
+                elif op == 0x49 or op == 0x4C:  # I INT / L LONG, parsed as CPython parses them
+                    stack.append(_parse_int_line(readline(), op == 0x4C, at))
+                elif op == 0x8A or op == 0x8B:  # LONG1 / LONG4
+                    raw = self.read(1 if op == 0x8A else 4)
+                    n = raw[0] if op == 0x8A else _unpack_i(raw, 0)[0]
+                    if n < 0:
+                        raise err("LONG pickle has negative byte count", at)
+                    if n > 1024:
+                        self.skip(n)
+                        stack.append(Unknown("very long integer"))
+                    else:
+                        stack.append(int.from_bytes(self.read(n), "little", signed=True))
+                elif op == 0x46:  # F FLOAT
+                    try:
+                        stack.append(float(readline()))
+                    except ValueError:
+                        raise err("could not convert string to float", at) from None
+                elif op == 0x53:  # S STRING (protocol 0: quoted, escaped)
+                    stack.append(_parse_string_line(readline(), at))
+                elif op == 0x56:  # V UNICODE (raw-unicode-escape)
+                    try:
+                        stack.append(codecs.raw_unicode_escape_decode(readline()[:-1])[0])
+                    except UnicodeDecodeError as exc:
+                        raise err(f"bad UNICODE operand: {exc.reason}", at) from None
+                elif op == 0x54 or op == 0x55:  # T BINSTRING / U SHORT_BINSTRING
+                    raw = self.read(4 if op == 0x54 else 1)
+                    n = _unpack_i(raw, 0)[0] if op == 0x54 else raw[0]
+                    if n < 0:
+                        raise err("BINSTRING pickle has negative byte count", at)
+                    stack.append(_ascii(take(n, at, False), at))
+                elif op == 0x70 or op == 0x67:  # p PUT / g GET (protocol 0, decimal index)
+                    try:
+                        idx = int(readline(), 10)
+                    except ValueError:
+                        raise err("memo index is not a number", at) from None
+                    if op == 0x70:
+                        if len(stack) <= fence:
+                            raise err("PUT on an empty stack", at)
+                        if idx < 0:
+                            raise err("negative PUT argument", at)
+                        memo_put(idx, stack[-1])
+                    else:
+                        stack.append(memo_get(idx, at))
+                elif op == 0x6C:  # l LIST
+                    stack.append(pop_mark(at)[:DISPLAY_ITEMS])
+                elif op == 0x64:  # d DICT
+                    items = pop_mark(at)
+                    if len(items) % 2:
+                        raise err("odd number of items for DICT", at)
+                    stack.append(PDict(zip(items[0 : 2 * DISPLAY_ITEMS : 2], items[1 : 2 * DISPLAY_ITEMS : 2])))
+                elif op == 0x8F:  # EMPTY_SET
+                    stack.append(PSet())
+                elif op == 0x90:  # ADDITEMS
+                    items = pop_mark(at)
+                    if not stack:
+                        raise err("ADDITEMS without a set", at)
+                    target = stack[-1]
+                    if items and type(target) is PSet:
+                        target.extend(items[: max(0, DISPLAY_ITEMS - len(target))])
+                    elif items and not isinstance(target, (Call, GlobalRef, Unknown)):
+                        raise err(f"ADDITEMS on {type(target).__name__}", at)
+                elif op == 0x91:  # FROZENSET
+                    stack.append(PSet(pop_mark(at)[:DISPLAY_ITEMS]))
+                elif op == 0x50 or op == 0x51:  # P PERSID / Q BINPERSID
+                    if op == 0x50:
+                        pid = _ascii(readline()[:-1], at)
+                    elif len(stack) <= fence:
+                        raise err("BINPERSID on an empty stack", at)
+                    else:
+                        pid = stack.pop()
+                    stack.append(Unknown("persistent object", pid))
+                elif op == 0x82 or op == 0x83 or op == 0x84:  # EXT1/2/4: the loader's copyreg registry
+                    raw = self.read({0x82: 1, 0x83: 2, 0x84: 4}[op])
+                    code = int.from_bytes(raw, "little", signed=op == 0x84)
+                    if len(facts.unresolved) < KEEP_EVENTS:
+                        facts.unresolved.append((at, f"extension code {code}: the name comes from the loader's copyreg registry"))
+                    stack.append(Unknown(f"extension code {code}"))
+                elif op == 0x97:  # NEXT_BUFFER
+                    stack.append(Unknown("out-of-band buffer"))
+                elif op == 0x98:  # READONLY_BUFFER
+                    if len(stack) <= fence:
+                        raise err("READONLY_BUFFER on an empty stack", at)
+                else:
+                    raise err(f"invalid opcode 0x{op:02x}", at)
+                buf, pos, blen, base = sync()
+        except IndexError:
+            # An inline operand ran past the end of the buffer: only possible at EOF.
+            raise err("stream ends inside an operand (truncated pickle)", base + min(pos, blen)) from None
+        finally:
+            facts.ops = ops
+        self._pos = pos
+
+    def _sync(self) -> tuple[bytes, int, int, int]:
+        return self._buf, self._pos, len(self._buf), self._base
+
+
+_MISSING = object()
+
+
+def _extend(target: object, items: list, at: int) -> None:
+    """APPEND(S): lists keep their first items; objects (Call results) take `append` calls."""
+    t = type(target)
+    if t is list:
+        room = DISPLAY_ITEMS - len(target)
+        if room > 0:
+            target.extend(items[:room])
+        return
+    if isinstance(target, (Call, GlobalRef, Unknown)):
+        return  # CPython calls target.extend / target.append: an object's own method
+    raise PickleError(f"APPEND to {t.__name__}", at)
+
+
+def _check_args(args: object, at: int) -> None:
+    if not isinstance(args, (tuple, Unknown, Call)):
+        raise PickleError(f"REDUCE arguments must be a tuple, not {type(args).__name__}", at)
+
+
+def _mark_built(target: object) -> None:
+    if isinstance(target, Call) and isinstance(target.func, GlobalRef):
+        target.func.uses |= BUILT
+    elif isinstance(target, GlobalRef):
+        target.uses |= BUILT
+
+
+def _parse_int_line(line: bytes, is_long: bool, at: int) -> int | bool:
+    """INT is parsed with C strtol(base 0) first, then int(x, 0); LONG with int(x, 0)."""
+    if is_long:
+        text = line[:-2] if line.endswith(b"L\n") else line[:-1]
+        return _pylong(text, at)
+    value = _strtol(line[:-1])
+    if value is None:
+        return _pylong(line[:-1], at)
+    if len(line) == 3 and value in (0, 1):
+        return bool(value)
+    return value
+
+
+def _strtol(text: bytes) -> int | None:
+    """C strtol(s, &end, 0) that must consume the whole line, or None (CPython then falls back)."""
+    s = text.lstrip(b" \t\r\x0b\x0c")
+    sign = 1
+    if s[:1] in (b"+", b"-"):
+        sign = -1 if s[:1] == b"-" else 1
+        s = s[1:]
+    base = 10
+    if s[:2].lower() == b"0x":
+        base, s = 16, s[2:]
+    elif s[:1] == b"0" and len(s) > 1:
+        base, s = 8, s[1:]
+    if not s or not all(chr(c) in _DIGITS[base] for c in s):
+        return None
+    value = sign * int(s, base)
+    return value if -(2**63) <= value < 2**63 else None
+
+
+_DIGITS = {8: "01234567", 10: "0123456789", 16: "0123456789abcdefABCDEF"}
+
+
+def _pylong(text: bytes, at: int) -> int:
+    try:
+        return int(text.decode("ascii"), 0)
+    except (ValueError, UnicodeDecodeError):
+        raise PickleError(f"could not convert string to int: {text[:40]!r}", at) from None
+
+
+def _parse_string_line(line: bytes, at: int) -> str:
+    data = line[:-1]
+    if len(data) < 2 or data[0] != data[-1] or data[:1] not in (b"'", b'"'):
+        raise PickleError("the STRING opcode argument must be quoted", at)
+    try:
+        raw = codecs.escape_decode(data[1:-1])[0]
+    except ValueError as exc:
+        raise PickleError(f"bad STRING escape: {exc}", at) from None
+    return _ascii(raw, at)
+
+
+def _ascii(value: object, at: int) -> object:
+    """Protocol 0-2 byte strings are decoded as ASCII, as `pickle.load` does by default."""
+    if isinstance(value, Blob):
+        return Blob(value.offset, value.length, True)
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        # pickle.load would raise, but torch.load (utf-8) and py2-era numpy files (latin-1)
+        # pass an encoding: keep reading rather than stop short of a payload.
+        return value.decode("latin-1")
+
+
+def _is_seekable(f: BinaryIO) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return False
