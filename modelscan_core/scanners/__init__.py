@@ -1,0 +1,30 @@
+"""One scanner per format. The registry maps detect.py's format names to scanner classes.
+
+Scanner modules are imported only when a file of their format turns up, so `modelscan -p
+small.pkl` never pays for h5py or protobuf.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from modelscan_core.scanners.interface import Scanner
+
+#: format name -> (settings key for enabled/options, "module:Class")
+REGISTRY: dict[str, tuple[str, str]] = {
+    "pickle": ("pickle", "modelscan_core.scanners.pickle.scanner:PickleScanner"),
+}
+
+_instances: dict[str, Scanner] = {}
+
+
+def scanner_for(format_name: str) -> tuple[str, Scanner] | None:
+    """The settings key and scanner instance for a format, or None if none reads it."""
+    entry = REGISTRY.get(format_name)
+    if entry is None:
+        return None
+    key, target = entry
+    if target not in _instances:
+        module_name, class_name = target.split(":")
+        _instances[target] = getattr(importlib.import_module(module_name), class_name)()
+    return key, _instances[target]

@@ -203,8 +203,9 @@ class PickleVM:
     def _take(self, n: int, offset: int, text: bool):
         """A length-prefixed operand: small ones as values, long ones as Blob."""
         if n > INLINE_LIMIT:
+            start = self.tell()
             self.skip(n)
-            return Blob(offset, n, text)
+            return Blob(start, n, text)
         if not self._fill(n):
             raise PickleError(f"stream ends inside a {n}-byte operand", self.tell())
         data = self._buf[self._pos : self._pos + n]

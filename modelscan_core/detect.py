@@ -1,0 +1,110 @@
+"""Decide what a byte stream is from its content; the file name is only a hint.
+
+Every rule looks at the first bytes of the stream (`HEAD` bytes) and, where magic bytes are
+not enough, at the structure behind them. Rules are tried in order and the first match wins,
+so a pickle named `.txt`, `.BIN` or with no name at all (a Hugging Face blob) is a pickle.
+
+Adding a format means adding one `Rule` here and one scanner under `scanners/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+HEAD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One format's test. `magics`: the head starts with one of these (empty: no magic test).
+
+    `sniff` (optional) looks further: `(head, lower-cased name, stream) -> bool`. It may be
+    a callable or a "module:function" string, imported only when a file reaches the rule,
+    so the CLI never imports a format's code for files of other formats.
+    """
+
+    format: str
+    magics: tuple[bytes, ...] = ()
+    sniff: Callable[[bytes, str, BinaryIO], bool] | str | None = None
+
+    def matches(self, head: bytes, name: str, stream: BinaryIO) -> bool:
+        if self.magics and not head.startswith(self.magics):
+            return False
+        if self.sniff is None:
+            return True
+        sniff = self.sniff
+        if isinstance(sniff, str):
+            module_name, func_name = sniff.split(":")
+            sniff = getattr(importlib.import_module(module_name), func_name)
+        stream.seek(0)
+        try:
+            return bool(sniff(head, name, stream))
+        finally:
+            stream.seek(0)
+
+
+def _is_pickle(head: bytes, name: str, stream: BinaryIO | None = None) -> bool:
+    if len(head) >= 2 and head[0] == 0x80:
+        return head[1] <= 5
+    if not head or head[0] not in _PROTO01_STARTS:
+        return False
+    return _probe_protocol0(head)
+
+
+# Opcodes a protocol 0/1 pickle can begin with (anything that pushes without popping).
+_PROTO01_STARTS = frozenset(b"(c]})NILSVFKMJGUTXPBCq")
+
+
+def _probe_protocol0(head: bytes) -> bool:
+    """Run the VM over the head: a pickle gets through several opcodes or names a global.
+
+    Text that happens to start with an opcode letter fails within an op or two (an invalid
+    opcode, a stack underflow, a "module" name that is not an identifier).
+    """
+    from modelscan_core.scanners.pickle.vm import PickleVM
+
+    vm = PickleVM(io.BytesIO(head), size=len(head))
+    facts = vm.run()
+    if facts.stopped:
+        return True
+    plausible = [g for g in facts.globals if _dotted(g.module) and _dotted(g.name)]
+    if plausible:
+        return True
+    truncated_by_head = facts.error is not None and len(head) >= HEAD and (facts.error_offset or 0) >= len(head) - 256
+    return truncated_by_head and facts.ops >= 4
+
+
+def _dotted(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
+
+
+# Order matters: the first matching rule decides. Containers before the formats they hold;
+# pickle last, because protocol 0 has no magic and is recognised by running the VM.
+RULES: list[Rule] = [
+    Rule("pickle", (), _is_pickle),
+]
+
+#: extensions whose files claim to be a model that can execute code when loaded; such a
+#: file that matches no rule is an error ("could not read"), not a skip
+CLAIMING_EXTENSIONS = frozenset(
+    {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib", ".dill", ".npy", ".npz", ".h5", ".hdf5", ".keras", ".pb", ".pt2"}
+)
+
+
+def detect(head: bytes, name: str, stream: BinaryIO | None = None) -> str | None:
+    """The format of a stream whose first bytes are `head`, or None when no rule matches."""
+    lowered = os.path.basename(name).lower()
+    if stream is None:
+        stream = io.BytesIO(head)
+    for rule in RULES:
+        if rule.matches(head, lowered, stream):
+            return rule.format
+    return None
+
+
+def claims_model_format(name: str) -> bool:
+    return os.path.splitext(name.lower())[1] in CLAIMING_EXTENSIONS

@@ -1,0 +1,220 @@
+"""The engine: take a path or a stream, decide each format, run its scanner, fold results.
+
+Nesting is recursion in one place: a container scanner hands what it holds back through
+`ScanContext.scan_member`, which detects, scans and names the member `outer:inner` under
+one set of limits. Whatever a scanner raises becomes an error for that item; findings it
+reported before raising are kept.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import stat
+import time
+from typing import BinaryIO, Callable
+
+from modelscan_core import detect
+from modelscan_core._version import __version__
+from modelscan_core.model import FileResult, Finding, ScanError, ScanReport, Severity, Skipped
+from modelscan_core.scanners import scanner_for
+from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed
+from modelscan_core.settings import Settings
+from modelscan_core.sources.filesystem import FileEntry, walk
+
+#: files larger than this get no sha256 in reports (hashing 2 GB would dwarf the scan itself)
+HASH_LIMIT = 512 * 1024 * 1024
+
+Progress = Callable[[int, str], None]  # (files done so far, current source)
+
+
+def scan_path(path: str | os.PathLike, settings: Settings | None = None, *, progress: Progress | None = None) -> ScanReport:
+    """Scan a file or a directory tree. Never raises for bad input: it is in the report."""
+    settings = settings or Settings()
+    started = time.monotonic()
+    input_path = os.fspath(path)
+    absolute = os.path.abspath(input_path)
+    base = absolute if os.path.isdir(absolute) else os.path.dirname(absolute)
+    files: list[FileResult] = []
+    errors: list[ScanError] = []
+    if not os.path.lexists(absolute):
+        errors.append(ScanError("PATH", "path does not exist", input_path))
+    else:
+        for n, entry in enumerate(walk(absolute, base)):
+            if isinstance(entry, ScanError):
+                errors.append(entry)
+                continue
+            if progress is not None:
+                progress(n, entry.source)
+            files.append(scan_file(entry, settings))
+    return ScanReport(
+        input_path=input_path,
+        absolute_path=base,
+        timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+        version=__version__,
+        files=tuple(files),
+        errors=tuple(errors),
+        elapsed_s=time.monotonic() - started,
+    )
+
+
+def scan_file(entry: FileEntry, settings: Settings) -> FileResult:
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return FileResult(entry.source, "unknown", errors=(ScanError("PATH", f"cannot open: {exc.strerror or exc}", entry.source),))
+    with os.fdopen(fd, "rb", buffering=0) as raw:
+        st = os.fstat(raw.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return FileResult(entry.source, "unknown", errors=(ScanError("PATH", "not a regular file; not opened", entry.source),))
+        return scan_stream(raw, entry.source, settings, size=st.st_size, name=os.path.basename(entry.path))
+
+
+def scan_stream(
+    stream: BinaryIO,
+    source: str,
+    settings: Settings | None = None,
+    *,
+    size: int | None = None,
+    name: str | None = None,
+    compute_hash: bool = True,
+) -> FileResult:
+    """Scan one seekable stream (a file the caller opened, e.g. through a verified fd)."""
+    settings = settings or Settings()
+    if size is None:
+        size = _stream_size(stream)
+    sha256 = None
+    try:
+        if compute_hash and size <= HASH_LIMIT:
+            sha256 = _sha256(stream)
+        return _Scan(settings, source).scan_item(stream, source, size, name or source, None, sha256=sha256)
+    except OSError as exc:
+        return FileResult(source, "unknown", size=size, errors=(ScanError("PATH", f"read failed: {exc.strerror or exc}", source),))
+
+
+class _Scan:
+    """One top-level file: shared limits (members, bytes) across everything it contains."""
+
+    def __init__(self, settings: Settings, top: str):
+        self.settings = settings
+        self.limits = settings.limits
+        self.members = 0
+        self.top = top
+
+    def scan_item(
+        self,
+        stream: BinaryIO,
+        source: str,
+        size: int,
+        name: str,
+        format_hint: str | None,
+        *,
+        depth: int = 0,
+        sha256: str | None = None,
+    ) -> FileResult:
+        stream.seek(0)
+        head = stream.read(detect.HEAD)
+        stream.seek(0)
+        fmt = format_hint or detect.detect(head, name, stream)
+        stream.seek(0)
+        if fmt is None:
+            if size == 0:
+                if detect.claims_model_format(name):
+                    return FileResult(source, "empty", size, sha256, errors=(ScanError("MODEL_SCAN", "empty file: nothing a loader could read", source),))
+                return FileResult(source, "empty", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "empty file", source))
+            if detect.claims_model_format(name):
+                desc = "the name claims a model format but the content matches none the scanner knows"
+                return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),))
+            return FileResult(source, "unknown", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "no model format recognised in the content", source))
+        found = scanner_for(fmt)
+        if found is None:
+            return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"format {fmt} has no scanner", source))
+        key, scanner = found
+        if not self.settings.scanner_enabled(key):
+            return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"scanner {scanner.name} is disabled in settings", source))
+        ctx = _Context(self, source, scanner.name, depth)
+        try:
+            scanner.scan(Item(source, stream, size, fmt), ctx)
+        except ScanFailed as exc:
+            ctx.error(exc.description, exc.category, exc.incomplete)
+        except (MemoryError, RecursionError) as exc:
+            ctx.error(f"scan stopped: {type(exc).__name__}", "MODEL_SCAN", incomplete=True)
+        except OSError as exc:
+            ctx.error(f"read failed: {exc.strerror or exc}", "MODEL_SCAN")
+        except Exception as exc:  # a scanner bug must cost one error verdict, not the whole scan
+            ctx.error(f"internal error in {scanner.name}: {type(exc).__name__}: {exc}", "MODEL_SCAN")
+        return FileResult(
+            source,
+            fmt,
+            size,
+            sha256,
+            findings=tuple(ctx.findings),
+            errors=tuple(ctx.errors),
+            members=tuple(ctx.members),
+        )
+
+
+class _Context(ScanContext):
+    def __init__(self, scan: _Scan, source: str, scanner: str, depth: int):
+        self._scan = scan
+        self.settings = scan.settings
+        self.limits = scan.limits
+        self.depth = depth
+        self.source = source
+        self.scanner = scanner
+        self.findings: list[Finding] = []
+        self.errors: list[ScanError] = []
+        self.members: list[FileResult] = []
+
+    def report(self, rule_id, severity, description, *, module="", operator="", offset=None, call=None, source=None) -> Finding:
+        finding = Finding(
+            rule_id=rule_id,
+            severity=Severity(severity),
+            description=description,
+            source=source or self.source,
+            scanner=self.scanner,
+            module=module,
+            operator=operator,
+            offset=offset,
+            call=call,
+        )
+        self.findings.append(finding)
+        return finding
+
+    def error(self, description, category="MODEL_SCAN", incomplete=False) -> ScanError:
+        err = ScanError(category, description, self.source, incomplete)
+        self.errors.append(err)
+        return err
+
+    def scan_member(self, name, open_stream, size, format_hint=None) -> None:
+        source = f"{self.source}:{name}"
+        if self.depth + 1 > self.limits.max_depth:
+            self.members.append(FileResult(source, "unknown", size, errors=(ScanError("NESTED_ZIP", f"nesting deeper than limits.max_depth={self.limits.max_depth}; not scanned", source, True),)))
+            return
+        self._scan.members += 1
+        if self._scan.members > self.limits.max_members:
+            if self._scan.members == self.limits.max_members + 1:
+                self.error(f"more than limits.max_members={self.limits.max_members} members; the rest were not scanned", "NESTED_ZIP", incomplete=True)
+            return
+        stream = open_stream()
+        try:
+            self.members.append(self._scan.scan_item(stream, source, size, name, format_hint, depth=self.depth + 1))
+        finally:
+            stream.close()
+
+
+def _sha256(stream: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    stream.seek(0)
+    while chunk := stream.read(1 << 20):
+        digest.update(chunk)
+    stream.seek(0)
+    return digest.hexdigest()
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    pos = stream.tell()
+    end = stream.seek(0, os.SEEK_END)
+    stream.seek(pos)
+    return end

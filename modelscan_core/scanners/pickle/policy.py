@@ -1,0 +1,212 @@
+"""Turn the VM's facts into findings: which names are dangerous, and how dangerous.
+
+Names are resolved the way `Unpickler.find_class` resolves them before they are judged:
+Python 2 names are mapped as `fix_imports` maps them, a dotted name is an attribute chain
+(`("pathlib", "os.system")` is `os.system`, `("builtins", "eval.__call__")` starts at
+`eval`), and a listed module covers its submodules (`asyncio.subprocess`).
+
+Order of judgement for one name: an exact denylist entry, then an exact allowlist entry,
+then a denylisted module, then an allowlisted module, then the rules for names on neither
+list, which follow how the pickle uses the name (called, instantiated, given state, only
+referenced). A dotted name is never allowlisted unless listed whole.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import re
+from dataclasses import dataclass
+
+from modelscan_core.model import Severity
+from modelscan_core.scanners.pickle.values import BUILT, CALLED, NEW, Call, GlobalRef, PDict, PSet, Unknown
+
+ALL = "*"
+
+_HELPER_NAME = re.compile(r"_*(rebuild|unpickle|reconstruct|new_|restore|from_state)|.*(_ctor|_unpickle|_reconstruct)$")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the policy concluded about one name; `severity` None means trusted."""
+
+    severity: Severity | None
+    rule_id: str
+    reason: str
+    matched: str = ""  # the list entry (module.name or module.*) that decided it
+
+
+@dataclass(frozen=True)
+class UnknownSeverities:
+    """Severities for names on neither list, by their strongest use."""
+
+    call: Severity = Severity.HIGH
+    class_call: Severity = Severity.MEDIUM
+    new: Severity = Severity.LOW
+    reference: Severity = Severity.LOW
+    unresolved: Severity = Severity.HIGH
+    dynamic_call: Severity = Severity.HIGH
+    call_before_error: Severity = Severity.MEDIUM
+
+
+class Policy:
+    """Looks names up in the deny and allow lists; built once per settings."""
+
+    def __init__(
+        self,
+        unsafe: dict[str, dict[str, object]],
+        safe: dict[str, object],
+        ecosystem: tuple[str, ...],
+        unknown: UnknownSeverities,
+    ):
+        self.unknown = unknown
+        self.ecosystem = frozenset(ecosystem)
+        self._deny_exact: dict[tuple[str, str], Severity] = {}
+        self._deny_module: dict[str, Severity] = {}
+        for level in ("LOW", "MEDIUM", "HIGH", "CRITICAL"):  # later (higher) levels win
+            for module, names in (unsafe.get(level) or {}).items():
+                severity = Severity[level]
+                if names == ALL or (isinstance(names, list) and ALL in names):
+                    self._deny_module[module] = max(severity, self._deny_module.get(module, severity))
+                else:
+                    for name in names or ():
+                        key = (module, name)
+                        self._deny_exact[key] = max(severity, self._deny_exact.get(key, severity))
+        self._safe_exact: set[tuple[str, str]] = set()
+        self._safe_module: set[str] = set()
+        for module, names in safe.items():
+            if names == ALL or (isinstance(names, list) and ALL in names):
+                self._safe_module.add(module)
+            else:
+                self._safe_exact.update((module, name) for name in names)
+
+    # -- lookup ----------------------------------------------------------------
+
+    def judge(self, module: str, name: str, uses: int) -> Judgement:
+        """The verdict for `find_class(module, name)` used as `uses` (a bit set)."""
+        candidates = _candidates(module, name)
+        exact = [(self._deny_exact[(m, n.split(".", 1)[0])], (m, n)) for m, n in candidates
+                 if (m, n.split(".", 1)[0]) in self._deny_exact]
+        if exact:
+            return _unsafe(*max(exact, key=lambda item: item[0]))
+        originals = _compat_names(module, name)
+        if any(key in self._safe_exact for key in originals):
+            return Judgement(None, "pickle/allowed", "on the allowlist")
+        wild = [(sev, (m, n)) for m, n in candidates for sev in [self._denied_module(m)] if sev is not None]
+        if wild:
+            return _unsafe(*max(wild, key=lambda item: item[0]))
+        if "." not in name and any(self._in_safe_module(m) for m, _ in originals):
+            return Judgement(None, "pickle/allowed", "module on the allowlist")
+        return self._unknown(module, name, uses)
+
+    def _denied_module(self, module: str) -> Severity | None:
+        parts = module.split(".")
+        for i in range(len(parts), 0, -1):
+            sev = self._deny_module.get(".".join(parts[:i]))
+            if sev is not None:
+                return sev
+        return None
+
+    def _in_safe_module(self, module: str) -> bool:
+        parts = module.split(".")
+        return any(".".join(parts[:i]) in self._safe_module for i in range(len(parts), 0, -1))
+
+    def _unknown(self, module: str, name: str, uses: int) -> Judgement:
+        class_like = "." not in name and name[:1].isupper()
+        helper = "." not in name and bool(_HELPER_NAME.match(name))
+        package = module.split(".", 1)[0]
+        if package in self.ecosystem and (class_like or helper):
+            return Judgement(None, "pickle/ecosystem", f"{'class' if class_like else 'pickle helper'} of {package}")
+        u = self.unknown
+        if uses & CALLED:
+            if class_like:
+                return Judgement(u.class_call, "pickle/unknown-class-call", "an unknown class is constructed with arguments")
+            return Judgement(u.call, "pickle/unknown-call", "an unknown callable is invoked")
+        if uses & NEW:
+            return Judgement(u.new, "pickle/unknown-instance", "an unknown class is instantiated (its module is imported)")
+        if uses & BUILT:
+            return Judgement(u.new, "pickle/unknown-instance", "an unknown object is given state")
+        return Judgement(u.reference, "pickle/unknown-reference", "an unknown name is imported but not called")
+
+
+def _unsafe(severity: Severity, key: tuple[str, str]) -> Judgement:
+    return Judgement(severity, "pickle/unsafe-global", "on the denylist", f"{key[0]}.{key[1]}")
+
+
+def _compat_names(module: str, name: str) -> list[tuple[str, str]]:
+    """The name as written and as Python 3's `fix_imports` maps it (protocols 0-2)."""
+    out = [(module, name)]
+    mapped = _compat_pickle.NAME_MAPPING.get((module, name))
+    if mapped is None and module in _compat_pickle.IMPORT_MAPPING:
+        mapped = (_compat_pickle.IMPORT_MAPPING[module], name)
+    if mapped is not None and mapped not in out:
+        out.append(mapped)
+    return out
+
+
+def _candidates(module: str, name: str) -> list[tuple[str, str]]:
+    """Every (module, name) that `find_class(module, name)` may really return.
+
+    A dotted name walks attributes: its head may be a re-exported module (`pathlib.os`) or
+    a submodule (`torch.serialization`), so each split point is a candidate too.
+    """
+    out: list[tuple[str, str]] = []
+    for mod, nm in _compat_names(module, name):
+        out.append((mod, nm))
+        parts = nm.split(".")
+        for j in range(1, len(parts)):
+            head, rest = ".".join(parts[:j]), ".".join(parts[j:])
+            out.append((head, rest))  # re-exported module: pathlib.os -> os
+            out.append((f"{mod}.{head}", rest))  # submodule reached as an attribute
+    return out
+
+
+# -- reading calls the way the loader runs them ---------------------------------
+
+#: allowlisted callables that construct their first argument (it is instantiated, not just named)
+INSTANTIATORS = {("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"), ("copyreg", "__newobj__"),
+                 ("copy_reg", "__newobj__"), ("copyreg", "__newobj_ex__")}
+
+#: callables whose bytes argument is a pickle the loader unpickles in turn
+NESTED_LOADERS = {("pickle", "loads"), ("_pickle", "loads"), ("cPickle", "loads"), ("dill", "loads"),
+                  ("dill._dill", "loads"), ("torch.storage", "_load_from_bytes"), ("numpy", "loads"),
+                  ("numpy.core.numeric", "loads"), ("joblib.numpy_pickle", "loads"), ("cloudpickle", "loads")}
+
+
+def propagate_uses(globals_: list[GlobalRef], dynamic_calls: list[Call]) -> None:
+    """Mark names used indirectly: a class handed to copyreg is instantiated, a name inside a
+    callable computed at load time (`partial(os.system, ...)()`) is called."""
+    for ref in globals_:
+        if (ref.module, ref.name) in INSTANTIATORS:
+            for call in ref.calls:
+                args = call.args if isinstance(call.args, tuple) else ()
+                if args and isinstance(args[0], GlobalRef):
+                    args[0].uses |= NEW
+                if len(args) > 1 and isinstance(args[1], GlobalRef) and (args[1].module, args[1].name) not in (
+                    ("builtins", "object"), ("__builtin__", "object")
+                ):
+                    args[1].uses |= CALLED
+    for call in dynamic_calls:
+        for ref in reachable_globals(call.func):
+            ref.uses |= CALLED
+
+
+def reachable_globals(value: object, depth: int = 6) -> list[GlobalRef]:
+    """GlobalRefs inside a value (for callables built at load time)."""
+    out: list[GlobalRef] = []
+    stack = [(value, depth)]
+    while stack:
+        v, d = stack.pop()
+        if d < 0:
+            continue
+        if isinstance(v, GlobalRef):
+            out.append(v)
+        elif isinstance(v, Call):
+            stack.append((v.func, d - 1))
+            stack.append((v.args, d - 1))
+        elif isinstance(v, PDict):
+            stack.extend((x, d - 1) for pair in v for x in pair)
+        elif isinstance(v, (tuple, list, PSet)):
+            stack.extend((x, d - 1) for x in v)
+        elif isinstance(v, Unknown) and v.detail is not None:
+            stack.append((v.detail, d - 1))
+    return out

@@ -1,0 +1,1 @@
+"""Where bytes come from: files on disk, and (later) the members of archives."""

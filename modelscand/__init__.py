@@ -1,0 +1,1 @@
+"""modelscand: the daemon that watches model caches and scans what lands."""
