@@ -1,0 +1,3 @@
+from modelscan_core.cli import main
+
+main()
