@@ -23,6 +23,8 @@ from modelscan_core.scanners.pickle.values import BUILT, CALLED, NEW, Call, Glob
 ALL = "*"
 
 _HELPER_NAME = re.compile(r"_*(rebuild|unpickle|reconstruct|new_|restore|from_state)|.*(_ctor|_unpickle|_reconstruct)$")
+#: Cython's generated pickle support: it only allocates the class and hands it its state
+_CYTHON_UNPICKLE = re.compile(r"__pyx_unpickle_\w+$")
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,13 @@ class Policy:
 
     def _unknown(self, module: str, name: str, uses: int) -> Judgement:
         class_like = "." not in name and name[:1].isupper()
-        helper = "." not in name and bool(_HELPER_NAME.match(name))
+        helper = "." not in name and bool(_HELPER_NAME.match(name) or _CYTHON_UNPICKLE.match(name))
         package = module.split(".", 1)[0]
         if package in self.ecosystem and (class_like or helper):
             return Judgement(None, "pickle/ecosystem", f"{'class' if class_like else 'pickle helper'} of {package}")
         u = self.unknown
+        if "." not in name and _CYTHON_UNPICKLE.match(name):
+            return Judgement(u.new, "pickle/unknown-instance", "a Cython class is rebuilt (its module is imported)")
         if uses & CALLED:
             if class_like:
                 return Judgement(u.class_call, "pickle/unknown-class-call", "an unknown class is constructed with arguments")
