@@ -63,11 +63,11 @@ def scan_file(entry: FileEntry, settings: Settings) -> FileResult:
     try:
         fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        return FileResult(entry.source, "unknown", errors=(ScanError("PATH", f"cannot open: {exc.strerror or exc}", entry.source),))
+        return FileResult(entry.source, "unknown", errors=(ScanError("PATH", f"cannot open: {exc.strerror or exc}", entry.source),), scanned=False)
     with os.fdopen(fd, "rb", buffering=0) as raw:
         st = os.fstat(raw.fileno())
         if not stat.S_ISREG(st.st_mode):
-            return FileResult(entry.source, "unknown", errors=(ScanError("PATH", "not a regular file; not opened", entry.source),))
+            return FileResult(entry.source, "unknown", errors=(ScanError("PATH", "not a regular file; not opened", entry.source),), scanned=False)
         return scan_stream(raw, entry.source, settings, size=st.st_size, name=os.path.basename(entry.path))
 
 
@@ -90,7 +90,7 @@ def scan_stream(
             sha256 = _sha256(stream)
         return _Scan(settings, source).scan_item(stream, source, size, name or source, None, sha256=sha256)
     except OSError as exc:
-        return FileResult(source, "unknown", size=size, errors=(ScanError("PATH", f"read failed: {exc.strerror or exc}", source),))
+        return FileResult(source, "unknown", size=size, errors=(ScanError("PATH", f"read failed: {exc.strerror or exc}", source),), scanned=False)
 
 
 class _Scan:
@@ -121,18 +121,18 @@ class _Scan:
         if fmt is None:
             if size == 0:
                 if detect.claims_model_format(name):
-                    return FileResult(source, "empty", size, sha256, errors=(ScanError("MODEL_SCAN", "empty file: nothing a loader could read", source),))
-                return FileResult(source, "empty", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "empty file", source))
+                    return FileResult(source, "empty", size, sha256, errors=(ScanError("MODEL_SCAN", "empty file: nothing a loader could read", source),), scanned=False)
+                return FileResult(source, "empty", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "empty file", source), scanned=False)
             if detect.claims_model_format(name):
                 desc = "the name claims a model format but the content matches none the scanner knows"
-                return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),))
-            return FileResult(source, "unknown", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "no model format recognised in the content", source))
+                return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),), scanned=False)
+            return FileResult(source, "unknown", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "no model format recognised in the content", source), scanned=False)
         found = scanner_for(fmt)
         if found is None:
-            return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"format {fmt} has no scanner", source))
+            return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"format {fmt} has no scanner", source), scanned=False)
         key, scanner = found
         if not self.settings.scanner_enabled(key):
-            return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"scanner {scanner.name} is disabled in settings", source))
+            return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"scanner {scanner.name} is disabled in settings", source), scanned=False)
         ctx = _Context(self, source, scanner.name, depth)
         try:
             scanner.scan(Item(source, stream, size, fmt), ctx)
@@ -190,7 +190,8 @@ class _Context(ScanContext):
     def scan_member(self, name, open_stream, size, format_hint=None) -> None:
         source = f"{self.source}:{name}"
         if self.depth + 1 > self.limits.max_depth:
-            self.members.append(FileResult(source, "unknown", size, errors=(ScanError("NESTED_ZIP", f"nesting deeper than limits.max_depth={self.limits.max_depth}; not scanned", source, True),)))
+            error = ScanError("NESTED_ZIP", f"nesting deeper than limits.max_depth={self.limits.max_depth}; not scanned", source, True)
+            self.members.append(FileResult(source, "unknown", size, errors=(error,), scanned=False))
             return
         self._scan.members += 1
         if self._scan.members > self.limits.max_members:

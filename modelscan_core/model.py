@@ -95,6 +95,7 @@ class FileResult:
     errors: tuple[ScanError, ...] = ()
     skipped: Skipped | None = None
     members: tuple["FileResult", ...] = ()
+    scanned: bool = True  # False when no scanner read it (skipped, unopenable, unrecognised)
 
     def all_findings(self) -> list[Finding]:
         out = list(self.findings)
@@ -163,7 +164,7 @@ class ScanReport:
         out: list[FileResult] = []
 
         def walk(result: FileResult) -> None:
-            if result.skipped is None:
+            if result.scanned:
                 out.append(result)
             for member in result.members:
                 walk(member)
