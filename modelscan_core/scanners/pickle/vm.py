@@ -58,6 +58,8 @@ _unpack_H = struct.Struct("<H").unpack_from
 _unpack_d = struct.Struct(">d").unpack_from
 
 _EVICTED = Unknown("memo entry not kept")
+#: besides names and ints, what the memo keeps once its budget is spent
+_KEEP_PAST_BUDGET = (GlobalRef, Unknown)
 
 
 class PickleError(Exception):
@@ -102,8 +104,10 @@ class PickleVM:
         size: int | None = None,
         memo_budget: int = 200_000,
         build_hook: BuildHook | None = None,
+        accelerate: bool = True,
     ):
         self.f = f
+        self._fast = _fast_run if accelerate else None
         self.size = size
         self.memo_budget = memo_budget
         self.build_hook = build_hook
@@ -295,7 +299,7 @@ class PickleVM:
                 if t is str:
                     if not (value[:1].isalpha() or value[:1] == "_") or not _IDENTIFIER.match(value):
                         value = _EVICTED
-                elif t is not GlobalRef and t is not int and t is not Unknown:
+                elif t is not int and t not in _KEEP_PAST_BUDGET:
                     value = _EVICTED
             if idx == len(mseq):
                 mseq.append(value)
@@ -314,6 +318,7 @@ class PickleVM:
                 raise err(f"memo key {idx} was never set", at)
             return value
 
+        fast = self._fast
         buf, pos, blen, base = sync()
         try:
             while True:
@@ -324,6 +329,17 @@ class PickleVM:
                         buf, pos, blen, base = sync()
                     if pos >= blen:
                         raise err("stream ends without STOP (truncated pickle)", base + pos)
+                if fast is not None:
+                    # The C accelerator runs data-only opcodes and stops before anything else.
+                    limit = blen if self._eof else blen - 16
+                    if pos < limit:
+                        pos, fence, memo_left, n = fast(
+                            buf, pos, limit, stack, marks, mseq, memo_left, fence, not msparse, PDict, DISPLAY_ITEMS,
+                            _KEEP_PAST_BUDGET, _EVICTED,
+                        )
+                        ops += n
+                        if pos >= limit:
+                            continue
                 op = buf[pos]
                 pos += 1
                 ops += 1
@@ -665,6 +681,14 @@ class PickleVM:
 
 
 _MISSING = object()
+
+try:  # the optional C accelerator; vm.py alone is complete and is the reference
+    from modelscan_core.scanners.pickle._fastvm import run as _fast_run
+except ImportError:  # pragma: no cover - depends on the build
+    _fast_run = None
+
+#: True when the data-only opcodes run in C
+ACCELERATED = _fast_run is not None
 
 
 def _extend(target: object, items: list, at: int) -> None:

@@ -1,0 +1,301 @@
+/*
+ * The data-only opcodes of the pickle VM in C: an optional accelerator for vm.py.
+ *
+ * vm.py is the reference implementation and handles every opcode. This module runs only the
+ * happy path of the opcodes that build plain data (ints, short strings, lists, dicts,
+ * tuples, memo puts and gets), on the same Python objects vm.py uses (its stack, mark list
+ * and memo list). Whenever anything is unusual (an operand past the buffer, an underflow,
+ * a target of an unexpected type, any other opcode) it returns *before touching that
+ * opcode*, and vm.py executes it, raising the precise error where there is one. So error
+ * semantics live in one place, and the two implementations are tested against each other.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+static double
+unpack_double_be(const unsigned char *p)
+{
+    unsigned char b[8];
+    double d;
+#if PY_LITTLE_ENDIAN
+    for (int i = 0; i < 8; i++) b[i] = p[7 - i];
+#else
+    memcpy(b, p, 8);
+#endif
+    memcpy(&d, b, 8);
+    return d;
+}
+
+static int
+push(PyObject *stack, PyObject *value)
+{
+    if (value == NULL) return -1;
+    int rc = PyList_Append(stack, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+static Py_ssize_t
+last_mark(PyObject *marks)
+{
+    Py_ssize_t n = PyList_GET_SIZE(marks);
+    return n ? PyLong_AsSsize_t(PyList_GET_ITEM(marks, n - 1)) : -1;
+}
+
+static int
+pop_mark(PyObject *marks, Py_ssize_t *fence)
+{
+    Py_ssize_t n = PyList_GET_SIZE(marks);
+    if (PyList_SetSlice(marks, n - 1, n, NULL) < 0) return -1;
+    *fence = n > 1 ? PyLong_AsSsize_t(PyList_GET_ITEM(marks, n - 2)) : 0;
+    return 0;
+}
+
+/* What vm.py's memo_put keeps once the memo budget is spent: names (ASCII identifiers, dotted,
+ * up to 256 characters), ints, and the types in `keep`; anything else becomes `evicted`. */
+static PyObject *
+memo_value(PyObject *value, Py_ssize_t memo_left, PyObject *keep, PyObject *evicted)
+{
+    if (memo_left > 0) return value;
+    if (PyUnicode_CheckExact(value)) {
+        Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+        if (n < 1 || n > 256) return evicted;
+        int kind = PyUnicode_KIND(value);
+        const void *data = PyUnicode_DATA(value);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            int ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_' ||
+                     (i > 0 && ((c >= '0' && c <= '9') || c == '.'));
+            if (!ok) return evicted;
+        }
+        return value;
+    }
+    if (PyLong_CheckExact(value)) return value;
+    Py_ssize_t k = PyTuple_GET_SIZE(keep);
+    for (Py_ssize_t i = 0; i < k; i++)
+        if ((PyObject *)Py_TYPE(value) == PyTuple_GET_ITEM(keep, i)) return value;
+    return evicted;
+}
+
+/* run(buf, pos, limit, stack, marks, mseq, memo_left, fence, sparse_empty, pdict, cap, keep, evicted)
+ *   -> (pos, fence, memo_left, ops) */
+static PyObject *
+fast_run(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t pos, limit, memo_left, fence, cap;
+    PyObject *stack, *marks, *mseq, *pdict, *keep, *evicted;
+    int sparse_empty;
+    if (!PyArg_ParseTuple(args, "y*nnO!O!O!nnpOnO!O", &view, &pos, &limit, &PyList_Type, &stack, &PyList_Type, &marks,
+                          &PyList_Type, &mseq, &memo_left, &fence, &sparse_empty, &pdict, &cap, &PyTuple_Type, &keep,
+                          &evicted))
+        return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t end = view.len;
+    Py_ssize_t ops = 0;
+    if (limit > end) limit = end;
+
+    while (pos < limit) {
+        unsigned char op = buf[pos];
+        Py_ssize_t p = pos + 1;
+        Py_ssize_t len = PyList_GET_SIZE(stack);
+        switch (op) {
+        case 0x94: /* MEMOIZE */
+            if (len <= fence || !sparse_empty) goto done;
+            if (PyList_Append(mseq, memo_value(PyList_GET_ITEM(stack, len - 1), memo_left, keep, evicted)) < 0)
+                goto error;
+            if (memo_left > 0) memo_left--;
+            break;
+        case 0x8C: { /* SHORT_BINUNICODE */
+            if (p >= end) goto done;
+            Py_ssize_t n = buf[p];
+            if (p + 1 + n > end) goto done;
+            PyObject *s = PyUnicode_DecodeUTF8((const char *)buf + p + 1, n, "surrogatepass");
+            if (s == NULL) { PyErr_Clear(); goto done; }
+            if (push(stack, s) < 0) goto error;
+            p += 1 + n;
+            break;
+        }
+        case 0x4B: /* BININT1 */
+            if (p + 1 > end) goto done;
+            if (push(stack, PyLong_FromLong(buf[p])) < 0) goto error;
+            p += 1;
+            break;
+        case 0x4D: /* BININT2 */
+            if (p + 2 > end) goto done;
+            if (push(stack, PyLong_FromLong(buf[p] | (buf[p + 1] << 8))) < 0) goto error;
+            p += 2;
+            break;
+        case 0x4A: { /* BININT */
+            if (p + 4 > end) goto done;
+            int32_t v = (int32_t)((uint32_t)buf[p] | ((uint32_t)buf[p + 1] << 8) | ((uint32_t)buf[p + 2] << 16) |
+                                  ((uint32_t)buf[p + 3] << 24));
+            if (push(stack, PyLong_FromLong(v)) < 0) goto error;
+            p += 4;
+            break;
+        }
+        case 0x5D: /* EMPTY_LIST */
+            if (push(stack, PyList_New(0)) < 0) goto error;
+            break;
+        case 0x7D: /* EMPTY_DICT */
+            if (push(stack, PyObject_CallNoArgs(pdict)) < 0) goto error;
+            break;
+        case 0x29: /* EMPTY_TUPLE */
+            if (push(stack, PyTuple_New(0)) < 0) goto error;
+            break;
+        case 0x4E: /* NONE */
+            Py_INCREF(Py_None);
+            if (push(stack, Py_None) < 0) goto error;
+            break;
+        case 0x88: /* NEWTRUE */
+        case 0x89: /* NEWFALSE */
+            if (push(stack, PyBool_FromLong(op == 0x88)) < 0) goto error;
+            break;
+        case 0x47: /* BINFLOAT */
+            if (p + 8 > end) goto done;
+            if (push(stack, PyFloat_FromDouble(unpack_double_be(buf + p))) < 0) goto error;
+            p += 8;
+            break;
+        case 0x28: /* MARK */
+            fence = len;
+            if (push(marks, PyLong_FromSsize_t(len)) < 0) goto error;
+            break;
+        case 0x65: { /* APPENDS */
+            Py_ssize_t k = last_mark(marks);
+            if (k <= 0 || k > len) goto done;
+            if (k < len) {
+                PyObject *target = PyList_GET_ITEM(stack, k - 1);
+                if (!PyList_CheckExact(target)) goto done;
+                Py_ssize_t room = cap - PyList_GET_SIZE(target);
+                if (room > len - k) room = len - k;
+                for (Py_ssize_t i = 0; i < room; i++)
+                    if (PyList_Append(target, PyList_GET_ITEM(stack, k + i)) < 0) goto error;
+                if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
+            }
+            if (pop_mark(marks, &fence) < 0) goto error;
+            break;
+        }
+        case 0x75: { /* SETITEMS */
+            Py_ssize_t k = last_mark(marks);
+            if (k <= 0 || k > len || (len - k) % 2) goto done;
+            if (k < len) {
+                PyObject *target = PyList_GET_ITEM(stack, k - 1);
+                if ((PyObject *)Py_TYPE(target) != pdict) goto done;
+                for (Py_ssize_t i = k; i < len && PyList_GET_SIZE(target) < cap; i += 2) {
+                    PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(stack, i), PyList_GET_ITEM(stack, i + 1));
+                    if (pair == NULL || push(target, pair) < 0) goto error;
+                }
+                if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
+            }
+            if (pop_mark(marks, &fence) < 0) goto error;
+            break;
+        }
+        case 0x73: { /* SETITEM */
+            Py_ssize_t k = len - 2;
+            if (k <= 0) goto done;
+            PyObject *target = PyList_GET_ITEM(stack, k - 1);
+            if ((PyObject *)Py_TYPE(target) != pdict) goto done;
+            if (PyList_GET_SIZE(target) < cap) {
+                PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(stack, k), PyList_GET_ITEM(stack, k + 1));
+                if (pair == NULL || push(target, pair) < 0) goto error;
+            }
+            if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
+            break;
+        }
+        case 0x61: { /* APPEND */
+            if (len < 2) goto done;
+            PyObject *target = PyList_GET_ITEM(stack, len - 2);
+            if (!PyList_CheckExact(target)) goto done;
+            if (PyList_GET_SIZE(target) < cap && PyList_Append(target, PyList_GET_ITEM(stack, len - 1)) < 0) goto error;
+            if (PyList_SetSlice(stack, len - 1, len, NULL) < 0) goto error;
+            break;
+        }
+        case 0x85: /* TUPLE1 */
+        case 0x86: /* TUPLE2 */
+        case 0x87: { /* TUPLE3 */
+            Py_ssize_t n = op - 0x84;
+            if (len - fence < n) goto done;
+            PyObject *t = PyList_GetSlice(stack, len - n, len);
+            if (t == NULL) goto error;
+            PyObject *tuple = PyList_AsTuple(t);
+            Py_DECREF(t);
+            if (tuple == NULL || PyList_SetSlice(stack, len - n, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
+            break;
+        }
+        case 0x74: { /* TUPLE */
+            Py_ssize_t k = last_mark(marks);
+            if (k < 0 || k > len) goto done;
+            PyObject *t = PyList_GetSlice(stack, k, len);
+            if (t == NULL) goto error;
+            PyObject *tuple = PyList_AsTuple(t);
+            Py_DECREF(t);
+            if (tuple == NULL || PyList_SetSlice(stack, k, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
+            if (pop_mark(marks, &fence) < 0) goto error;
+            break;
+        }
+        case 0x71: /* BINPUT */
+        case 0x72: { /* LONG_BINPUT */
+            Py_ssize_t w = op == 0x71 ? 1 : 4;
+            if (p + w > end || len <= fence || !sparse_empty) goto done;
+            Py_ssize_t idx = op == 0x71 ? buf[p]
+                : (Py_ssize_t)((uint32_t)buf[p] | ((uint32_t)buf[p + 1] << 8) | ((uint32_t)buf[p + 2] << 16) |
+                               ((uint32_t)buf[p + 3] << 24));
+            Py_ssize_t mlen = PyList_GET_SIZE(mseq);
+            PyObject *top = memo_value(PyList_GET_ITEM(stack, len - 1), memo_left, keep, evicted);
+            if (idx == mlen) {
+                if (PyList_Append(mseq, top) < 0) goto error;
+            } else if (idx < mlen) {
+                Py_INCREF(top);
+                if (PyList_SetItem(mseq, idx, top) < 0) goto error;
+            } else {
+                goto done;
+            }
+            if (memo_left > 0) memo_left--;
+            p += w;
+            break;
+        }
+        case 0x68: /* BINGET */
+        case 0x6A: { /* LONG_BINGET */
+            Py_ssize_t w = op == 0x68 ? 1 : 4;
+            if (p + w > end) goto done;
+            Py_ssize_t idx = op == 0x68 ? buf[p]
+                : (Py_ssize_t)((uint32_t)buf[p] | ((uint32_t)buf[p + 1] << 8) | ((uint32_t)buf[p + 2] << 16) |
+                               ((uint32_t)buf[p + 3] << 24));
+            if (idx >= PyList_GET_SIZE(mseq)) goto done;
+            PyObject *value = PyList_GET_ITEM(mseq, idx);
+            Py_INCREF(value);
+            if (push(stack, value) < 0) goto error;
+            p += w;
+            break;
+        }
+        case 0x95: /* FRAME */
+            if (p + 8 > end) goto done;
+            p += 8;
+            break;
+        default:
+            goto done;
+        }
+        pos = p;
+        ops++;
+    }
+done:
+    PyBuffer_Release(&view);
+    return Py_BuildValue("nnnn", pos, fence, memo_left, ops);
+error:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"run", fast_run, METH_VARARGS, "Run data-only pickle opcodes; stop before anything else."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastvm", NULL, -1, methods};
+
+PyMODINIT_FUNC
+PyInit__fastvm(void)
+{
+    return PyModule_Create(&module);
+}
