@@ -253,3 +253,21 @@ def test_dill_and_cloudpickle_functions_are_code(scan_bytes):
         assert result.worst == Severity.CRITICAL, dumps
         result = scan_bytes(dumps(lambda x: x * 2))
         assert result.worst == Severity.CRITICAL, dumps
+
+
+def test_names_imported_through_numpy_ufunc_reconstruct_are_judged(scan_bytes):
+    # numpy.core._ufunc_reconstruct("os", "system") returns os.system; calling it runs it
+    data = b"\x80\x02" + global_op("numpy.core", "_ufunc_reconstruct") + b"X\x02\x00\x00\x00osX\x06\x00\x00\x00system\x86R" \
+        + b"X\x04\x00\x00\x00echo\x85R."
+    result = scan_bytes(data)
+    assert "os.system" in result.names(Severity.CRITICAL)
+    benign = b"\x80\x02" + global_op("numpy.core", "_ufunc_reconstruct") + b"X\x05\x00\x00\x00numpyX\x05\x00\x00\x00log1p\x86R."
+    assert scan_bytes(benign).verdict == "clean"
+
+
+def test_calling_an_ecosystem_function_is_not_trusted(scan_bytes):
+    # classes and pickle helpers of torch/numpy/... are trusted; their other functions are not
+    result = scan_bytes(call("transformers", "pipeline", "text-generation"))
+    assert result.worst == Severity.HIGH
+    result = scan_bytes(call("torch.nn.modules.linear", "Linear", "4", "4"))
+    assert result.verdict == "clean"

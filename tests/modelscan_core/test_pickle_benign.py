@@ -219,3 +219,13 @@ def test_op_dense_pickle_is_clean_and_complete(scan_bytes):
     data = pickle.dumps([[i, str(i)] for i in range(200_000)], protocol=4)
     result = scan_bytes(data)
     assert result.verdict == "clean"
+
+
+def test_enum_members_by_dotted_name_and_ufunc_references(scan_bytes):
+    from sklearn.preprocessing import FunctionTransformer
+    import numpy as np
+
+    module, name = b"transformers.trainer_utils", b"IntervalStrategy.STEPS"
+    data = b"\x80\x04\x8c" + bytes([len(module)]) + module + b"\x8c" + bytes([len(name)]) + name + b"\x93."
+    assert scan_bytes(data).verdict == "clean"
+    assert scan_bytes(pickle.dumps(FunctionTransformer(np.log1p), protocol=4)).verdict == "clean"

@@ -135,6 +135,8 @@ SAFE_GLOBALS: dict[str, object] = {
               "cdouble", "clongdouble", "generic", "number", "float_", "int_", "uint", "complex_", "unicode_",
               "string_", "short", "ushort", "byte", "ubyte", "longfloat", "clongfloat", "record", "recarray",
               "random"],
+    "numpy.core": ["_ufunc_reconstruct"],
+    "numpy._core": ["_ufunc_reconstruct"],
     "numpy.core.multiarray": ["_reconstruct", "scalar", "ndarray", "dtype"],
     "numpy._core.multiarray": ["_reconstruct", "scalar", "ndarray", "dtype"],
     "numpy.core.numeric": ["_frombuffer"],

@@ -22,7 +22,7 @@ from modelscan_core.scanners.pickle.values import BUILT, CALLED, NEW, Call, Glob
 
 ALL = "*"
 
-_HELPER_NAME = re.compile(r"_*(rebuild|unpickle|reconstruct|new_|restore|from_state)|.*(_ctor|_unpickle|_reconstruct)$")
+_HELPER_NAME = re.compile(r"_*(rebuild|unpickle|reconstruct|new_|restore|from_state)|.*(_ctor|_unpickle|(?<!ufunc)_reconstruct)$")
 #: Cython's generated pickle support: it only allocates the class and hands it its state
 _CYTHON_UNPICKLE = re.compile(r"__pyx_unpickle_\w+$")
 
@@ -116,8 +116,13 @@ class Policy:
         class_like = "." not in name and name[:1].isupper()
         helper = "." not in name and bool(_HELPER_NAME.match(name) or _CYTHON_UNPICKLE.match(name))
         package = module.split(".", 1)[0]
-        if package in self.ecosystem and (class_like or helper):
-            return Judgement(None, "pickle/ecosystem", f"{'class' if class_like else 'pickle helper'} of {package}")
+        if package in self.ecosystem:
+            if class_like or helper:
+                return Judgement(None, "pickle/ecosystem", f"{'class' if class_like else 'pickle helper'} of {package}")
+            if not uses & (CALLED | NEW | BUILT):
+                # imported and stored (an activation function, an enum member by name): an
+                # ecosystem import runs no payload; calling it later needs a gadget we flag
+                return Judgement(None, "pickle/ecosystem", f"reference into {package}")
         u = self.unknown
         if "." not in name and _CYTHON_UNPICKLE.match(name):
             return Judgement(u.new, "pickle/unknown-instance", "a Cython class is rebuilt (its module is imported)")
@@ -170,6 +175,11 @@ def _candidates(module: str, name: str) -> list[tuple[str, str]]:
 INSTANTIATORS = {("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"), ("copyreg", "__newobj__"),
                  ("copy_reg", "__newobj__"), ("copyreg", "__newobj_ex__")}
 
+#: allowlisted callables that import `module.name` given as string arguments: what they
+#: return is judged like a GLOBAL of those names (numpy pickles ufuncs this way)
+IMPORTERS = {("numpy.core", "_ufunc_reconstruct"), ("numpy._core", "_ufunc_reconstruct"),
+             ("numpy.core.multiarray", "_ufunc_reconstruct")}
+
 #: callables whose bytes argument is a pickle the loader unpickles in turn
 NESTED_LOADERS = {("pickle", "loads"), ("_pickle", "loads"), ("cPickle", "loads"), ("dill", "loads"),
                   ("dill._dill", "loads"), ("torch.storage", "_load_from_bytes"), ("numpy", "loads"),
@@ -177,8 +187,18 @@ NESTED_LOADERS = {("pickle", "loads"), ("_pickle", "loads"), ("cPickle", "loads"
 
 
 def propagate_uses(globals_: list[GlobalRef], dynamic_calls: list[Call]) -> None:
-    """Mark names used indirectly: a class handed to copyreg is instantiated, a name inside a
-    callable computed at load time (`partial(os.system, ...)()`) is called."""
+    """Mark names used indirectly: a class handed to copyreg is instantiated, a name imported
+    through an importer call is a global of its own, a name inside a callable computed at
+    load time (`partial(os.system, ...)()`) is called."""
+    imported: dict[int, GlobalRef] = {}
+    for ref in list(globals_):
+        if (ref.module, ref.name) in IMPORTERS:
+            for call in ref.calls:
+                args = call.args if isinstance(call.args, tuple) else ()
+                if len(args) == 2 and all(isinstance(a, str) for a in args):
+                    target = GlobalRef(args[0], args[1], call.offset, f"{ref.name}()")
+                    globals_.append(target)
+                    imported[id(call)] = target
     for ref in globals_:
         if (ref.module, ref.name) in INSTANTIATORS:
             for call in ref.calls:
@@ -190,6 +210,8 @@ def propagate_uses(globals_: list[GlobalRef], dynamic_calls: list[Call]) -> None
                 ):
                     args[1].uses |= CALLED
     for call in dynamic_calls:
+        if id(call.func) in imported:
+            imported[id(call.func)].uses |= CALLED
         for ref in reachable_globals(call.func):
             ref.uses |= CALLED
 
