@@ -291,3 +291,11 @@ def test_console_errors_name_their_file(capsys, tmp_path):
     assert code == 2
     assert "broken.pkl: [PICKLE_GENOPS, error]" in out
     assert "NOT known to be safe" in out
+
+
+def test_custom_report_module_from_settings(capsys, tmp_path, tree):
+    settings = tmp_path / "s.toml"
+    settings.write_text('[reporting]\nmodule = "modelscan.reports.JSONReport"\n')
+    code, out, _ = cli(capsys, "-p", str(tree), "-r", "custom", "--settings-file", str(settings))
+    assert code == 0
+    assert json.loads(out)["summary"]["total_issues"] == 0

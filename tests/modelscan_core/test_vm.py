@@ -150,3 +150,10 @@ def test_accelerator_agrees_with_reference_on_any_stream(tokens, budget):
 def test_random_bytes_never_crash_the_vm(data):
     facts = run(data)
     assert facts.stopped or facts.error
+
+
+def test_unbounded_stack_growth_stops_as_incomplete(monkeypatch):
+    monkeypatch.setattr(vm_module, "MAX_STACK", 100_000)
+    data = b"\x80\x04" + b"N" * 3_000_000 + b"."
+    facts = run(data)
+    assert facts.error and facts.error_incomplete and not facts.stopped

@@ -48,6 +48,10 @@ HIGHEST_PROTOCOL = 5
 #: calls remembered per global (for showing arguments), and unresolved events kept
 KEEP_CALLS = 4
 KEEP_EVENTS = 64
+#: past these the scan stops as incomplete: a hostile stream must not cost unbounded memory
+MAX_STACK = 5_000_000
+MAX_MEMO = 20_000_000
+MAX_GLOBALS = 200_000
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,255}\Z")
 
@@ -265,6 +269,8 @@ class PickleVM:
             key = (module, name)
             ref = refs.get(key)
             if ref is None:
+                if len(refs) >= MAX_GLOBALS:
+                    raise PickleError(f"more than {MAX_GLOBALS:,} distinct globals", at, incomplete=True)
                 ref = refs[key] = GlobalRef(module, name, at, opname)
                 facts.globals.append(ref)
             return ref
@@ -324,6 +330,10 @@ class PickleVM:
             while True:
                 if pos + 16 > blen:
                     if not self._eof:
+                        # once per chunk: at most one value per byte can have been added since
+                        if len(stack) + len(marks) > MAX_STACK or len(mseq) + len(msparse) > MAX_MEMO:
+                            raise PickleError(f"more than {MAX_STACK:,} stack or {MAX_MEMO:,} memo entries: "
+                                              "stopped before memory runs out", base + pos, incomplete=True)
                         self._pos = pos
                         self._fill(16)
                         buf, pos, blen, base = sync()
