@@ -1,0 +1,74 @@
+"""What happens after a verdict: the one interface a quarantine action plugs into.
+
+Data flows one way: event -> candidate -> scan -> `Outcome` -> `Action.handle()` -> ledger/log.
+Detect mode is `LogAction`: it logs ``action.detect`` for every outcome at or above the
+severity threshold and touches nothing. A quarantine action (its own package: mover,
+ledger, review) implements the same `Action` protocol and is chosen by `make_action()`.
+
+Scan errors are never detections: `Outcome.actionable` is False for them whatever the mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from modelscan_core.model import Severity
+
+from modelscand import logging as mlog
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: str
+    verdict: str  # clean | issues | error | incomplete | skipped
+    severity: Severity | None
+    sha256: str | None
+    size: int
+    inode: tuple[int, int]
+    rule_ids: tuple[str, ...] = ()
+    findings: tuple[dict, ...] = ()
+    hf: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def actionable(self, threshold: Severity) -> bool:
+        return self.verdict == "issues" and self.severity is not None and self.severity >= threshold
+
+
+class Action(Protocol):
+    name: str
+
+    def handle(self, outcome: Outcome) -> dict | None:
+        """Act on one outcome; return what was done (logged by the caller) or None."""
+        ...
+
+
+class LogAction:
+    """Detect mode: say what a quarantine would have acted on; never touch the file."""
+
+    name = "detect"
+
+    def __init__(self, threshold: Severity):
+        self.threshold = threshold
+        self.log = mlog.get()
+
+    def handle(self, outcome: Outcome) -> dict | None:
+        if not outcome.actionable(self.threshold):
+            return None
+        self.log.warning(
+            "action.detect",
+            path=outcome.path,
+            severity=outcome.severity.name.lower(),
+            threshold=self.threshold.name.lower(),
+            sha256=outcome.sha256,
+            rule_ids=list(outcome.rule_ids),
+            hf=outcome.hf,
+            note="detect mode: logged only, file left in place",
+        )
+        return {"action": "detect"}
+
+
+def make_action(mode: str, threshold: Severity) -> Action:
+    if mode == "detect":
+        return LogAction(threshold)
+    raise ValueError(f"mode {mode!r} has no action in this version")

@@ -1,0 +1,156 @@
+"""The persisted baseline: ``(dev, ino, size, mtime_ns) -> sha256, verdict`` in sqlite.
+
+Why an inode key and not a path: an HF blob and its snapshot link are one inode (scan it
+once), and a rename keeps the inode (nothing to rescan). Why size and mtime too: an
+in-place rewrite (Keras) keeps the inode but changes both. A row also remembers the scanner
+fingerprint (core version + settings): a new policy means old verdicts are not trusted.
+
+Restarting over an unchanged tree is therefore one `lstat` and one indexed lookup per
+file and no scan. The `meta` table carries what `modelscand status` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    path BLOB NOT NULL,
+    sha256 TEXT,
+    verdict TEXT NOT NULL,
+    severity TEXT,
+    rule_ids TEXT,
+    fingerprint TEXT NOT NULL,
+    scanned_at REAL NOT NULL,
+    PRIMARY KEY (dev, ino)
+);
+CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Identity:
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Identity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @property
+    def inode(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+
+@dataclass(frozen=True)
+class Row:
+    identity: Identity
+    path: str
+    sha256: str | None
+    verdict: str
+    severity: str | None
+    rule_ids: tuple[str, ...]
+    scanned_at: float
+
+
+class Baseline:
+    FILE = "baseline.sqlite3"
+
+    def __init__(self, state_dir: str, fingerprint: str):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(state_dir, self.FILE)
+        self.fingerprint = fingerprint
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def lookup(self, ident: Identity) -> Row | None:
+        """The stored verdict for exactly this inode, size and mtime, under this scanner."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT path, sha256, verdict, severity, rule_ids, scanned_at FROM files "
+                "WHERE dev=? AND ino=? AND size=? AND mtime_ns=? AND fingerprint=?",
+                (ident.dev, ident.ino, ident.size, ident.mtime_ns, self.fingerprint),
+            )
+            r = cur.fetchone()
+        if r is None:
+            return None
+        return Row(ident, os.fsdecode(r[0]), r[1], r[2], r[3], tuple(json.loads(r[4] or "[]")), r[5])
+
+    def record(self, ident: Identity, path: str, sha256: str | None, verdict: str, severity: str | None, rule_ids) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO files (dev, ino, size, mtime_ns, path, sha256, verdict, severity, rule_ids, "
+                "fingerprint, scanned_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (ident.dev, ident.ino, ident.size, ident.mtime_ns, os.fsencode(path), sha256, verdict, severity,
+                 json.dumps(sorted(set(rule_ids))), self.fingerprint, time.time()),
+            )
+
+    def same_content(self, sha256: str, ident: Identity) -> list[Row]:
+        """Other inodes already seen with these bytes (a re-download of a known file)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT dev, ino, size, mtime_ns, path, verdict, severity, rule_ids, scanned_at FROM files "
+                "WHERE sha256=? AND NOT (dev=? AND ino=?) LIMIT 5",
+                (sha256, ident.dev, ident.ino),
+            ).fetchall()
+        return [Row(Identity(*r[:4]), os.fsdecode(r[4]), sha256, r[5], r[6], tuple(json.loads(r[7] or "[]")), r[8]) for r in rows]
+
+    def prune(self, root: str, seen: set[tuple[int, int]]) -> int:
+        """Forget rows under `root` whose inode the last full walk did not see."""
+        prefix = os.fsencode(root.rstrip("/") + "/")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT dev, ino FROM files WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall()
+            gone = [r for r in rows if (r[0], r[1]) not in seen]
+            self._db.executemany("DELETE FROM files WHERE dev=? AND ino=?", gone)
+        return len(gone)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT verdict, count(*) FROM files GROUP BY verdict").fetchall()
+        return {v: n for v, n in rows}
+
+    def rows(self, verdicts: tuple[str, ...] = ("issues", "error", "incomplete"), limit: int = 50) -> list[Row]:
+        marks = ",".join("?" * len(verdicts))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT dev, ino, size, mtime_ns, path, sha256, verdict, severity, rule_ids, scanned_at FROM files "
+                f"WHERE verdict IN ({marks}) ORDER BY scanned_at DESC LIMIT ?",
+                (*verdicts, limit),
+            ).fetchall()
+        return [Row(Identity(*r[:4]), os.fsdecode(r[4]), r[5], r[6], r[7], tuple(json.loads(r[8] or "[]")), r[9]) for r in rows]
+
+    def all_rows(self) -> list[Row]:
+        return self.rows(("clean", "issues", "error", "incomplete", "skipped"), limit=-1)
+
+    def set_meta(self, **values) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [(k, json.dumps(v, default=str)) for k, v in values.items()],
+            )
+
+    def meta(self) -> dict:
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM meta").fetchall()
+        return {k: json.loads(v) for k, v in rows}

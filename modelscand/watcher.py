@@ -1,0 +1,194 @@
+"""watchdog, used so that it cannot lose a file without us knowing.
+
+What watchdog 7.1 does on Linux, and what this module does about it:
+
+- one missing root makes ``observer.start()`` raise for all roots -> every root gets its
+  own observer (its own inotify instance and dispatcher thread), scheduled on its own;
+  a root that fails is reported and retried by the daemon;
+- a symlinked root sees no new subdirectories -> roots are already ``realpath``'d;
+- an ``event_filter`` without ``FileCreatedEvent`` loses files in new directories -> no
+  filter: Created, Closed and Moved all reach the handler, which ignores the rest;
+- the handler raising kills the dispatcher thread silently -> `dispatch` never raises;
+  an exception is logged (``watch.handler_error``) and answered with a rescan of the root;
+- a subdirectory whose watch fails (ENOSPC, EACCES) is skipped without a log line -> our
+  watch group logs ``watch.subwatch_failed`` and hands the directory to the poller;
+- queue overflow is only *logged* by ``watchdog.observers.inotify_c`` -> `OverflowTrap`
+  catches that record, maps its thread to the root's inotify instance, and the root is
+  reconciled;
+- the daemon's own reads produce Opened/ClosedNoWrite events -> ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
+from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+from watchdog.observers.inotify_c import InotifyFD
+
+from modelscand import logging as mlog
+
+OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+#: event_type -> the candidate reason it produces (others are ignored)
+REASONS = {"moved": "renamed", "closed": "closed", "created": "created"}
+
+
+class _LoudWatchGroup(InotifyWatchGroup):
+    """watchdog's watch group, except that a failed sub-watch is reported, not swallowed."""
+
+    report_failure: Callable[[bytes, OSError], None] = staticmethod(lambda path, exc: None)
+
+    def _add_callback(self, path: bytes) -> None:
+        try:
+            wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
+        except OSError as exc:
+            if path == self.path:
+                raise
+            try:
+                type(self).report_failure(path, exc)
+            except Exception:
+                pass
+            return
+        self._active_callbacks_by_path[path] = wd
+        self._active_callbacks_by_watch[wd] = path
+
+
+class _Emitter(InotifyEmitter):
+    def __init__(self, *args, group_class=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._group_class = group_class or InotifyWatchGroup
+
+    def on_thread_start(self) -> None:
+        self._inotify = self._group_class(
+            self._inotify_fd,
+            os.fsencode(self.watch.path),
+            is_recursive=self.watch.is_recursive,
+            event_mask=self.get_event_mask_from_filter(),
+            follow_symlink=self.watch.follow_symlink,
+        )
+
+
+class _Observer(BaseObserver):
+    def __init__(self, group_class) -> None:
+        self._inotify_fd = InotifyFD()
+        self._inotify_fd.start()
+        super().__init__(_Emitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd,
+                         group_class=group_class)
+
+    def on_thread_stop(self) -> None:
+        super().on_thread_stop()
+        self._inotify_fd.stop()
+        self._inotify_fd.join()
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watch: "RootWatch"):
+        self.watch = watch
+
+    def dispatch(self, event: FileSystemEvent) -> None:  # never raise: it would kill the dispatcher
+        try:
+            self.watch.handle(event)
+        except BaseException as exc:  # noqa: BLE001 - nothing may escape into watchdog
+            try:
+                self.watch.on_handler_error(event, exc)
+            except Exception:
+                pass
+
+
+class RootWatch:
+    """One root: its own observer, inotify instance and dispatcher thread."""
+
+    def __init__(self, root, *, on_candidate, on_handler_error, on_subwatch_failed, on_root_gone, hook=None):
+        self.root = root
+        self.on_candidate = on_candidate
+        self._on_handler_error = on_handler_error
+        self._on_root_gone = on_root_gone
+        self.hook = hook  # tests: called with every event before it is handled
+        group = type("_RootGroup", (_LoudWatchGroup,), {
+            "report_failure": staticmethod(lambda p, exc: on_subwatch_failed(root, os.fsdecode(p), exc)),
+        })
+        self.observer = _Observer(group)
+        self.observer.name = f"modelscand-dispatch:{root.path}"
+        self.handler = _Handler(self)
+
+    def start(self) -> None:
+        """Raises OSError when the root cannot be watched (missing, EACCES, ENOSPC)."""
+        self.observer.start()
+        try:
+            self.observer.schedule(self.handler, self.root.path, recursive=True)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            self.observer.stop()
+            self.observer.join(5)
+        except Exception:
+            pass
+
+    @property
+    def inotify_thread_ident(self) -> int | None:
+        return self.observer._inotify_fd.ident
+
+    def alive(self) -> bool:
+        if not self.observer.is_alive() or not self.observer._inotify_fd.is_alive():
+            return False
+        return bool(self.observer.emitters) and all(e.is_alive() for e in self.observer.emitters)
+
+    def handle(self, event: FileSystemEvent) -> None:
+        if self.hook is not None:
+            self.hook(self, event)
+        kind = event.event_type
+        if event.is_directory:
+            if kind == "deleted" and os.fsdecode(event.src_path) == self.root.path:
+                self._on_root_gone(self.root)
+            return
+        reason = REASONS.get(kind)
+        if reason is None:
+            return
+        path = event.dest_path if kind == "moved" else event.src_path
+        if not path:
+            return
+        self.on_candidate(os.fsdecode(path), reason, self.root)
+
+    def on_handler_error(self, event, exc) -> None:
+        self._on_handler_error(self.root, event, exc)
+
+
+class OverflowTrap(logging.Handler):
+    """watchdog says "Inotify queue overflowed" only in a log record: turn it into a call."""
+
+    def __init__(self, callback: Callable[[int | None, str], None]):
+        super().__init__(logging.WARNING)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        if "overflow" in message.lower():
+            try:
+                self.callback(record.thread, message)
+            except Exception:
+                pass
+
+    def install(self) -> None:
+        for name in OVERFLOW_LOGGERS:
+            lg = logging.getLogger(name)
+            if lg.getEffectiveLevel() > logging.WARNING:
+                lg.setLevel(logging.WARNING)
+            lg.addHandler(self)
+
+    def uninstall(self) -> None:
+        for name in OVERFLOW_LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
+def log():
+    return mlog.get()
