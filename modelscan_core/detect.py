@@ -50,32 +50,36 @@ class Rule:
 def _is_pickle(head: bytes, name: str, stream: BinaryIO | None = None) -> bool:
     if len(head) >= 2 and head[0] == 0x80:
         return head[1] <= 5
-    if not head or head[0] not in _PROTO01_STARTS:
+    if not head or head[0] not in _STARTS:
         return False
-    return _probe_protocol0(head)
+    return _probe(stream if stream is not None else io.BytesIO(head))
 
 
-# Opcodes a protocol 0/1 pickle can begin with (anything that pushes without popping).
-_PROTO01_STARTS = frozenset(b"(c]})NILSVFKMJGUTXPBCq")
+# Opcodes a pickle can begin with: everything that pushes without popping. PROTO is
+# optional to CPython, so protocol 2-5 opcodes count too.
+_STARTS = frozenset(b"(c]})NILSVFKMJGUTXPBCq" + bytes(range(0x82, 0x92)) + b"\x95\x97")
+
+#: how much of the stream the probe runs over
+PROBE_WINDOW = 8 << 20
 
 
-def _probe_protocol0(head: bytes) -> bool:
-    """Run the VM over the head: a pickle gets through several opcodes or names a global.
-
-    Text that happens to start with an opcode letter fails within an op or two (an invalid
-    opcode, a stack underflow, a "module" name that is not an identifier).
-    """
+def _probe(stream: BinaryIO) -> bool:
+    """Run the VM over the start of the stream: a pickle gets through several opcodes or
+    names a global. Text or binary data that happens to start with an opcode byte fails within
+    an op or two (an invalid opcode, a stack underflow, an operand longer than the file, a
+    "module" name that is not an identifier)."""
     from modelscan_core.scanners.pickle.vm import PickleVM
+    from modelscan_core.sources.window import Window
 
-    vm = PickleVM(io.BytesIO(head), size=len(head))
-    facts = vm.run()
+    size = stream.seek(0, os.SEEK_END)
+    window = min(size, PROBE_WINDOW)
+    facts = PickleVM(Window(stream, 0, window), size=window).run()
     if facts.stopped:
         return True
-    plausible = [g for g in facts.globals if _dotted(g.module) and _dotted(g.name)]
-    if plausible:
+    if any(_dotted(g.module) and _dotted(g.name) for g in facts.globals):
         return True
-    truncated_by_head = facts.error is not None and len(head) >= HEAD and (facts.error_offset or 0) >= len(head) - 256
-    return truncated_by_head and facts.ops >= 4
+    cut_by_window = facts.error_truncated and window < size
+    return cut_by_window and facts.ops >= 4
 
 
 def _dotted(text: str) -> bool:

@@ -271,3 +271,24 @@ def test_calling_an_ecosystem_function_is_not_trusted(scan_bytes):
     assert result.worst == Severity.HIGH
     result = scan_bytes(call("torch.nn.modules.linear", "Linear", "4", "4"))
     assert result.verdict == "clean"
+
+
+def test_pickle_without_proto_header_is_still_a_pickle(scan_bytes):
+    # PROTO is optional to CPython: protocol 4 opcodes from the first byte, after a long string
+    long = b"x" * 100_000
+    data = b"X" + struct.pack("<I", len(long)) + long + b"0" + unicode_op("os") + unicode_op("system") + b"\x93" \
+        + unicode_op("echo") + b"\x85R."
+    for blob, name in ((data, "weights.bin"), (data[5 + len(long) + 1:], "noheader")):
+        result = scan_bytes(blob, name)
+        assert result.file.format == "pickle", name
+        assert result.worst == Severity.CRITICAL
+
+
+def test_binary_data_that_starts_like_an_opcode_is_not_a_pickle(scan_bytes):
+    import random
+
+    rng = random.Random(7)
+    for first in b"XKJG(]c":
+        blob = bytes([first]) + bytes(rng.getrandbits(8) for _ in range(50_000))
+        result = scan_bytes(blob, "tensor.bin")
+        assert result.verdict == "skipped", (chr(first), result.report)

@@ -75,6 +75,10 @@ class PickleError(Exception):
         self.incomplete = incomplete
 
 
+class PickleTruncated(PickleError):
+    """The bytes ran out before the pickle did (a cut-off file, or a probe's window)."""
+
+
 @dataclass
 class StreamFacts:
     """What one pickle stream (PROTO ... STOP) would make a loader do."""
@@ -86,6 +90,7 @@ class StreamFacts:
     error: str | None = None
     error_offset: int | None = None
     error_incomplete: bool = False
+    error_truncated: bool = False
     globals: list[GlobalRef] = field(default_factory=list)
     dynamic_calls: list[Call] = field(default_factory=list)  # calls of a non-name callable
     unresolved: list[tuple[int, str]] = field(default_factory=list)  # names not known statically
@@ -158,7 +163,7 @@ class PickleVM:
     def read(self, n: int) -> bytes:
         """Consume n bytes (for hooks). Raises PickleError when the stream is shorter."""
         if not self._fill(n):
-            raise PickleError(f"stream ends inside a {n}-byte read", self.tell(), incomplete=False)
+            raise PickleTruncated(f"stream ends inside a {n}-byte read", self.tell(), incomplete=False)
         data = self._buf[self._pos : self._pos + n]
         self._pos += n
         return data
@@ -172,7 +177,7 @@ class PickleVM:
         target = self.tell() + n
         if self._seekable:
             if self.size is not None and target > self.size:
-                raise PickleError(f"stream ends inside a {n}-byte operand", self.tell())
+                raise PickleTruncated(f"stream ends inside a {n}-byte operand", self.tell())
             self.f.seek(target)
             self._base, self._buf, self._pos = target, b"", 0
             self._eof = False
@@ -184,7 +189,7 @@ class PickleVM:
             piece = self.f.read(min(n, CHUNK))
             if not piece:
                 self._eof = True
-                raise PickleError("stream ends inside an operand", self._base)
+                raise PickleTruncated("stream ends inside an operand", self._base)
             n -= len(piece)
             self._base += len(piece)
 
@@ -200,11 +205,11 @@ class PickleVM:
                 raise PickleError("line operand longer than the scan limit", self.tell(), incomplete=True)
             if not self._fill(len(buf) - pos + CHUNK):
                 if self._eof:
-                    raise PickleError("stream ends inside a line operand", self.tell())
+                    raise PickleTruncated("stream ends inside a line operand", self.tell())
             buf, pos = self._buf, self._pos
             nl = buf.find(b"\n", pos)
             if nl < 0 and self._eof:
-                raise PickleError("stream ends inside a line operand", self.tell())
+                raise PickleTruncated("stream ends inside a line operand", self.tell())
         self._pos = nl + 1
         return buf[pos : nl + 1]
 
@@ -215,7 +220,7 @@ class PickleVM:
             self.skip(n)
             return Blob(start, n, text)
         if not self._fill(n):
-            raise PickleError(f"stream ends inside a {n}-byte operand", self.tell())
+            raise PickleTruncated(f"stream ends inside a {n}-byte operand", self.tell())
         data = self._buf[self._pos : self._pos + n]
         self._pos += n
         if text:
@@ -234,6 +239,7 @@ class PickleVM:
             self._execute(facts)
         except PickleError as exc:
             facts.error, facts.error_offset, facts.error_incomplete = str(exc), exc.offset, exc.incomplete
+            facts.error_truncated = isinstance(exc, PickleTruncated)
         except (ValueError, OverflowError, struct.error, MemoryError, RecursionError) as exc:
             facts.error, facts.error_offset = f"{type(exc).__name__}: {exc}", self.tell()
         facts.end = self.tell()
@@ -338,7 +344,7 @@ class PickleVM:
                         self._fill(16)
                         buf, pos, blen, base = sync()
                     if pos >= blen:
-                        raise err("stream ends without STOP (truncated pickle)", base + pos)
+                        raise PickleTruncated("stream ends without STOP (truncated pickle)", base + pos)
                 if fast is not None:
                     # The C accelerator runs data-only opcodes and stops before anything else.
                     limit = blen if self._eof else blen - 16
@@ -681,7 +687,7 @@ class PickleVM:
                 buf, pos, blen, base = sync()
         except IndexError:
             # An inline operand ran past the end of the buffer: only possible at EOF.
-            raise err("stream ends inside an operand (truncated pickle)", base + min(pos, blen)) from None
+            raise PickleTruncated("stream ends inside an operand (truncated pickle)", base + min(pos, blen)) from None
         finally:
             facts.ops = ops
         self._pos = pos
