@@ -707,24 +707,6 @@ except ImportError:  # pragma: no cover - depends on the build
 ACCELERATED = _fast_run is not None
 
 
-def _extend(target: object, items: list, at: int) -> None:
-    """APPEND(S): lists keep their first items; objects (Call results) take `append` calls."""
-    t = type(target)
-    if t is list:
-        room = DISPLAY_ITEMS - len(target)
-        if room > 0:
-            target.extend(items[:room])
-        return
-    if isinstance(target, (Call, GlobalRef, Unknown)):
-        return  # CPython calls target.extend / target.append: an object's own method
-    raise PickleError(f"APPEND to {t.__name__}", at)
-
-
-def _check_args(args: object, at: int) -> None:
-    if not isinstance(args, (tuple, Unknown, Call)):
-        raise PickleError(f"REDUCE arguments must be a tuple, not {type(args).__name__}", at)
-
-
 def _mark_built(target: object) -> None:
     if isinstance(target, Call) and isinstance(target.func, GlobalRef):
         target.func.uses |= BUILT
