@@ -148,9 +148,10 @@ class _Progress:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.shown = False
+        self.after = float(os.environ.get("MODELSCAN_PROGRESS_AFTER", "1.0"))
 
     def __call__(self, n: int, source: str) -> None:
-        if time.monotonic() - self.started < 1.0:
+        if time.monotonic() - self.started < self.after:
             return
         self.shown = True
         name = source if len(source) <= 60 else "..." + source[-57:]

@@ -299,3 +299,29 @@ def test_custom_report_module_from_settings(capsys, tmp_path, tree):
     code, out, _ = cli(capsys, "-p", str(tree), "-r", "custom", "--settings-file", str(settings))
     assert code == 0
     assert json.loads(out)["summary"]["total_issues"] == 0
+
+
+def test_directory_scan_shows_progress_on_a_terminal_only(tree):
+    import pty
+
+    for i in range(3):
+        (tree / f"m{i}.pkl").write_bytes(GOOD)
+    env = dict(os.environ, MODELSCAN_PROGRESS_AFTER="0")
+    cmd = [sys.executable, "-m", "modelscan_core", "-p", str(tree), "-r", "json"]
+    primary, secondary = pty.openpty()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=secondary, env=env, timeout=60)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    assert b"scanning file" in shown
+    json.loads(proc.stdout)  # progress never reaches stdout
+    piped = subprocess.run(cmd, capture_output=True, env=env, timeout=60)
+    assert b"scanning file" not in piped.stderr
