@@ -261,5 +261,5 @@ ECOSYSTEM_PACKAGES: tuple[str, ...] = (
     "gensim", "statsmodels", "imblearn", "category_encoders", "optuna", "omegaconf", "hydra", "ultralytics",
     "mmcv", "mmengine", "detectron2", "fairseq", "sentencepiece", "open_clip", "onnx", "skops", "prophet",
     "sktime", "nltk", "networkx", "PIL", "shap", "umap", "hdbscan", "pynndescent", "numba", "llvmlite",
-    "collections", "enum", "datetime", "argparse", "pathlib", "typing", "dataclasses",
+    "joblib", "collections", "enum", "datetime", "argparse", "pathlib", "typing", "dataclasses",
 )
