@@ -519,6 +519,9 @@ class Daemon:
                                   severity=row.severity, sha256=row.sha256, rule_ids=list(row.rule_ids),
                                   hf=hfcache.describe(cand.path))
                 return
+            if hfcache.snapshot_link(cand.path) and (tst.st_dev, tst.st_ino) in self._inflight:
+                self._park(cand, float(self.config.watch["settle_time"]) or 0.1)  # name it once it has a verdict
+                return
             cand = Candidate(target, (tst.st_dev, tst.st_ino), cand.reason, troot.path, cand.since, cand.wall)
             st = tst
         if not stat.S_ISREG(st.st_mode):
