@@ -30,7 +30,9 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "ntpath": ALL, "genericpath": ALL, "tempfile": ALL, "platform": ALL, "concurrent.futures.process": ALL,
         "threading": ["Thread", "Timer", "_start_new_thread", "start_new_thread"],
         "_thread": ALL, "thread": ALL, "atexit": ALL, "faulthandler": ALL, "tracemalloc": ALL,
-        "sysconfig": ALL, "webbrowser": ALL, "antigravity": ALL,
+        "sysconfig": ALL, "webbrowser": ALL, "antigravity": ALL, "_osx_support": ALL, "_aix_support": ALL,
+        "uuid": ["_get_command_stdout", "_popen", "_find_mac", "_find_mac_near_keyword", "_find_mac_under_heading"],
+        "io": ["open", "open_code", "FileIO"], "_io": ["open", "open_code", "FileIO"], "codecs": ["open"],
         # debuggers, profilers and tools that run code handed to them
         "bdb": ALL, "pdb": ALL, "timeit": ALL, "cProfile": ALL, "profile": ALL, "trace": ALL, "doctest": ALL,
         "pydoc": ALL, "idlelib": ALL, "lib2to3": ALL, "ensurepip": ALL, "venv": ALL, "pip": ALL,
@@ -80,9 +82,9 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "mailbox": ALL, "xmlrpclib": ALL, "BaseHTTPServer": ALL, "SimpleHTTPServer": ALL, "CGIHTTPServer": ALL,
         "torch.distributed": ALL,
         # files: read, list, write through a side door
-        "io": ["open", "open_code", "FileIO", "TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
-        "_io": ["open", "open_code", "FileIO", "TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
-        "codecs": ["open", "EncodedFile", "StreamReaderWriter", "StreamRecoder"], "fileinput": ALL,
+        "io": ["TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
+        "_io": ["TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
+        "codecs": ["EncodedFile", "StreamReaderWriter", "StreamRecoder"], "fileinput": ALL,
         "linecache": ALL, "glob": ALL, "fnmatch": ALL, "filecmp": ALL, "zipfile": ALL, "tarfile": ALL,
         "gzip": ["open", "GzipFile"], "bz2": ["open", "BZ2File"], "lzma": ["open", "LZMAFile"], "sqlite3": ALL,
         "dbm": ALL, "mmap": ALL, "logging": ["FileHandler", "basicConfig"], "logging.handlers": ALL,

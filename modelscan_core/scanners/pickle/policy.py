@@ -173,7 +173,8 @@ def _candidates(module: str, name: str) -> list[tuple[str, str]]:
 
 #: allowlisted callables that construct their first argument (it is instantiated, not just named)
 INSTANTIATORS = {("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"), ("copyreg", "__newobj__"),
-                 ("copy_reg", "__newobj__"), ("copyreg", "__newobj_ex__")}
+                 ("copy_reg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("numpy.core.multiarray", "_reconstruct"),
+                 ("numpy._core.multiarray", "_reconstruct")}
 
 #: allowlisted callables that import `module.name` given as string arguments: what they
 #: return is judged like a GLOBAL of those names (numpy pickles ufuncs this way)
