@@ -325,3 +325,23 @@ def test_directory_scan_shows_progress_on_a_terminal_only(tree):
     json.loads(proc.stdout)  # progress never reaches stdout
     piped = subprocess.run(cmd, capture_output=True, env=env, timeout=60)
     assert b"scanning file" not in piped.stderr
+
+
+def test_a_modelscan_088_settings_file_still_works(capsys, tmp_path):
+    settings = tmp_path / "modelscan-settings.toml"
+    settings.write_text(
+        'modelscan_version = "0.8.8"\nsupported_zip_extensions = [".zip", ".npz"]\n'
+        '[scanners."modelscan.scanners.PickleUnsafeOpScan"]\nenabled = true\n'
+        'supported_extensions = [".pkl", ".pickle", ".joblib", ".dill", ".dat", ".data"]\n'
+        '[scanners."modelscan.scanners.SavedModelTensorflowOpScan"]\nenabled = true\nsupported_extensions = [".pb"]\n'
+        '[scanners."modelscan.scanners.SavedModelTensorflowOpScan".unsafe_tf_operators]\nReadFile = "HIGH"\n'
+        '[middlewares."modelscan.middlewares.FormatViaExtensionMiddleware".formats]\npytorch = [".bin", ".pt"]\n'
+        '[unsafe_globals.CRITICAL]\n__builtin__ = ["eval", "compile", "getattr", "apply", "exec", "open"]\nos = "*"\n'
+        '[unsafe_globals.HIGH]\nwebbrowser = "*"\n[unsafe_globals.MEDIUM]\n[unsafe_globals.LOW]\n'
+        '[reporting]\nmodule = "modelscan.reports.ConsoleReport"\n[reporting.settings]\n'
+    )
+    (tmp_path / "m.pkl").write_bytes(EVIL)
+    (tmp_path / "w.pkl").write_bytes(b"\x80\x02cwebbrowser\nopen\nX\x01\x00\x00\x00x\x85R.")
+    report = json.loads(cli(capsys, "-p", str(tmp_path), "-r", "json", "--settings-file", str(settings))[1])
+    severities = {i["source"]: i["severity"] for i in report["issues"]}
+    assert severities == {"m.pkl": "CRITICAL", "w.pkl": "HIGH"}
