@@ -348,7 +348,7 @@ class Daemon:
 
     def _on_handler_error(self, root: Root, event, exc: BaseException) -> None:
         self.counts["handler_errors"] += 1
-        self.log.error("watch.handler_error", root=root.path, event=event.event_type,
+        self.log.error("watch.handler_error", root=root.path, event_type=event.event_type,
                        path=os.fsdecode(getattr(event, "dest_path", "") or event.src_path),
                        error=f"{type(exc).__name__}: {exc}", answer="root rescan")
         self.queue.request_rescan(root.path, "handler_error")

@@ -43,6 +43,8 @@ class _LoudWatchGroup(InotifyWatchGroup):
     report_failure: Callable[[bytes, OSError], None] = staticmethod(lambda path, exc: None)
 
     def _add_callback(self, path: bytes) -> None:
+        if path in self._active_callbacks_by_path and path != self.path:
+            return  # already watched (a directory reported twice): watchdog would warn and re-add
         try:
             wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
         except OSError as exc:
