@@ -89,6 +89,12 @@ def _dotted(text: str) -> bool:
 # Order matters: the first matching rule decides. Containers before the formats they hold;
 # pickle last, because protocol 0 has no magic and is recognised by running the VM.
 RULES: list[Rule] = [
+    # Keras and TensorFlow first: a .keras file is a zip that the generic zip rules must not claim
+    Rule("keras_v3", (b"PK\x03\x04", b"PK\x05\x06"), "modelscan_core.scanners.keras_v3:sniff_keras_zip"),
+    Rule("keras_h5", (), "modelscan_core.scanners.keras_h5:sniff_hdf5"),
+    Rule("tf_savedmodel", (), "modelscan_core.scanners.savedmodel:sniff_savedmodel"),
+    Rule("keras_metadata", (), "modelscan_core.scanners.savedmodel:sniff_keras_metadata"),
+    Rule("tf_fingerprint", (), "modelscan_core.scanners.savedmodel:sniff_fingerprint"),
     Rule("pickle", (), _is_pickle),
 ]
 

@@ -29,6 +29,84 @@ SCANNER_NAMES = {
     "savedmodel_ops": "modelscan.scanners.SavedModelTensorflowOpScan",
 }
 
+#: TensorFlow ops that reach outside the graph: files, Python callbacks, the network, debug
+#: dumps. modelscan lists ReadFile and WriteFile; the rest are ours. PrintV2 and
+#: DecodeProtoV2/EncodeProto count only when their stream/descriptor names a file.
+UNSAFE_TF_OPERATORS = {
+    # files
+    "ReadFile": "HIGH",
+    "WriteFile": "HIGH",
+    "MatchingFiles": "HIGH",
+    "MatchingFilesDataset": "HIGH",
+    "ExperimentalMatchingFilesDataset": "HIGH",
+    "ImmutableConst": "MEDIUM",
+    "PrintV2": "HIGH",
+    "DecodeProtoV2": "MEDIUM",
+    "EncodeProto": "MEDIUM",
+    "WholeFileReader": "MEDIUM",
+    "WholeFileReaderV2": "MEDIUM",
+    "TextLineReader": "MEDIUM",
+    "TextLineReaderV2": "MEDIUM",
+    "FixedLengthRecordReader": "MEDIUM",
+    "FixedLengthRecordReaderV2": "MEDIUM",
+    "TFRecordReader": "MEDIUM",
+    "TFRecordReaderV2": "MEDIUM",
+    "LMDBReader": "MEDIUM",
+    "TextLineDataset": "MEDIUM",
+    "TFRecordDataset": "MEDIUM",
+    "TFRecordDatasetV2": "MEDIUM",
+    "FixedLengthRecordDataset": "MEDIUM",
+    "FixedLengthRecordDatasetV2": "MEDIUM",
+    "CSVDataset": "MEDIUM",
+    "CSVDatasetV2": "MEDIUM",
+    "ExperimentalCSVDataset": "MEDIUM",
+    "LMDBDataset": "MEDIUM",
+    "ExperimentalLMDBDataset": "MEDIUM",
+    "SqlDataset": "MEDIUM",
+    "ExperimentalSqlDataset": "MEDIUM",
+    "LoadDataset": "MEDIUM",
+    "DatasetToTFRecord": "HIGH",
+    "ExperimentalDatasetToTFRecord": "HIGH",
+    "SaveDataset": "HIGH",
+    "SaveDatasetV2": "HIGH",
+    "SnapshotDataset": "MEDIUM",
+    "SnapshotDatasetV2": "MEDIUM",
+    "CreateSummaryFileWriter": "HIGH",
+    "CreateSummaryDbWriter": "HIGH",
+    "DebugIdentity": "HIGH",
+    "DebugIdentityV2": "HIGH",
+    "DebugIdentityV3": "HIGH",
+    "DebugNanCount": "HIGH",
+    "DebugNumericSummary": "HIGH",
+    "DebugNumericSummaryV2": "MEDIUM",
+    # checkpoint ops count only outside the SavedModel's own saver functions / save/ scope
+    "Save": "HIGH",
+    "SaveV2": "HIGH",
+    "SaveSlices": "HIGH",
+    "MergeV2Checkpoints": "HIGH",
+    "Restore": "MEDIUM",
+    "RestoreV2": "MEDIUM",
+    "RestoreSlice": "MEDIUM",
+    # Python callbacks
+    "PyFunc": "HIGH",
+    "PyFuncStateless": "HIGH",
+    "EagerPyFunc": "HIGH",
+    # the network
+    "Rpc": "HIGH",
+    "TryRpc": "HIGH",
+    "RpcClient": "HIGH",
+    "RpcCall": "HIGH",
+    "RpcServer": "HIGH",
+    "RpcServerStart": "HIGH",
+    "RpcServerRegister": "HIGH",
+    "DataServiceDataset": "HIGH",
+    "DataServiceDatasetV2": "HIGH",
+    "DataServiceDatasetV3": "HIGH",
+    "DataServiceDatasetV4": "HIGH",
+    "RegisterDataset": "HIGH",
+    "RegisterDatasetV2": "HIGH",
+}
+
 
 def default_settings() -> dict[str, Any]:
     return {
@@ -51,7 +129,9 @@ def default_settings() -> dict[str, Any]:
             SCANNER_NAMES["savedmodel_ops"]: {
                 "enabled": True,
                 "supported_extensions": [".pb"],
-                "unsafe_tf_operators": {"ReadFile": "HIGH", "WriteFile": "HIGH"},
+                "unsafe_tf_operators": dict(UNSAFE_TF_OPERATORS),
+                # ops TensorFlow does not register (a custom kernel library); "" turns it off
+                "unknown_tf_operator": "MEDIUM",
             },
         },
         "unsafe_globals": copy.deepcopy(lists.UNSAFE_GLOBALS),

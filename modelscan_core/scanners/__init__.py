@@ -13,6 +13,11 @@ from modelscan_core.scanners.interface import Scanner
 #: format name -> (settings key for enabled/options, "module:Class")
 REGISTRY: dict[str, tuple[str, str]] = {
     "pickle": ("pickle", "modelscan_core.scanners.pickle.scanner:PickleScanner"),
+    "keras_h5": ("keras_h5", "modelscan_core.scanners.keras_h5:KerasH5Scanner"),
+    "keras_v3": ("keras", "modelscan_core.scanners.keras_v3:KerasV3Scanner"),
+    "tf_savedmodel": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:SavedModelScanner"),
+    "keras_metadata": ("savedmodel_lambda", "modelscan_core.scanners.savedmodel:KerasMetadataScanner"),
+    "tf_fingerprint": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:FingerprintScanner"),
 }
 
 _instances: dict[str, Scanner] = {}

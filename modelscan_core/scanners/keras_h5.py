@@ -1,0 +1,71 @@
+"""Keras models in HDF5 (`.h5`, `.hdf5`), read with h5py: never with Keras or TensorFlow.
+
+`keras.models.load_model` (Keras 3 and tf.keras 2.x alike) rebuilds the model from the JSON
+in the file's `model_config` attribute and compiles it from `training_config`; the weights
+in `model_weights/` are plain arrays. So the JSON is what can run code, and it is walked
+to every depth by `keras_common.ConfigWalker`. An HDF5 file with no model config (a
+weights-only file, or plain data) is data: clean.
+"""
+
+from __future__ import annotations
+
+import json
+
+from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+#: attributes of the root group that Keras loaders deserialize
+CONFIG_ATTRS = ("model_config", "training_config")
+
+
+def sniff_hdf5(head: bytes, name: str, stream) -> bool:
+    """HDF5's signature sits at 0 or, after a user block, at 512, 1024, 2048, ... bytes."""
+    if head.startswith(HDF5_MAGIC):
+        return True
+    offset = 512
+    while offset + 8 <= len(head):
+        if head[offset : offset + 8] == HDF5_MAGIC:
+            return True
+        offset *= 2
+    return False
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if hasattr(value, "tobytes") and getattr(value, "shape", None) == ():  # numpy scalar string
+        return value.tobytes().decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"attribute of type {type(value).__name__}")
+
+
+class KerasH5Scanner(Scanner):
+    name = "modelscan.scanners.H5LambdaDetectScan"
+    formats = ("keras_h5",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        import h5py
+
+        from modelscan_core.scanners.keras_common import ConfigWalker
+
+        try:
+            handle = h5py.File(item.stream, "r")
+        except Exception as exc:  # h5py raises OSError, ValueError, KeyError for broken files
+            raise ScanFailed(f"not a readable HDF5 file: {exc}") from None
+        with handle:
+            walker = ConfigWalker(ctx, "keras_h5")
+            try:
+                attrs = handle.attrs
+                present = [key for key in CONFIG_ATTRS if key in attrs]
+                texts = {key: _text(attrs[key]) for key in present}
+                # a model saved inside a group (rare; tf.keras never does it) is still loadable
+            except Exception as exc:
+                raise ScanFailed(f"cannot read the HDF5 attributes: {exc}") from None
+            for key, text in texts.items():
+                try:
+                    config = json.loads(text)
+                except (ValueError, RecursionError) as exc:
+                    raise ScanFailed(f"{key} is not valid JSON: {exc}", "JSON_DECODE") from None
+                walker.walk(config, key, "model" if key == "model_config" else "training")

@@ -1,0 +1,82 @@
+"""Keras 3 `.keras` archives: a zip with `config.json`, `metadata.json` and weights.
+
+Keras reads the archive with Python's `zipfile` (so a duplicated member name means the last
+one, as here), deserializes `config.json` object by object, and loads the weights, which
+are arrays. `config.json` is walked to every depth by `keras_common.ConfigWalker`;
+`metadata.json` gives the Keras version that wrote the file. Members Keras does not expect
+are handed back to the engine, so a pickle tucked into the zip is still scanned.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
+
+CONFIG = "config.json"
+METADATA = "metadata.json"
+#: members Keras itself writes; anything else is scanned as a file of its own
+KNOWN_DATA = ("model.weights.h5", "model.weights.npz")
+KNOWN_DIRS = ("assets/",)
+
+
+def sniff_keras_zip(head: bytes, name: str, stream) -> bool:
+    """A zip named `.keras`, or any zip whose root holds Keras's config and metadata/weights."""
+    if name.endswith(".keras"):
+        return True
+    try:
+        names = set(zipfile.ZipFile(stream).namelist())
+    except Exception:
+        return False
+    return CONFIG in names and (METADATA in names or any(n in names for n in KNOWN_DATA))
+
+
+class KerasV3Scanner(Scanner):
+    name = "modelscan.scanners.KerasLambdaDetectScan"
+    formats = ("keras_v3",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        from modelscan_core.scanners.keras_common import ConfigWalker
+
+        try:
+            archive = zipfile.ZipFile(item.stream)
+            infos = archive.infolist()
+        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+            raise ScanFailed(f"not a readable .keras zip: {exc}", "MODEL_SCAN") from None
+        with archive:
+            names = {info.filename for info in infos}
+            if CONFIG not in names:
+                ctx.error("no config.json: not a model Keras can load, and nothing was checked in its place")
+            else:
+                config = self._json(archive, CONFIG)
+                version = None
+                if METADATA in names:
+                    metadata = self._json(archive, METADATA)
+                    if isinstance(metadata, dict):
+                        version = metadata.get("keras_version")
+                where = CONFIG if not version else f"{CONFIG} (Keras {version})"
+                ConfigWalker(ctx, "keras").walk(config, where, "model")
+            for info in infos:
+                if info.is_dir() or info.filename in (CONFIG, METADATA) or info.filename in KNOWN_DATA:
+                    continue
+                if info.filename.startswith(KNOWN_DIRS) and info.file_size == 0:
+                    continue
+                ctx.scan_member(info.filename, lambda info=info: _open(archive, info), info.file_size)
+
+    @staticmethod
+    def _json(archive: zipfile.ZipFile, member: str):
+        try:
+            data = archive.read(member)
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError) as exc:
+            raise ScanFailed(f"{member}: cannot be read from the zip: {exc}") from None
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise ScanFailed(f"{member} is not valid JSON: {exc}", "JSON_DECODE") from None
+
+
+def _open(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
+    import io
+
+    return io.BytesIO(archive.read(info))
