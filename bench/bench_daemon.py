@@ -1,0 +1,189 @@
+"""Bench for modelscand (a script, not a test): runs the real CLI daemon and prints numbers.
+
+  python bench/bench_daemon.py [--files 10000] [--burst 5000] [--latency-files 20] [--idle 60]
+
+1. start-up over --files watched files (all scanned once), then idle CPU and RSS over --idle s;
+2. latency from file-complete (rename) to its verdict in the log, 1 file/s, 1 KB..10 MB;
+3. a burst of --burst files into a brand-new directory tree: each scanned exactly once;
+4. restart over the unchanged tree: nothing rescanned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import pickle
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+SCAN_EVENTS = {"scan.clean", "scan.finding", "scan.error", "scan.incomplete", "scan.skipped"}
+
+
+class Daemon:
+    def __init__(self, root: str, state: str, workers: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "modelscand.cli", "run", "--root", root, "--state-dir", state],
+            stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        self.events: list[dict] = []
+        self.by_path: collections.Counter = collections.Counter()
+        self.scan_ts: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            with self.lock:
+                self.events.append(ev)
+                if ev["event"] in SCAN_EVENTS:
+                    self.by_path[ev["path"]] += 1
+                    self.scan_ts[ev["path"]] = dt.datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp()
+            if ev["event"] == "daemon.ready":
+                self.ready.set()
+
+    def scans(self) -> int:
+        with self.lock:
+            return sum(self.by_path.values())
+
+    def wait_scans(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.scans() >= n:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def processes(self) -> list[psutil.Process]:
+        main = psutil.Process(self.proc.pid)
+        return [main] + main.children(recursive=True)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def write_tree(base: str, n: int, per_dir: int = 100) -> None:
+    data = pickle.dumps({"w": list(range(16))})
+    for i in range(n):
+        d = os.path.join(base, f"d{i // per_dir:04d}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"m{i:05d}.pkl"), "wb") as f:
+            f.write(data)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=10000)
+    ap.add_argument("--burst", type=int, default=5000)
+    ap.add_argument("--latency-files", type=int, default=20)
+    ap.add_argument("--idle", type=float, default=60.0)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="modelscand-bench-")
+    root, state = os.path.join(tmp, "root"), os.path.join(tmp, "state")
+    os.makedirs(root)
+    results = {}
+    try:
+        write_tree(os.path.join(root, "base"), args.files)
+        t0 = time.monotonic()
+        d = Daemon(root, state, args.workers)
+        assert d.ready.wait(300), "daemon never became ready"
+        ok = d.wait_scans(args.files, 600)
+        t_scan = time.monotonic() - t0
+        results["startup_scan"] = f"{args.files} files scanned in {t_scan:.1f}s ({args.files / t_scan:.0f}/s), all={ok}"
+        time.sleep(2)  # let the last log lines and sqlite settle before measuring idle
+
+        # 1. idle CPU and RSS with --files watched files
+        procs = d.processes()
+        cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+        rss = []
+        t_idle = time.monotonic()
+        while time.monotonic() - t_idle < args.idle:
+            rss.append(procs[0].memory_info().rss)
+            time.sleep(min(5, args.idle / 6))
+        elapsed = time.monotonic() - t_idle
+        cpu_main = sum(procs[0].cpu_times()[:2]) - cpu0[procs[0].pid]
+        cpu_all = sum(sum(p.cpu_times()[:2]) - cpu0[p.pid] for p in procs if p.is_running())
+        workers_rss = sum(p.memory_info().rss for p in procs[1:] if p.is_running())
+        results["idle_cpu"] = (f"{100 * cpu_main / elapsed:.3f}% of a core (daemon), {100 * cpu_all / elapsed:.3f}% "
+                               f"incl. workers, over {elapsed:.0f}s with {args.files} watched files")
+        results["rss"] = (f"daemon {max(rss) / 2**20:.1f} MB max, drift {(rss[-1] - rss[0]) / 2**20:+.1f} MB; "
+                          f"workers+forkserver {workers_rss / 2**20:.1f} MB total")
+
+        # 2. latency: rename -> verdict, 1 file/s, up to 10 MB
+        lat_dir = os.path.join(root, "latency")
+        os.makedirs(lat_dir)
+        time.sleep(0.5)
+        sizes = [1 << 10, 100 << 10, 1 << 20, 5 << 20, 10 << 20]
+        renamed: dict[str, float] = {}
+        for i in range(args.latency_files):
+            size = sizes[i % len(sizes)]
+            final = os.path.join(lat_dir, f"w{i:03d}.pth")
+            tmpname = final + "." + os.urandom(16).hex() + ".partial"
+            with open(tmpname, "wb") as f:
+                f.write(pickle.dumps(os.urandom(size - 64 if size > 64 else 1)))
+            os.rename(tmpname, final)
+            renamed[final] = time.time()
+            time.sleep(1.0)
+        before = args.files
+        d.wait_scans(before + args.latency_files, 60)
+        lats = sorted((d.scan_ts[p] - t) * 1000 for p, t in renamed.items() if p in d.scan_ts)
+        p50 = statistics.median(lats)
+        p99 = lats[min(len(lats) - 1, int(round(0.99 * (len(lats) - 1))))]
+        results["latency"] = (f"n={len(lats)} p50={p50:.1f} ms p99={p99:.1f} ms max={lats[-1]:.1f} ms "
+                              f"(1 KB..10 MB, rename -> verdict in the log)")
+
+        # 3. burst into a brand-new tree
+        before = d.scans()
+        t_b = time.monotonic()
+        write_tree(os.path.join(root, "burst", "new", "tree"), args.burst, per_dir=50)
+        ok = d.wait_scans(before + args.burst, 600)
+        t_burst = time.monotonic() - t_b
+        time.sleep(2)
+        with d.lock:
+            burst_counts = {p: n for p, n in d.by_path.items() if "/burst/" in p}
+        once = sum(1 for n in burst_counts.values() if n == 1)
+        dup = sum(1 for n in burst_counts.values() if n > 1)
+        results["burst"] = (f"{args.burst} files in new dirs: {len(burst_counts)} scanned, {once} exactly once, "
+                            f"{dup} more than once, {args.burst - len(burst_counts)} lost; {t_burst:.1f}s")
+        total_files = args.files + args.latency_files + args.burst
+        rc = d.stop()
+        results["stop"] = f"SIGTERM -> exit {rc}"
+
+        # 4. restart over the unchanged tree
+        t_r = time.monotonic()
+        d2 = Daemon(root, state, args.workers)
+        assert d2.ready.wait(300)
+        t_ready = time.monotonic() - t_r
+        time.sleep(2)
+        rescans = d2.scans()
+        done = [e for e in d2.events if e["event"] == "reconcile.done"]
+        results["restart"] = (f"{rescans} files rescanned of {total_files}; ready in {t_ready:.2f}s "
+                              f"(walk {done[0]['ms'] if done else '?'} ms)")
+        d2.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for k, v in results.items():
+        print(f"{k:>13}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
