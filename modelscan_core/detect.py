@@ -95,6 +95,20 @@ RULES: list[Rule] = [
     Rule("tf_savedmodel", (), "modelscan_core.scanners.savedmodel:sniff_savedmodel"),
     Rule("keras_metadata", (), "modelscan_core.scanners.savedmodel:sniff_keras_metadata"),
     Rule("tf_fingerprint", (), "modelscan_core.scanners.savedmodel:sniff_fingerprint"),
+    # Containers (issue 3): archives and compressed streams, then formats that hold pickles
+    Rule("pytorch_zip", (), "modelscan_core.sources.sniff:torch_zip"),
+    Rule("zip", (), "modelscan_core.sources.sniff:zip_any"),
+    Rule("pytorch_legacy", (b"\x80", b"L"), "modelscan_core.sources.sniff:legacy_torch"),
+    Rule("numpy", (b"\x93NUMPY",), "modelscan_core.sources.sniff:npy"),
+    Rule("7z", (b"7z\xbc\xaf\x27\x1c",), "modelscan_core.sources.sniff:sevenzip"),
+    Rule("gzip", (b"\x1f\x8b",), "modelscan_core.sources.sniff:gzip"),
+    Rule("bz2", (b"BZh",), "modelscan_core.sources.sniff:bzip2"),
+    Rule("xz", (b"\xfd7zXZ\x00",), "modelscan_core.sources.sniff:xz"),
+    Rule("lzma", (b"\x5d\x00",), "modelscan_core.sources.sniff:lzma_alone"),
+    Rule("zlib", (b"\x78",), "modelscan_core.sources.sniff:zlib_stream"),
+    Rule("lz4", (b"\x04\x22\x4d\x18",), "modelscan_core.sources.sniff:lz4_frame"),
+    Rule("joblib_zfile", (b"ZF",), "modelscan_core.sources.sniff:joblib_zfile"),
+    Rule("tar", (), "modelscan_core.sources.sniff:tar"),
     Rule("pickle", (), _is_pickle),
 ]
 

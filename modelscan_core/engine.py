@@ -100,6 +100,7 @@ class _Scan:
         self.settings = settings
         self.limits = settings.limits
         self.members = 0
+        self.decompressed = 0  # bytes produced by decompression/extraction, for limits.max_total_bytes
         self.top = top
 
     def scan_item(
@@ -186,6 +187,10 @@ class _Context(ScanContext):
         err = ScanError(category, description, self.source, incomplete)
         self.errors.append(err)
         return err
+
+    def charge_bytes(self, nbytes: int) -> bool:
+        self._scan.decompressed += nbytes
+        return self._scan.decompressed <= self.limits.max_total_bytes
 
     def scan_member(self, name, open_stream, size, format_hint=None) -> None:
         source = f"{self.source}:{name}"

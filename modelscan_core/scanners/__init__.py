@@ -18,6 +18,21 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "tf_savedmodel": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:SavedModelScanner"),
     "keras_metadata": ("savedmodel_lambda", "modelscan_core.scanners.savedmodel:KerasMetadataScanner"),
     "tf_fingerprint": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:FingerprintScanner"),
+    "pytorch_zip": ("pytorch", "modelscan_core.scanners.archives:ZipScanner"),
+    "zip": ("archives", "modelscan_core.scanners.archives:ZipScanner"),
+    "tar": ("archives", "modelscan_core.scanners.archives:TarScanner"),
+    "7z": ("archives", "modelscan_core.scanners.archives:SevenZipScanner"),
+    "gzip": ("archives", "modelscan_core.scanners.archives:CompressedScanner"),
+    "bz2": ("archives", "modelscan_core.scanners.archives:CompressedScanner"),
+    "xz": ("archives", "modelscan_core.scanners.archives:CompressedScanner"),
+    "lzma": ("archives", "modelscan_core.scanners.archives:CompressedScanner"),
+    "zlib": ("archives", "modelscan_core.scanners.archives:CompressedScanner"),
+    "lz4": ("archives", "modelscan_core.scanners.archives:CompressedScanner"),
+    "joblib_zfile": ("archives", "modelscan_core.scanners.archives:CompressedScanner"),
+    "pytorch_legacy": ("pytorch", "modelscan_core.scanners.torch:LegacyTorchScanner"),
+    "pytorch_tar_storages": ("pytorch", "modelscan_core.scanners.torch:LegacyTarStoragesScanner"),
+    "pytorch_tar_tensors": ("pytorch", "modelscan_core.scanners.torch:LegacyTarTensorsScanner"),
+    "numpy": ("numpy", "modelscan_core.scanners.numpy:NumpyScanner"),
 }
 
 _instances: dict[str, Scanner] = {}

@@ -85,6 +85,14 @@ class ScanContext(abc.ABC):
         a pickle by construction); otherwise detection decides from content.
         """
 
+    def charge_bytes(self, nbytes: int) -> bool:
+        """Count `nbytes` of decompressed (or spooled) data against `limits.max_total_bytes`.
+
+        Shared by everything one top-level file contains. False once the budget is spent:
+        the caller stops reading and records an incomplete error naming the limit.
+        """
+        return True
+
 
 class Scanner(abc.ABC):
     """One format. Subclasses set `name` and `formats` and implement `scan`."""

@@ -14,6 +14,7 @@ from modelscan_core.scanners.pickle.policy import NESTED_LOADERS, propagate_uses
 from modelscan_core.scanners.pickle.values import Blob, render, render_call
 from modelscan_core.scanners.pickle.vm import BuildHook, PickleVM, StreamFacts
 from modelscan_core.sources.window import Window
+from modelscan_core.scanners.joblib import joblib_hook
 
 
 class PickleScanner(Scanner):
@@ -21,7 +22,7 @@ class PickleScanner(Scanner):
     formats = ("pickle",)
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
-        scan_pickles(item.stream, item.size, ctx, scanner=self.name)
+        scan_pickles(item.stream, item.size, ctx, scanner=self.name, build_hook=joblib_hook(item.stream, item.size, ctx, self.name))
 
 
 def scan_pickles(

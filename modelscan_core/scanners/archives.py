@@ -1,0 +1,267 @@
+"""Containers: zip (generic, npz, PyTorch), tar, 7z and single compressed streams.
+
+Each hands what it holds back to the engine (`ScanContext.scan_member`), so nesting and
+limits live in one place and members are named `outer:inner/path`. Stored zip members and
+tar members are windows on the file (never copied); compressed bytes go through
+`sources.spool`, which enforces the byte and ratio limits while decompressing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+
+from modelscan_core import detect
+from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
+from modelscan_core.sources import spool, ziparchive
+from modelscan_core.sources.window import Window
+
+_CODEC_EXTENSIONS = {
+    "gzip": (".gz", ".gzip", ".tgz"),
+    "bz2": (".bz2", ".tbz2"),
+    "xz": (".xz", ".txz"),
+    "lzma": (".lzma",),
+    "zlib": (".z", ".zlib"),
+    "lz4": (".lz4",),
+}
+
+
+def basename(source: str) -> str:
+    """The file name part of a display name (`a/b.zip:c/d.pkl` -> `d.pkl`)."""
+    return re.split(r"[/:]", source)[-1]
+
+
+def _limit_error(ctx: ScanContext, what: str, spooled: spool.Spooled) -> None:
+    if spooled.limit is not None:
+        ctx.error(f"{what}: decompression stopped at {spooled.size} bytes by {spooled.limit}; the rest was not scanned",
+                  "MODEL_SCAN", incomplete=True)
+    if spooled.error is not None:
+        ctx.error(f"{what}: {spooled.error}; only the {spooled.size} bytes before the damage were scanned", "MODEL_SCAN")
+
+
+def _distinct(name: str, counts: dict[str, int]) -> str:
+    """Every copy of a duplicated name is scanned; the second one shows as `name#2`."""
+    n = counts.get(name, 0) + 1
+    counts[name] = n
+    return name if n == 1 else f"{name}#{n}"
+
+
+# -- zip -------------------------------------------------------------------------
+
+
+class ZipScanner(Scanner):
+    """Zip archives, read as PyTorch's miniz reader and Python's zipfile would read them."""
+
+    name = "modelscan.scanners.ZipArchiveScan"
+    formats = ("zip", "pytorch_zip")
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        try:
+            listing = ziparchive.read_listing(item.stream, size=item.size)
+        except ziparchive.ZipFormatError as exc:
+            raise ScanFailed(f"zip archive cannot be read: {exc}", "NESTED_ZIP") from None
+        torch = item.format == "pytorch_zip"
+        if listing.prefix:
+            # torch.load reads a file that does not start with a local header as a legacy
+            # pickle; zipfile ignores the bytes. Scan them as what they are.
+            ctx.scan_member("<bytes before the archive>", lambda: Window(item.stream, 0, listing.prefix), listing.prefix)
+        root = _torch_root(listing) if torch else None
+        counts: dict[str, int] = {}
+        for member in listing.members:
+            if member.name.endswith("/") and member.size == 0:
+                continue
+            if root is not None and _is_storage(member.name, root):
+                continue  # raw tensor bytes: torch never unpickles them
+            label = _distinct(member.name + (f" ({member.why})" if member.why else ""), counts)
+            self._member(item, ctx, member, label, torch=torch)
+
+    def _member(self, item: Item, ctx: ScanContext, member: ziparchive.ZipMember, label: str, *, torch: bool) -> None:
+        window = Window(item.stream, member.data_offset, member.compressed_size)
+        if member.data_offset + member.compressed_size > item.size:
+            ctx.error(f"{label}: data runs past the end of the archive; scanning what is there", "NESTED_ZIP")
+            window = Window(item.stream, member.data_offset, max(0, item.size - member.data_offset))
+        if member.method == 0:
+            if torch and not _torch_worth_scanning(window, member.name):
+                return
+            length = min(member.compressed_size, max(0, item.size - member.data_offset))
+            ctx.scan_member(label, lambda: Window(item.stream, member.data_offset, length), length)
+            return
+        codec = {8: "deflate", 12: "bz2"}.get(member.method)
+        if codec is None:
+            ctx.error(f"{label}: compression method {member.method} is not supported; member not scanned", "NESTED_ZIP")
+            return
+        spooled = spool.spool_codec(window, codec, ctx)
+        _limit_error(ctx, label, spooled)
+        if torch and not _torch_worth_scanning(spooled.stream, member.name):
+            spooled.stream.close()
+            return
+        ctx.scan_member(label, lambda: spooled.stream, spooled.size)
+
+
+def _torch_root(listing: ziparchive.ZipListing) -> str:
+    for member in listing.members:
+        if member.name.endswith(("/data.pkl", "/byteorder", "/version")) and member.name.count("/") == 1:
+            return member.name.split("/", 1)[0]
+    return listing.members[0].name.split("/", 1)[0] if listing.members else ""
+
+
+_STORAGE = re.compile(r"data/\d+\Z")
+
+
+def _is_storage(name: str, root: str) -> bool:
+    """`<root>/data/<key>`: a storage torch.load reads as raw bytes, never as a pickle."""
+    prefix = root + "/"
+    return name.startswith(prefix) and bool(_STORAGE.match(name[len(prefix):]))
+
+
+#: opcodes a real pickle has right after PROTO (raw tensor bytes rarely do)
+_AFTER_PROTO = frozenset(b"\x95\x8a}](cK)\x8c\x80NXqJM\x88\x89Gh\x93Uq")
+
+
+def _torch_worth_scanning(stream, name: str) -> bool:
+    """In a torch archive, scan members that are something by content; stay off raw tensors.
+
+    Under `<root>/data/` (torch.export weights and constants) a 'pickle' must look like one
+    torch would write (PROTO then a usual opcode) so raw float bytes are not read as opcodes.
+    """
+    stream.seek(0)
+    head = stream.read(detect.HEAD)
+    stream.seek(0)
+    fmt = detect.detect(head, name, stream)
+    if fmt is None:
+        return False
+    parts = name.split("/")
+    if fmt == "pickle" and len(parts) > 2 and parts[1] == "data":
+        return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] in _AFTER_PROTO
+    return True
+
+
+# -- tar --------------------------------------------------------------------------
+
+LEGACY_TORCH_TAR = {"storages", "tensors", "pickle"}
+
+
+class TarScanner(Scanner):
+    """tar (plain; compressed tars arrive here decompressed) and torch's legacy tar format."""
+
+    name = "modelscan.scanners.TarArchiveScan"
+    formats = ("tar",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        item.stream.seek(0)
+        try:
+            archive = tarfile.open(fileobj=item.stream, mode="r:")
+            members = archive.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ScanFailed(f"tar archive cannot be read: {exc}", "NESTED_ZIP") from None
+        names = {m.name for m in members}
+        legacy = LEGACY_TORCH_TAR <= names
+        counts: dict[str, int] = {}
+        for member in members:
+            if not member.isreg():
+                continue
+            label = _distinct(member.name, counts)
+            offset, size = member.offset_data, member.size
+            if member.issparse():
+                ctx.error(f"{label}: sparse tar member not scanned", "NESTED_ZIP")
+                continue
+            available = max(0, min(size, item.size - offset))
+            if available < size:
+                ctx.error(f"{label}: tar member is truncated; scanning the {available} bytes present", "NESTED_ZIP")
+            hint = None
+            if legacy:
+                hint = {"storages": "pytorch_tar_storages", "tensors": "pytorch_tar_tensors", "pickle": "pickle",
+                        "sys_info": "pickle"}.get(member.name)
+            ctx.scan_member(label, lambda o=offset, n=available: Window(item.stream, o, n), available, hint)
+
+
+# -- 7z ---------------------------------------------------------------------------
+
+
+class SevenZipScanner(Scanner):
+    """7z archives (nullifAI hid PyTorch files in them), extracted one member at a time."""
+
+    name = "modelscan.scanners.SevenZipArchiveScan"
+    formats = ("7z",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        import py7zr
+        from py7zr.io import Py7zIO, WriterFactory
+
+        item.stream.seek(0)
+        counts: dict[str, int] = {}
+
+        class Member(Py7zIO):
+            def __init__(self, filename: str):
+                self.filename = filename
+                self.sink = spool._Sink(ctx, None, None)
+
+            def write(self, s) -> int:
+                self.sink.write(bytes(s))
+                return len(s)
+
+            def read(self, size=None) -> bytes:
+                return b""
+
+            def seek(self, offset: int, whence: int = 0) -> int:
+                return 0
+
+            def flush(self) -> None:
+                pass
+
+            def size(self) -> int:
+                return self.sink.size
+
+            def close(self) -> None:
+                done = self.sink.finish()
+                label = _distinct(self.filename, counts)
+                _limit_error(ctx, label, done)
+                ctx.scan_member(label, lambda: done.stream, done.size)
+
+        class Factory(WriterFactory):
+            def create(self, filename: str) -> Py7zIO:
+                return Member(filename)
+
+        try:
+            with py7zr.SevenZipFile(item.stream, mode="r") as archive:
+                if archive.needs_password():
+                    raise ScanFailed("7z archive is encrypted; its members cannot be scanned", "NESTED_ZIP")
+                archive.extractall(factory=Factory())
+        except ScanFailed:
+            raise
+        except Exception as exc:  # py7zr raises many types for damaged archives
+            raise ScanFailed(f"7z archive cannot be read: {type(exc).__name__}: {exc}", "NESTED_ZIP") from None
+
+
+# -- single compressed streams ------------------------------------------------------
+
+
+class CompressedScanner(Scanner):
+    """gzip, bz2, xz, lzma, zlib, lz4 (compressed joblib files, .tar.gz, .pkl.gz, ...)."""
+
+    name = "modelscan.scanners.CompressedStreamScan"
+    formats = ("gzip", "bz2", "xz", "lzma", "zlib", "lz4", "joblib_zfile")
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        codec = item.format
+        raw = Window(item.stream, 0, item.size)
+        if codec == "joblib_zfile":
+            # joblib <= 0.9: b"ZF", the length in hex padded to 19 bytes, maybe a space, zlib data
+            head = raw.read(22)
+            start = 21 + (1 if head[21:22] == b" " else 0)
+            raw = Window(item.stream, start, item.size - start)
+            codec = "zlib"
+        spooled = spool.spool_codec(raw, codec, ctx)
+        inner = _inner_name(basename(item.source), item.format)
+        _limit_error(ctx, inner, spooled)
+        ctx.scan_member(inner, lambda: spooled.stream, spooled.size)
+
+
+def _inner_name(name: str, fmt: str) -> str:
+    lowered = name.lower()
+    for ext in _CODEC_EXTENSIONS.get(fmt, ()):
+        if lowered.endswith(ext) and len(name) > len(ext):
+            stem = name[: -len(ext)]
+            return stem + ".tar" if ext.startswith(".t") and ext != ".tar" and len(ext) > 3 else stem
+    return f"{name}[{fmt}]" if name else f"[{fmt}]"
