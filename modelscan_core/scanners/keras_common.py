@@ -31,7 +31,7 @@ from modelscan_core.model import Severity
 from modelscan_core.scanners.interface import ScanContext
 
 #: packages the Keras 3 loader treats as Keras (it imports these by `module`)
-KERAS_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp", "tf_keras", "tensorflow"})
+KERAS_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp", "tf_keras"})
 
 #: Keras APIs that are not modeling APIs; reachable by name from a config in Keras < 3.11
 #: (keras.src.saving.serialization_lib.NON_MODELING_APIS lists them since the fixes)
