@@ -95,6 +95,7 @@ RULES: list[Rule] = [
     Rule("tf_savedmodel", (), "modelscan_core.scanners.savedmodel:sniff_savedmodel"),
     Rule("keras_metadata", (), "modelscan_core.scanners.savedmodel:sniff_keras_metadata"),
     Rule("tf_fingerprint", (), "modelscan_core.scanners.savedmodel:sniff_fingerprint"),
+    Rule("tf_graphdef", (), "modelscan_core.scanners.savedmodel:sniff_graphdef"),
     # Containers (issue 3): archives and compressed streams, then formats that hold pickles
     Rule("pytorch_zip", (), "modelscan_core.sources.sniff:torch_zip"),
     Rule("zip", (), "modelscan_core.sources.sniff:zip_any"),

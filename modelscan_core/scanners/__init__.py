@@ -18,6 +18,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "tf_savedmodel": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:SavedModelScanner"),
     "keras_metadata": ("savedmodel_lambda", "modelscan_core.scanners.savedmodel:KerasMetadataScanner"),
     "tf_fingerprint": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:FingerprintScanner"),
+    "tf_graphdef": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:SavedModelScanner"),
     "pytorch_zip": ("pytorch", "modelscan_core.scanners.archives:ZipScanner"),
     "zip": ("archives", "modelscan_core.scanners.archives:ZipScanner"),
     "tar": ("archives", "modelscan_core.scanners.archives:TarScanner"),

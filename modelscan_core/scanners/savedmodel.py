@@ -54,6 +54,11 @@ def sniff_savedmodel(head: bytes, name: str, stream) -> bool:
     return name in SAVED_MODEL_NAMES and looks_like_message(head, (1, 2))
 
 
+def sniff_graphdef(head: bytes, name: str, stream) -> bool:
+    """A frozen GraphDef (`tf.compat.v1` import_graph_def): a `.pb` whose first field is a NodeDef or library."""
+    return name.endswith(".pb") and bool(head) and head[0] in (0x0A, 0x12) and looks_like_message(head, (1, 2))
+
+
 def sniff_fingerprint(head: bytes, name: str, stream) -> bool:
     return name == "fingerprint.pb" and looks_like_message(head, (1, 2, 3, 4, 5, 6))
 
@@ -115,14 +120,21 @@ def _node(buf: bytes, start: int, end: int) -> tuple[str, str, dict[str, str]]:
 
 class SavedModelScanner(Scanner):
     name = "modelscan.scanners.SavedModelTensorflowOpScan"
-    formats = ("tf_savedmodel",)
+    formats = ("tf_savedmodel", "tf_graphdef")
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
         buf = _read_all(item)
         try:
-            self._scan(buf, ctx)
+            if item.format == "tf_graphdef":
+                ops: dict[str, _Op] = defaultdict(_Op)
+                functions: set[str] = set()
+                self._graph(buf, 0, len(buf), "", ops, functions)
+                self._judge(ops, functions, ctx)
+            else:
+                self._scan(buf, ctx)
         except WireError as exc:
-            raise ScanFailed(f"saved_model.pb is not a well-formed SavedModel protobuf: {exc}") from None
+            what = "GraphDef" if item.format == "tf_graphdef" else "SavedModel"
+            raise ScanFailed(f"not a well-formed {what} protobuf: {exc}") from None
 
     def _scan(self, buf: bytes, ctx: ScanContext) -> None:
         ops: dict[str, _Op] = defaultdict(_Op)
@@ -148,13 +160,7 @@ class SavedModelScanner(Scanner):
             if wire != LEN:
                 continue
             if number == 2:  # graph_def
-                for n2, w2, v2, e2 in fields(buf, value, stop):
-                    if w2 != LEN:
-                        continue
-                    if n2 == 1:
-                        self._add(ops, _node(buf, v2, e2), f"{label} graph")
-                    elif n2 == 2:
-                        self._library(buf, v2, e2, label, ops, functions)
+                self._graph(buf, value, stop, label, ops, functions)
             elif number == 7:  # object_graph_def
                 for i, (n2, w2, v2, e2) in enumerate(fields(buf, value, stop)):
                     if n2 != 1 or w2 != LEN:
@@ -169,6 +175,15 @@ class SavedModelScanner(Scanner):
                                     meta = text(buf, v4, e4)
                             if meta:
                                 user_metadata.append((f"saved_model.pb {label} object {i} ({identifier})", meta))
+
+    def _graph(self, buf, start, end, label, ops, functions) -> None:
+        for number, wire, value, stop in fields(buf, start, end):
+            if wire != LEN:
+                continue
+            if number == 1:
+                self._add(ops, _node(buf, value, stop), f"{label} graph".strip())
+            elif number == 2:
+                self._library(buf, value, stop, label, ops, functions)
 
     def _library(self, buf, start, end, label, ops, functions) -> None:
         for number, wire, value, stop in fields(buf, start, end):

@@ -199,3 +199,16 @@ def test_scanning_savedmodels_imports_no_tensorflow(saved):
     out = scan_in_subprocess([saved["files"], saved["benign_module"]])
     assert out["modules"] == []
     assert sorted(out["verdicts"][str(saved["files"])]) == ["clean", "issues", "skipped", "skipped"]
+
+
+def test_frozen_graphdef_pb_is_read_for_ops(tmp_path):
+    evil = tf.function(lambda p: tf.io.read_file(p)).get_concrete_function(tf.TensorSpec([], tf.string))
+    benign = tf.function(lambda x: tf.nn.relu(x) * 2.0).get_concrete_function(tf.TensorSpec([3], tf.float32))
+    (tmp_path / "evil_graph.pb").write_bytes(evil.graph.as_graph_def().SerializeToString())
+    (tmp_path / "frozen_graph.pb").write_bytes(benign.graph.as_graph_def().SerializeToString())
+    report = scan_path(tmp_path)
+    assert {r.source: (r.format, r.verdict.value) for r in report.files} == {
+        "evil_graph.pb": ("tf_graphdef", "issues"),
+        "frozen_graph.pb": ("tf_graphdef", "clean"),
+    }
+    assert _ops(report) == {"ReadFile": ("tf/unsafe-op", HIGH)}
