@@ -49,31 +49,39 @@ class KerasV3Scanner(Scanner):
             if CONFIG not in names:
                 ctx.error("no config.json: not a model Keras can load, and nothing was checked in its place")
             else:
-                config = self._json(archive, CONFIG)
                 version = None
                 if METADATA in names:
-                    metadata = self._json(archive, METADATA)
+                    metadata = self._json(archive, archive.getinfo(METADATA))
                     if isinstance(metadata, dict):
                         version = metadata.get("keras_version")
-                where = CONFIG if not version else f"{CONFIG} (Keras {version})"
-                ConfigWalker(ctx, "keras").walk(config, where, "model")
+                # zipfile (which Keras uses) reads the last of duplicated names; other readers
+                # take the first: every copy is walked
+                copies = [info for info in infos if info.filename == CONFIG]
+                walker = ConfigWalker(ctx, "keras")
+                for n, info in enumerate(copies):
+                    where = CONFIG if not version else f"{CONFIG} (Keras {version})"
+                    if len(copies) > 1:
+                        where += f" [copy {n + 1} of {len(copies)}]"
+                    walker.walk(self._json(archive, info), where, "model")
             for info in infos:
-                if info.is_dir() or info.filename in (CONFIG, METADATA) or info.filename in KNOWN_DATA:
+                if info.is_dir() or info.filename in (CONFIG, METADATA):
+                    continue
+                if info.filename in KNOWN_DATA:  # weights: arrays, read by h5py/numpy as data
                     continue
                 if info.filename.startswith(KNOWN_DIRS) and info.file_size == 0:
                     continue
                 ctx.scan_member(info.filename, lambda info=info: _open(archive, info), info.file_size)
 
     @staticmethod
-    def _json(archive: zipfile.ZipFile, member: str):
+    def _json(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
         try:
-            data = archive.read(member)
+            data = archive.read(info)
         except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError) as exc:
-            raise ScanFailed(f"{member}: cannot be read from the zip: {exc}") from None
+            raise ScanFailed(f"{info.filename}: cannot be read from the zip: {exc}") from None
         try:
             return json.loads(data)
         except (ValueError, RecursionError) as exc:
-            raise ScanFailed(f"{member} is not valid JSON: {exc}", "JSON_DECODE") from None
+            raise ScanFailed(f"{info.filename} is not valid JSON: {exc}", "JSON_DECODE") from None
 
 
 def _open(archive: zipfile.ZipFile, info: zipfile.ZipInfo):

@@ -306,3 +306,24 @@ def test_scanning_keras_files_imports_neither_tensorflow_nor_keras(models):
 
 def test_keras_severities_are_modelscan_compatible_enum(models):
     assert all(isinstance(f.severity, Severity) for f in scan_path(models["lambda.keras"]).findings())
+
+
+@pytest.mark.parametrize("evil_first", [True, False])
+def test_duplicated_config_json_every_copy_is_walked(models, tmp_path, evil_first):
+    import warnings
+    import zipfile
+
+    with zipfile.ZipFile(models["lambda.keras"]) as z:
+        evil = z.read("config.json")
+    with zipfile.ZipFile(models["benign.keras"]) as z:
+        benign = z.read("config.json")
+        weights = z.read("model.weights.h5")
+    path = tmp_path / "dup.keras"
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as z:
+        warnings.simplefilter("ignore")
+        z.writestr("metadata.json", '{"keras_version": "3.15.1"}')
+        for data in ((evil, benign) if evil_first else (benign, evil)):
+            z.writestr("config.json", data)
+        z.writestr("model.weights.h5", weights)
+    found = [f for f in scan_path(path).findings() if f.operator == "Lambda"]
+    assert len(found) == 3 and all(("copy 1 of 2" if evil_first else "copy 2 of 2") in f.description for f in found)
