@@ -160,10 +160,10 @@ class ConfigWalker:
     # -- the walk --------------------------------------------------------------------
 
     def walk(self, root: Any, where: str, top: str = "model") -> None:
-        stack: list[tuple[Any, str, dict | None]] = [(root, top, None)]
+        stack: list[tuple[Any, str]] = [(root, top)]
         visited = 0
         while stack:
-            node, path, parent = stack.pop()
+            node, path = stack.pop()
             visited += 1
             if visited > self.max_nodes:
                 self.ctx.error(f"{where}: more than {self.max_nodes} config nodes; the rest was not checked", incomplete=True)
@@ -175,10 +175,10 @@ class ConfigWalker:
                     if isinstance(value, (dict, list)):
                         # an object's own `config` is the object itself, not a level of the path
                         child = path if key == "config" and "class_name" in node else f"{path}/{key}"
-                        children.append((value, child, node))
+                        children.append((value, child))
                 stack.extend(reversed(children))
             elif isinstance(node, list):
-                stack.extend(reversed([(v, f"{path}[{i}]", parent) for i, v in enumerate(node) if isinstance(v, (dict, list))]))
+                stack.extend(reversed([(v, f"{path}[{i}]") for i, v in enumerate(node) if isinstance(v, (dict, list))]))
 
     def _visit(self, obj: dict, path: str, where: str) -> None:
         class_name = obj.get("class_name")
@@ -241,7 +241,9 @@ class ConfigWalker:
         detail = "; ".join(parts) if parts else "no code found in its config"
         rule = "keras/lambda-dangerous" if dangerous else "keras/lambda"
         extra = f"; names the system: {', '.join(sorted(set(dangerous)))}" if dangerous else ""
-        self._report(rule, severity, f"{where}: Lambda layer at {label} runs Python code when the model loads ({detail}){extra}", operator="Lambda", key=(config.get("name"), detail))
+        short = class_name.rsplit(".", 1)[-1]
+        what = "runs Python code when the model loads" if short == "Lambda" else "is listed in unsafe_keras_operators"
+        self._report(rule, severity, f"{where}: {short} layer at {label} {what} ({detail}){extra}", operator=short, key=(config.get("name"), detail))
 
     def _lambda_code(self, config: Any, path: str, where: str, what: str) -> None:
         code = None
