@@ -97,8 +97,8 @@ RULES: list[Rule] = [
     Rule("tf_fingerprint", (), "modelscan_core.scanners.savedmodel:sniff_fingerprint"),
     Rule("tf_graphdef", (), "modelscan_core.scanners.savedmodel:sniff_graphdef"),
     # Containers (issue 3): archives and compressed streams, then formats that hold pickles
-    Rule("pytorch_zip", (), "modelscan_core.sources.sniff:torch_zip"),
-    Rule("zip", (), "modelscan_core.sources.sniff:zip_any"),
+    Rule("pytorch_zip", (b"PK\x03\x04", b"PK\x05\x06"), "modelscan_core.sources.sniff:torch_zip"),
+    Rule("zip", (b"PK\x03\x04", b"PK\x05\x06"), "modelscan_core.sources.sniff:zip_any"),
     Rule("pytorch_legacy", (b"\x80", b"L"), "modelscan_core.sources.sniff:legacy_torch"),
     Rule("numpy", (b"\x93NUMPY",), "modelscan_core.sources.sniff:npy"),
     Rule("7z", (b"7z\xbc\xaf\x27\x1c",), "modelscan_core.sources.sniff:sevenzip"),
@@ -110,6 +110,9 @@ RULES: list[Rule] = [
     Rule("lz4", (b"\x04\x22\x4d\x18",), "modelscan_core.sources.sniff:lz4_frame"),
     Rule("joblib_zfile", (b"ZF",), "modelscan_core.sources.sniff:joblib_zfile"),
     Rule("tar", (), "modelscan_core.sources.sniff:tar"),
+    # a zip after other bytes (zipfile opens it; torch.load reads the file as a legacy pickle)
+    Rule("pytorch_zip", (), "modelscan_core.sources.sniff:torch_zip"),
+    Rule("zip", (), "modelscan_core.sources.sniff:zip_any"),
     Rule("pickle", (), _is_pickle),
 ]
 

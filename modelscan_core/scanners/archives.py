@@ -132,8 +132,9 @@ def _torch_worth_scanning(stream, name: str) -> bool:
     if fmt is None:
         return False
     parts = name.split("/")
-    if fmt == "pickle" and len(parts) > 2 and parts[1] == "data":
-        return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] in _AFTER_PROTO
+    if fmt == "pickle" and len(parts) > 2 and parts[1] == "data" and head[:1] == b"\x80":
+        # (protocol 0/1 pickles are recognised by running the VM: already strict)
+        return len(head) > 2 and 2 <= head[1] <= 5 and head[2] in _AFTER_PROTO
     return True
 
 

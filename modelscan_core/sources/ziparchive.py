@@ -117,10 +117,9 @@ def read_listing(f: BinaryIO, *, walk: bool = True, size: int | None = None) -> 
     eocd_pos, fields = end
     entries, cd_size, cd_offset = fields[4], fields[5], fields[6]
     cd_end = eocd_pos
-    if fields[3] == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
-        z64 = _zip64(f, eocd_pos)
-        if z64 is not None:
-            entries, cd_size, cd_offset, cd_end = z64
+    z64 = _zip64(f, eocd_pos)  # torch writes zip64 records even for small archives
+    if z64 is not None:
+        entries, cd_size, cd_offset, cd_end = z64
     # zipfile: everything is shifted by the bytes prepended before the archive
     shift = max(0, cd_end - cd_size - cd_offset)
     if cd_size > MAX_CENTRAL:
