@@ -191,6 +191,9 @@ class Limits:
 
     max_depth: int = 8
     max_members: int = 100_000
-    max_total_bytes: int = 64 * 1024**3  # decompressed bytes read across one top-level file
-    max_ratio: int = 200  # decompressed / compressed, for bomb detection
+    max_total_bytes: int = 16 * 1024**3  # decompressed bytes read across one top-level file
+    max_ratio: int = 200  # decompressed / compressed, for bomb detection...
+    # ...checked only past this much output: arrays of zeros really do compress 1000:1, so a
+    # high ratio below it is a sparse tensor; above it a bomb is cut off after ~1 GiB
+    ratio_after_bytes: int = 1024**3
     max_memo_values: int = 200_000  # pickle memo entries kept with full values

@@ -151,6 +151,7 @@ def default_settings() -> dict[str, Any]:
             "max_members": Limits.max_members,
             "max_total_bytes": Limits.max_total_bytes,
             "max_ratio": Limits.max_ratio,
+            "ratio_after_bytes": Limits.ratio_after_bytes,
             "max_memo_values": Limits.max_memo_values,
         },
         "reporting": {"module": "modelscan_core.reports.console", "settings": {}},

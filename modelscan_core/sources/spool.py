@@ -29,8 +29,6 @@ from modelscan_core.scanners.interface import ScanContext
 CHUNK = 1 << 20
 #: spools stay in memory up to this size, then move to a temporary file
 MEMORY_LIMIT = 16 << 20
-#: the ratio limit applies only past this much output: small files compress very well
-RATIO_FLOOR = 32 << 20
 
 
 @dataclass
@@ -77,7 +75,7 @@ class _Sink:
             return False
         consumed = self.counted.consumed if self.counted is not None else self.declared_input
         new_size = self.size + len(data)
-        if consumed is not None and new_size > RATIO_FLOOR and new_size > limits.max_ratio * max(consumed, 1):
+        if consumed is not None and new_size > limits.ratio_after_bytes and new_size > limits.max_ratio * max(consumed, 1):
             self.limit = f"limits.max_ratio={limits.max_ratio} (output/input ratio of a compressed stream)"
             return False
         self.out.write(data)

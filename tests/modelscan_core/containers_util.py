@@ -39,9 +39,9 @@ def high(report: ScanReport) -> list:
     return [f for f in report.findings() if f.severity >= Severity.HIGH]
 
 
-def assert_caught(path: Path, source_part: str | None = None) -> ScanReport:
+def assert_caught(path: Path, source_part: str | None = None, settings=None) -> ScanReport:
     """The file is flagged HIGH/CRITICAL for os.system, at a source naming `source_part`."""
-    report = scan_path(path)
+    report = scan_path(path, settings)
     bad = high(report)
     assert bad, f"nothing HIGH in {path.name}: {report.findings()} errors={report.all_errors()}"
     assert any(f.operator == "system" for f in bad), bad

@@ -215,6 +215,9 @@ SAFE_GLOBALS: dict[str, object] = {
     "torch.distributed._shard.sharding_spec": ALL,
     "torch.distributed.device_mesh": ["DeviceMesh"],
     "torch.fx.graph_module": ["GraphModule"],
+    # TorchScript archives: torch.jit.load's C++ unpickler accepts only these and __torch__ classes
+    "torch.jit._pickle": ["build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
+                          "build_tensor_from_id", "restore_type_tag"],
     "torch.fx.immutable_collections": ALL,
     "torchvision.transforms": ALL,
     "_io": ["BytesIO"],
@@ -263,5 +266,5 @@ ECOSYSTEM_PACKAGES: tuple[str, ...] = (
     "gensim", "statsmodels", "imblearn", "category_encoders", "optuna", "omegaconf", "hydra", "ultralytics",
     "mmcv", "mmengine", "detectron2", "fairseq", "sentencepiece", "open_clip", "onnx", "skops", "prophet",
     "sktime", "nltk", "networkx", "PIL", "shap", "umap", "hdbscan", "pynndescent", "numba", "llvmlite",
-    "joblib", "collections", "enum", "datetime", "argparse", "pathlib", "typing", "dataclasses",
+    "joblib", "__torch__", "collections", "enum", "datetime", "argparse", "pathlib", "typing", "dataclasses",
 )
