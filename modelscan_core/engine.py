@@ -124,10 +124,11 @@ class _Scan:
                 if detect.claims_model_format(name):
                     return FileResult(source, "empty", size, sha256, errors=(ScanError("MODEL_SCAN", "empty file: nothing a loader could read", source),), scanned=False)
                 return FileResult(source, "empty", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "empty file", source), scanned=False)
-            if detect.claims_model_format(name):
+            if detect.claims_model_format(name) and not _is_text(head):
                 desc = "the name claims a model format but the content matches none the scanner knows"
                 return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),), scanned=False)
-            return FileResult(source, "unknown", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", "no model format recognised in the content", source), scanned=False)
+            what = "text, not a model format" if _is_text(head) else "no model format recognised in the content"
+            return FileResult(source, "unknown", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", what, source), scanned=False)
         found = scanner_for(fmt)
         if found is None:
             return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"format {fmt} has no scanner", source), scanned=False)
@@ -208,6 +209,16 @@ class _Context(ScanContext):
             self.members.append(self._scan.scan_item(stream, source, size, name, format_hint, depth=self.depth + 1))
         finally:
             stream.close()
+
+
+def _is_text(head: bytes) -> bool:
+    """Text (any 8-bit encoding): no NUL bytes and almost no control characters. No loader of
+    a claimed model format executes text (a protocol-0 pickle is text too, but detection has
+    already claimed those)."""
+    if not head or b"\x00" in head:
+        return False
+    controls = sum(head.count(bytes([c])) for c in range(1, 32) if c not in (9, 10, 12, 13, 27))
+    return controls <= len(head) // 100
 
 
 def _sha256(stream: BinaryIO) -> str:

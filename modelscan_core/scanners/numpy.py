@@ -9,6 +9,7 @@ are zips of `.npy` members and reach this scanner through the zip scanner.
 from __future__ import annotations
 
 import ast
+import re
 import struct
 
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
@@ -53,8 +54,13 @@ class NumpyScanner(Scanner):
         scan_pickles(stream, item.size, ctx, scanner=self.name)
 
 
+_PY2_LONG = re.compile(r"\b(\d+)[lL]\b")
+
+
 def _parse_header(raw: bytes, major: int) -> dict:
     text = raw.decode("utf-8" if major >= 3 else "latin-1", "replace")
+    # Python 2 wrote long integers with an L suffix (`(3L, 4L)`); numpy's loader drops it too
+    text = _PY2_LONG.sub(r"\1", text)
     try:
         header = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:

@@ -345,3 +345,20 @@ def test_a_modelscan_088_settings_file_still_works(capsys, tmp_path):
     report = json.loads(cli(capsys, "-p", str(tmp_path), "-r", "json", "--settings-file", str(settings))[1])
     severities = {i["source"]: i["severity"] for i in report["issues"]}
     assert severities == {"m.pkl": "CRITICAL", "w.pkl": "HIGH"}
+
+
+def test_text_with_a_model_extension_is_skipped_not_an_error(capsys, tmp_path):
+    (tmp_path / "tutor.pt").write_bytes("Lição de português\n".encode("latin-1") * 50)
+    (tmp_path / "notes.pkl").write_text("these are notes, not a pickle\n")
+    code, out, _ = cli(capsys, "-p", str(tmp_path), "-r", "json", "--show-skipped")
+    report = json.loads(out)
+    assert code == 3 and report["errors"] == []
+    assert {s["description"] for s in report["summary"]["skipped"]["skipped_files"]} == {"text, not a model format"}
+
+
+def test_npy_header_with_python2_longs(capsys, tmp_path):
+    header = b"{'descr': '<i8', 'fortran_order': False, 'shape': (2L, 3L), }"
+    header += b" " * (64 - 10 - len(header) - 1) + b"\n"
+    (tmp_path / "old.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 48)
+    code, out, _ = cli(capsys, "-p", str(tmp_path), "-r", "json")
+    assert code == 0, out
