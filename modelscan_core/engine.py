@@ -211,6 +211,9 @@ class _Context(ScanContext):
             stream.close()
 
 
+_PRINTABLE_ASCII = bytes(range(32, 127)) + b"\t\n\r"
+
+
 def _is_text(head: bytes) -> bool:
     """Text (any 8-bit encoding): no NUL bytes and almost no control characters. No loader of
     a claimed model format executes text (a protocol-0 pickle is text too, but detection has
@@ -218,7 +221,8 @@ def _is_text(head: bytes) -> bool:
     if not head or b"\x00" in head:
         return False
     controls = sum(head.count(bytes([c])) for c in range(1, 32) if c not in (9, 10, 12, 13, 27))
-    return controls <= len(head) // 100
+    ascii_printable = len(head) - len(head.translate(None, _PRINTABLE_ASCII))
+    return controls <= len(head) // 100 and ascii_printable >= len(head) * 3 // 4
 
 
 def _sha256(stream: BinaryIO) -> str:
