@@ -40,6 +40,8 @@ _KIND_SIZE = {"?": 1, "b": 1, "B": 1, "h": 2, "H": 2, "i": 4, "I": 4, "l": 8, "L
               "d": 8, "g": 16, "F": 8, "D": 16, "G": 32, "O": 8, "M": 8, "m": 8, "p": 8, "P": 8}
 #: the largest array the hook will believe (bytes); beyond, the file is not plausibly joblib
 MAX_ARRAY = 1 << 50
+#: how much of each array is also read the way plain pickle.load would read it
+PLAIN_PROBE_BYTES = 1 << 20
 
 
 def _wrapper_class(target: object) -> str | None:
@@ -96,7 +98,37 @@ class JoblibHook:
         nbytes = math.prod(shape) * itemsize
         if nbytes > MAX_ARRAY:
             raise PickleError(f"joblib array at offset {offset} claims {nbytes} bytes", offset)
+        self._as_plain_pickle(vm.tell(), nbytes)
         vm.skip(nbytes)
+
+    def _as_plain_pickle(self, start: int, nbytes: int) -> None:
+        """What `pickle.load` (not joblib.load) would do with the array bytes: it reads them as
+        opcodes. Real array data never forms a call; bytes that do are a payload for that loader."""
+        from modelscan_core.scanners.pickle.scanner import report_facts
+        from modelscan_core.sources.window import Window
+
+        if nbytes <= 0 or self.size is None:
+            return
+        stream = self.stream
+        try:
+            saved = stream.tell()
+        except (OSError, ValueError):
+            return
+        length = min(nbytes, PLAIN_PROBE_BYTES)
+        facts = PickleVM(Window(stream, start, length), size=length, memo_budget=self.ctx.limits.max_memo_values).run()
+        stream.seek(saved)
+        if not facts.calls:
+            return
+        self.ctx.report(
+            "joblib/array-bytes-are-a-pickle",
+            Severity.HIGH,
+            f"the bytes of the joblib array at offset {start} form a pickle that makes {facts.calls} call(s): "
+            "joblib.load skips them, but pickle.load would run them",
+            module="joblib.numpy_pickle",
+            operator="NumpyArrayWrapper",
+            offset=start,
+        )
+        report_facts(facts, self.ctx, scanner=self.scanner, stream=stream, errors=False)
 
     def _dtype(self, dtype: object, offset: int) -> tuple[int, bool]:
         if not (isinstance(dtype, Call) and isinstance(dtype.func, GlobalRef) and (dtype.func.module, dtype.func.name) in _DTYPE

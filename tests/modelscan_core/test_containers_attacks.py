@@ -293,3 +293,12 @@ def test_nothing_high_without_a_payload(tmp_path):
     path.write_bytes(corrupt_crcs(torch_zip()))
     report = scan_path(path)
     assert not high(report) and not report.all_errors()
+
+
+def test_joblib_array_bytes_that_pickle_load_would_run(tmp_path):
+    # joblib.load skips array bytes; plain pickle.load reads them as opcodes and runs them
+    arr = np.frombuffer(payload(2), dtype=np.uint8).copy()
+    path = tmp_path / "model.pkl"
+    joblib.dump({"weights": arr}, path)
+    report = assert_caught(path, "model.pkl")
+    assert "joblib/array-bytes-are-a-pickle" in {f.rule_id for f in report.findings()}

@@ -52,8 +52,12 @@ def scan_pickles(
     return done
 
 
-def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: BinaryIO) -> None:
-    """Judge one stream's facts with the settings' policy and report them."""
+def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: BinaryIO, errors: bool = True) -> None:
+    """Judge one stream's facts with the settings' policy and report them.
+
+    `errors=False` is for streams read speculatively (array bytes as another loader would
+    read them): their breaking off is expected and is not an error of the file.
+    """
     policy = ctx.settings.pickle_policy
     propagate_uses(facts.globals, facts.dynamic_calls)
     nested: list[tuple[int, object]] = []
@@ -89,7 +93,7 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
             offset=dyn.offset,
             call=render_call(dyn),
         )
-    if facts.error:
+    if facts.error and errors:
         ctx.error(
             f"pickle stream starting at offset {facts.start} cannot be read past offset "
             f"{facts.error_offset}: {facts.error}",
