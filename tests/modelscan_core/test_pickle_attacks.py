@@ -56,6 +56,7 @@ CLASS_A = {
     "uuid._get_command_stdout": call("uuid", "_get_command_stdout", "echo"),
     "_osx_support._read_output": call("_osx_support", "_read_output", "echo hi"),
     "io.open for writing": call("io", "open", "/tmp/x", "w"),
+    "_pyio.FileIO": call("_pyio", "FileIO", "/tmp/x", "w"),
     "torch.load": call("torch", "load", "/tmp/other.pt"),
     "torch.serialization.load": call("torch.serialization", "load", "/tmp/other.pt"),
     "numpy.load": call("numpy", "load", "/tmp/x.npy"),

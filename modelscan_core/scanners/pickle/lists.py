@@ -33,6 +33,7 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "sysconfig": ALL, "webbrowser": ALL, "antigravity": ALL, "_osx_support": ALL, "_aix_support": ALL,
         "uuid": ["_get_command_stdout", "_popen", "_find_mac", "_find_mac_near_keyword", "_find_mac_under_heading"],
         "io": ["open", "open_code", "FileIO"], "_io": ["open", "open_code", "FileIO"], "codecs": ["open"],
+        "_pyio": ALL,
         # debuggers, profilers and tools that run code handed to them
         "bdb": ALL, "pdb": ALL, "timeit": ALL, "cProfile": ALL, "profile": ALL, "trace": ALL, "doctest": ALL,
         "pydoc": ALL, "idlelib": ALL, "lib2to3": ALL, "ensurepip": ALL, "venv": ALL, "pip": ALL,
@@ -265,6 +266,6 @@ ECOSYSTEM_PACKAGES: tuple[str, ...] = (
     "flax", "optax", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "einops", "spacy", "thinc",
     "gensim", "statsmodels", "imblearn", "category_encoders", "optuna", "omegaconf", "hydra", "ultralytics",
     "mmcv", "mmengine", "detectron2", "fairseq", "sentencepiece", "open_clip", "onnx", "skops", "prophet",
-    "sktime", "nltk", "networkx", "PIL", "shap", "umap", "hdbscan", "pynndescent", "numba", "llvmlite",
+    "sktime", "fastai", "fastcore", "nltk", "networkx", "PIL", "shap", "umap", "hdbscan", "pynndescent", "numba", "llvmlite",
     "joblib", "__torch__", "collections", "enum", "datetime", "argparse", "pathlib", "typing", "dataclasses",
 )
