@@ -87,7 +87,7 @@ def scan_stream(
     sha256 = None
     try:
         if compute_hash and size <= HASH_LIMIT:
-            sha256 = _sha256(stream)
+            sha256 = sha256_stream(stream)
         return _Scan(settings, source).scan_item(stream, source, size, name or source, None, sha256=sha256)
     except OSError as exc:
         return FileResult(source, "unknown", size=size, errors=(ScanError("PATH", f"read failed: {exc.strerror or exc}", source),), scanned=False)
@@ -225,7 +225,8 @@ def _is_text(head: bytes) -> bool:
     return controls <= len(head) // 100 and ascii_printable >= len(head) * 3 // 4
 
 
-def _sha256(stream: BinaryIO) -> str:
+def sha256_stream(stream: BinaryIO) -> str:
+    """The sha256 of a whole seekable stream, read in 1 MiB chunks; leaves it at 0."""
     digest = hashlib.sha256()
     stream.seek(0)
     while chunk := stream.read(1 << 20):

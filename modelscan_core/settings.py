@@ -173,17 +173,7 @@ class Settings:
     def load(cls, path: str | Path | None) -> "Settings":
         if path is None:
             return cls()
-        import tomlkit
-
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SettingsError(f"cannot read settings file {path}: {exc.strerror or exc}") from None
-        try:
-            user = tomlkit.parse(text).unwrap()
-        except Exception as exc:  # tomlkit raises several types for bad TOML
-            raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
-        return cls.from_dict(user)
+        return cls.from_dict(read_toml(path, "settings file"))
 
     @classmethod
     def from_dict(cls, user: dict[str, Any]) -> "Settings":
@@ -242,6 +232,20 @@ class Settings:
                             unsafe[other][module] = [n for n in unsafe[other][module] if n not in names]
                 unsafe.setdefault(level, {})[module] = names
         return Policy(unsafe, self.data["safe_globals"], tuple(self.data["ecosystem_packages"]), unknown)
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as plain dicts; unreadable or invalid files raise SettingsError naming `what`."""
+    import tomlkit
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return tomlkit.parse(text).unwrap()
+    except Exception as exc:  # tomlkit raises several types for bad TOML
+        raise SettingsError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:

@@ -276,20 +276,16 @@ def dedupe_roots(roots: list[Root]) -> list[Root]:
 
 def load(path: str | None = None) -> Config:
     """Read `path` (or the system config if it exists, or nothing) over the defaults."""
-    import tomlkit
+    from modelscan_core.settings import SettingsError, read_toml
 
     if path is None and os.path.exists(SYSTEM_CONFIG):
         path = SYSTEM_CONFIG
     data = defaults()
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        try:
-            user = tomlkit.parse(text).unwrap()
-        except Exception as exc:
-            raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+            user = read_toml(path, "config")
+        except SettingsError as exc:
+            raise ConfigError(str(exc)) from None
         _merge(data, user, "")
     cfg = Config(data, path)
     cfg.validate()

@@ -19,7 +19,6 @@ file with the inode the scheduler saw, scans through that fd, and compares
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib
 import multiprocessing
 import os
@@ -41,18 +40,9 @@ def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _sha256_fd(stream) -> str:
-    digest = hashlib.sha256()
-    stream.seek(0)
-    while chunk := stream.read(1 << 20):
-        digest.update(chunk)
-    stream.seek(0)
-    return digest.hexdigest()
-
-
 def scan_job(job: dict[str, Any], settings) -> dict[str, Any]:
     """Scan one file through a verified fd. Never raises for bad input."""
-    from modelscan_core.engine import scan_stream
+    from modelscan_core.engine import scan_stream, sha256_stream
 
     path = job["path"]
     try:
@@ -71,7 +61,7 @@ def scan_job(job: dict[str, Any], settings) -> dict[str, Any]:
         if job.get("inode") and tuple(job["inode"]) != before[:2]:
             return {"status": "replaced", "identity": before}
         if job.get("kind") == "code":
-            sha = _sha256_fd(stream)
+            sha = sha256_stream(stream)
             result = {
                 "verdict": "issues",
                 "format": "python",
@@ -87,7 +77,7 @@ def scan_job(job: dict[str, Any], settings) -> dict[str, Any]:
             }
         else:
             r = scan_stream(stream, path, settings, size=st.st_size, name=job.get("name") or os.path.basename(path))
-            sha = r.sha256 or _sha256_fd(stream)  # the core skips files > 512 MiB; the baseline needs it
+            sha = r.sha256 or sha256_stream(stream)  # the core skips files > 512 MiB; the baseline needs it
             sev = r.max_severity
             result = {
                 "verdict": r.verdict.value,

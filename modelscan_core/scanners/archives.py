@@ -8,7 +8,6 @@ tar members are windows on the file (never copied); compressed bytes go through
 
 from __future__ import annotations
 
-import os
 import re
 import tarfile
 
