@@ -55,9 +55,9 @@ def _is_pickle(head: bytes, name: str, stream: BinaryIO | None = None) -> bool:
     return _probe(stream if stream is not None else io.BytesIO(head))
 
 
-# Opcodes a pickle can begin with: everything that pushes without popping. PROTO is
-# optional to CPython, so protocol 2-5 opcodes count too.
-_STARTS = frozenset(b"(c]})NILSVFKMJGUTXPBCq" + bytes(range(0x82, 0x92)) + b"\x95\x97")
+# Bytes a pickle can begin with: every opcode (PROTO is optional to CPython, and the probe
+# tells pickles from data that merely starts with an opcode byte).
+_STARTS = frozenset(b"(.012BCFGIJKLMNPQRSTUVXabcdeghijlopqrstu}])" + bytes(range(0x80, 0x99)))
 
 #: how much of the stream the probe runs over
 PROBE_WINDOW = 8 << 20

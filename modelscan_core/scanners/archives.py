@@ -80,11 +80,13 @@ class ZipScanner(Scanner):
         if member.data_offset + member.compressed_size > item.size:
             ctx.error(f"{label}: data runs past the end of the archive; scanning what is there", "NESTED_ZIP")
             window = Window(item.stream, member.data_offset, max(0, item.size - member.data_offset))
+        # torch.load unpickles data.pkl (TorchScript: constants.pkl too) whatever it looks like
+        hint = "pickle" if torch and member.name.lower().endswith(".pkl") else None
         if member.method == 0:
-            if torch and not _torch_worth_scanning(window, member.name):
+            if torch and hint is None and not _torch_worth_scanning(window, member.name):
                 return
             length = min(member.compressed_size, max(0, item.size - member.data_offset))
-            ctx.scan_member(label, lambda: Window(item.stream, member.data_offset, length), length)
+            ctx.scan_member(label, lambda: Window(item.stream, member.data_offset, length), length, hint)
             return
         codec = {8: "deflate", 12: "bz2"}.get(member.method)
         if codec is None:
@@ -92,10 +94,10 @@ class ZipScanner(Scanner):
             return
         spooled = spool.spool_codec(window, codec, ctx)
         _limit_error(ctx, label, spooled)
-        if torch and not _torch_worth_scanning(spooled.stream, member.name):
+        if torch and hint is None and not _torch_worth_scanning(spooled.stream, member.name):
             spooled.stream.close()
             return
-        ctx.scan_member(label, lambda: spooled.stream, spooled.size)
+        ctx.scan_member(label, lambda: spooled.stream, spooled.size, hint)
 
 
 def _torch_root(listing: ziparchive.ZipListing) -> str:

@@ -52,9 +52,11 @@ def _wrapper_class(target: object) -> str | None:
     if isinstance(cls, GlobalRef) and (cls.module, cls.name) in _RECONSTRUCTORS:
         args = target.args if isinstance(target.args, tuple) else ()
         cls = args[0] if args else None
-    if isinstance(cls, GlobalRef) and cls.module in _MODULES and cls.name in ("NumpyArrayWrapper", "NDArrayWrapper",
-                                                                              "ZNDArrayWrapper"):
-        return cls.name
+    if isinstance(cls, GlobalRef):
+        # find_class("joblib", "numpy_pickle.NumpyArrayWrapper") is the same class: compare full paths
+        module, _, name = f"{cls.module}.{cls.name}".rpartition(".")
+        if module in _MODULES and name in ("NumpyArrayWrapper", "NDArrayWrapper", "ZNDArrayWrapper"):
+            return name
     return None
 
 
@@ -132,16 +134,20 @@ class JoblibHook:
 
     def _dtype(self, dtype: object, offset: int) -> tuple[int, bool]:
         if not (isinstance(dtype, Call) and isinstance(dtype.func, GlobalRef) and (dtype.func.module, dtype.func.name) in _DTYPE
-                and isinstance(dtype.args, tuple) and dtype.args and isinstance(dtype.args[0], str)):
+                and isinstance(dtype.args, tuple) and dtype.args):
             raise PickleError(f"joblib array at offset {offset} has a dtype the scanner cannot size", offset, incomplete=True)
         descr = dtype.args[0]
-        m = _DESCR.fullmatch(descr)
-        if m is None:
-            raise PickleError(f"joblib array at offset {offset} has dtype {descr!r} the scanner cannot size", offset,
-                              incomplete=True)
-        kind, digits = m.group(1), m.group(2)
-        hasobject = kind == "O"
-        itemsize = int(digits) * (4 if kind == "U" else 1) if digits else _KIND_SIZE.get(kind, 0)
+        if isinstance(descr, str):
+            m = _DESCR.fullmatch(descr)
+            if m is None:
+                raise PickleError(f"joblib array at offset {offset} has dtype {descr!r} the scanner cannot size", offset,
+                                  incomplete=True)
+            kind, digits = m.group(1), m.group(2)
+            hasobject = kind == "O"
+            itemsize = int(digits) * (4 if kind == "U" else 1) if digits else _KIND_SIZE.get(kind, 0)
+        else:
+            # a dtype built from a scalar type (ml_dtypes.bfloat16, ...): its state says the size
+            hasobject, itemsize = False, 0
         kept = self.dtype_states.get(id(dtype))
         if kept is not None and kept[0] is dtype:
             st = kept[1]

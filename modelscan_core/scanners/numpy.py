@@ -75,8 +75,8 @@ def _has_object(descr: object, depth: int = 0) -> bool:
     if depth > 32:
         return True  # fail closed on absurd nesting
     if isinstance(descr, str):
-        text = descr.lstrip("<>=|")
-        return text[:1] == "O" or text.startswith("object")
+        # comma lists ("i4,O") and subarrays ("(2,)O") too: no other type code or unit has an O
+        return "O" in descr or "object" in descr
     if isinstance(descr, list):
         for field in descr:
             if isinstance(field, (tuple, list)) and len(field) >= 2 and _has_object(field[1], depth + 1):

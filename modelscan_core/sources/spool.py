@@ -18,6 +18,7 @@ caller records an explicit incomplete error naming the limit.
 from __future__ import annotations
 
 import bz2
+import importlib.util
 import lzma
 import tempfile
 import zlib
@@ -95,6 +96,10 @@ def spool_codec(raw: BinaryIO, codec: str, ctx: ScanContext) -> Spooled:
     """
     counted = _Counted(raw)
     sink = _Sink(ctx, counted, None)
+    if codec == "lz4" and importlib.util.find_spec("lz4") is None:
+        # not corrupt, just unreadable here: an incomplete verdict, never clean
+        sink.limit = "the missing lz4 package (`pip install lz4` to scan lz4-compressed files)"
+        return sink.finish()
     try:
         if codec == "lz4":
             _lz4(counted, sink)

@@ -78,6 +78,21 @@ memo_value(PyObject *value, Py_ssize_t memo_left, PyObject *keep, PyObject *evic
     return evicted;
 }
 
+/* vm.py's _set_items for one pair: the first `cap` pairs, and every pair whose key is a
+ * dunder name (those change what the loader does, e.g. a planted __setstate__). */
+static int
+keep_pair(PyObject *target, PyObject *key, PyObject *value, Py_ssize_t cap)
+{
+    if (PyList_GET_SIZE(target) >= cap) {
+        if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) < 2 ||
+            PyUnicode_READ_CHAR(key, 0) != '_' || PyUnicode_READ_CHAR(key, 1) != '_')
+            return 0;
+    }
+    PyObject *pair = PyTuple_Pack(2, key, value);
+    if (pair == NULL) return -1;
+    return push(target, pair);
+}
+
 /* run(buf, pos, limit, stack, marks, mseq, memo_left, fence, sparse_empty, pdict, cap, keep, evicted)
  *   -> (pos, fence, memo_left, ops) */
 static PyObject *
@@ -182,9 +197,9 @@ fast_run(PyObject *self, PyObject *args)
             if (k < len) {
                 PyObject *target = PyList_GET_ITEM(stack, k - 1);
                 if ((PyObject *)Py_TYPE(target) != pdict) goto done;
-                for (Py_ssize_t i = k; i < len && PyList_GET_SIZE(target) < cap; i += 2) {
-                    PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(stack, i), PyList_GET_ITEM(stack, i + 1));
-                    if (pair == NULL || push(target, pair) < 0) goto error;
+                for (Py_ssize_t i = k; i < len; i += 2) {
+                    if (keep_pair(target, PyList_GET_ITEM(stack, i), PyList_GET_ITEM(stack, i + 1), cap) < 0)
+                        goto error;
                 }
                 if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
             }
@@ -196,10 +211,7 @@ fast_run(PyObject *self, PyObject *args)
             if (k <= 0) goto done;
             PyObject *target = PyList_GET_ITEM(stack, k - 1);
             if ((PyObject *)Py_TYPE(target) != pdict) goto done;
-            if (PyList_GET_SIZE(target) < cap) {
-                PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(stack, k), PyList_GET_ITEM(stack, k + 1));
-                if (pair == NULL || push(target, pair) < 0) goto error;
-            }
+            if (keep_pair(target, PyList_GET_ITEM(stack, k), PyList_GET_ITEM(stack, k + 1), cap) < 0) goto error;
             if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
             break;
         }

@@ -93,31 +93,40 @@ class Policy:
         originals = _compat_names(module, name)
         if any(key in self._safe_exact for key in originals):
             return Judgement(None, "pickle/allowed", "on the allowlist")
-        wild = [(sev, (m, n)) for m, n in candidates for sev in [self._denied_module(m)] if sev is not None]
-        if wild:
-            return _unsafe(*max(wild, key=lambda item: item[0]))
-        if "." not in name and any(self._in_safe_module(m) for m, _ in originals):
+        # A listed module covers its submodules; the most specific listing decides, so an
+        # allowlisted `torch.distributed.checkpoint.metadata` is not denied by `torch.distributed`.
+        safe_depth = max((self._safe_module_depth(m) for m, _ in originals), default=0) if "." not in name else 0
+        wild = [(sev, depth, (m, n)) for m, n in candidates for sev, depth in [self._denied_module(m)] if sev is not None]
+        own_depth = max((depth for _, depth, key in wild if key in originals), default=0)
+        if wild and not (safe_depth > own_depth and all(key in originals for _, _, key in wild)):
+            sev, _, key = max(wild, key=lambda item: item[0])
+            return _unsafe(sev, key)
+        if safe_depth:
             return Judgement(None, "pickle/allowed", "module on the allowlist")
         return self._unknown(module, name, uses)
 
-    def _denied_module(self, module: str) -> Severity | None:
+    def _denied_module(self, module: str) -> tuple[Severity | None, int]:
+        """The severity of the most specific denylisted module covering `module`, and its depth."""
         parts = module.split(".")
         for i in range(len(parts), 0, -1):
             sev = self._deny_module.get(".".join(parts[:i]))
             if sev is not None:
-                return sev
-        return None
+                return sev, i
+        return None, 0
 
-    def _in_safe_module(self, module: str) -> bool:
+    def _safe_module_depth(self, module: str) -> int:
         parts = module.split(".")
-        return any(".".join(parts[:i]) in self._safe_module for i in range(len(parts), 0, -1))
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in self._safe_module:
+                return i
+        return 0
 
     def _unknown(self, module: str, name: str, uses: int) -> Judgement:
-        class_like = "." not in name and name[:1].isupper()
+        class_like = _class_like(name)
         helper = "." not in name and bool(_HELPER_NAME.match(name) or _CYTHON_UNPICKLE.match(name))
         package = module.split(".", 1)[0]
         if package in self.ecosystem:
-            if class_like or helper:
+            if _class_like(name, camel=True) or helper:
                 return Judgement(None, "pickle/ecosystem", f"{'class' if class_like else 'pickle helper'} of {package}")
             if not uses & (CALLED | NEW | BUILT):
                 # imported and stored (an activation function, an enum member by name): an
@@ -174,47 +183,144 @@ def _candidates(module: str, name: str) -> list[tuple[str, str]]:
 #: allowlisted callables that construct their first argument (it is instantiated, not just named)
 INSTANTIATORS = {("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"), ("copyreg", "__newobj__"),
                  ("copy_reg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("numpy.core.multiarray", "_reconstruct"),
-                 ("numpy._core.multiarray", "_reconstruct")}
+                 ("numpy._core.multiarray", "_reconstruct"), ("sklearn.neighbors._kd_tree", "newObj"),
+                 ("sklearn.neighbors._ball_tree", "newObj"), ("sklearn.neighbors._binary_tree", "newObj"),
+                 ("sklearn.metrics._dist_metrics", "newObj")}
 
-#: allowlisted callables that import `module.name` given as string arguments: what they
-#: return is judged like a GLOBAL of those names (numpy pickles ufuncs this way)
-IMPORTERS = {("numpy.core", "_ufunc_reconstruct"), ("numpy._core", "_ufunc_reconstruct"),
-             ("numpy.core.multiarray", "_ufunc_reconstruct")}
+#: callables that import `module.name` given as string arguments (positions of the two):
+#: what they return is judged like a GLOBAL of those names
+IMPORTERS = {("numpy.core", "_ufunc_reconstruct"): (0, 1), ("numpy._core", "_ufunc_reconstruct"): (0, 1),
+             ("numpy.core.multiarray", "_ufunc_reconstruct"): (0, 1),
+             ("scipy._lib._uarray._backend", "unpickle_function"): (0, 1)}
 
-#: callables whose bytes argument is a pickle the loader unpickles in turn
+#: getattr(owner, "name"): with a static owner and a plain name, it is the global owner.name
+ATTRIBUTE_GETTERS = {("builtins", "getattr"), ("__builtin__", "getattr")}
+
+#: trusted callables that store the callables they are given without calling them; any other
+#: trusted callable is assumed to call the names passed to it (torch's _rebuild_from_type_v2
+#: calls its first argument, numpy's RNG constructors call theirs)
+NON_CALLING = {("functools", "partial"), ("functools", "partialmethod"), ("collections", "defaultdict"),
+               ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "list"), ("builtins", "tuple"),
+               ("builtins", "dict"), ("__builtin__", "set"), ("__builtin__", "frozenset"), ("__builtin__", "list"),
+               ("__builtin__", "tuple"), ("__builtin__", "dict"), ("operator", "getitem"), ("_operator", "getitem"),
+               ("numpy", "dtype"), ("numpy.core.multiarray", "dtype"), ("numpy._core.multiarray", "dtype")}
+
+#: callables whose first argument is a pickle the loader unpickles in turn
 NESTED_LOADERS = {("pickle", "loads"), ("_pickle", "loads"), ("cPickle", "loads"), ("dill", "loads"),
                   ("dill._dill", "loads"), ("torch.storage", "_load_from_bytes"), ("numpy", "loads"),
-                  ("numpy.core.numeric", "loads"), ("joblib.numpy_pickle", "loads"), ("cloudpickle", "loads")}
+                  ("numpy.core.numeric", "loads"), ("joblib.numpy_pickle", "loads"), ("cloudpickle", "loads"),
+                  ("joblib.numpy_pickle", "_unpickle"), ("joblib.externals.loky.cloudpickle_wrapper", "_reconstruct_wrapper")}
+
+_OBJECT = {("builtins", "object"), ("__builtin__", "object")}
 
 
-def propagate_uses(globals_: list[GlobalRef], dynamic_calls: list[Call]) -> None:
-    """Mark names used indirectly: a class handed to copyreg is instantiated, a name imported
-    through an importer call is a global of its own, a name inside a callable computed at
-    load time (`partial(os.system, ...)()`) is called."""
-    imported: dict[int, GlobalRef] = {}
-    for ref in list(globals_):
-        if (ref.module, ref.name) in IMPORTERS:
+@dataclass
+class Indirect:
+    """What the calls in a stream do beyond their own names (see `resolve_indirect`)."""
+
+    globals: list[GlobalRef]  # the stream's globals plus names reached through importers and getattr
+    suppressed: set[int]  # ids of getattr refs fully explained by the names they resolve to
+    dynamic_calls: list[Call]  # calls of computed values that could not be explained
+
+
+def resolve_indirect(globals_: list[GlobalRef], dynamic_calls: list[Call], policy: "Policy") -> Indirect:
+    """Mark names used indirectly, the way the loader would use them:
+
+    - a class handed to copyreg (or numpy's _reconstruct) is instantiated;
+    - a name handed to any other trusted callable is called (call laundering through
+      `_rebuild_from_type_v2(func, ...)` or an RNG constructor is still a call);
+    - `module.name` imported by an importer helper, or `owner.attr` fetched with getattr, is a
+      global of its own, judged like one; getattr then needs no finding of its own;
+    - a name inside a value computed at load time and then called is called.
+    """
+    out = list(globals_)
+    produced: dict[int, GlobalRef] = {}  # id(Call) -> the global that call returns
+    suppressed: set[int] = set()
+    for ref in globals_:
+        key = (ref.module, ref.name)
+        if key in IMPORTERS:
+            mod_i, name_i = IMPORTERS[key]
             for call in ref.calls:
                 args = call.args if isinstance(call.args, tuple) else ()
-                if len(args) == 2 and all(isinstance(a, str) for a in args):
-                    target = GlobalRef(args[0], args[1], call.offset, f"{ref.name}()")
-                    globals_.append(target)
-                    imported[id(call)] = target
+                if len(args) > max(mod_i, name_i) and isinstance(args[mod_i], str) and isinstance(args[name_i], str):
+                    target = GlobalRef(args[mod_i], args[name_i], call.offset, f"{ref.name}()")
+                    out.append(target)
+                    produced[id(call)] = target
+        elif key in ATTRIBUTE_GETTERS:
+            resolved = 0
+            for call in ref.calls:
+                target = _attribute_global(call)
+                if target is not None:
+                    out.append(target)
+                    produced[id(call)] = target
+                    resolved += 1
+            if ref.calls and resolved == ref.ncalls:
+                suppressed.add(id(ref))
     for ref in globals_:
-        if (ref.module, ref.name) in INSTANTIATORS:
+        key = (ref.module, ref.name)
+        if key in INSTANTIATORS:
             for call in ref.calls:
                 args = call.args if isinstance(call.args, tuple) else ()
                 if args and isinstance(args[0], GlobalRef):
                     args[0].uses |= NEW
-                if len(args) > 1 and isinstance(args[1], GlobalRef) and (args[1].module, args[1].name) not in (
-                    ("builtins", "object"), ("__builtin__", "object")
-                ):
+                if len(args) > 1 and isinstance(args[1], GlobalRef) and (args[1].module, args[1].name) not in _OBJECT:
                     args[1].uses |= CALLED
+            first_args = {id(c.args[0]) for c in ref.calls if isinstance(c.args, tuple) and c.args}
+            if ref.ncalls > len(ref.calls):
+                first_args = set()  # not every call was kept: assume any name passed is called
+            for arg in ref.arg_refs:
+                if id(arg) not in first_args and (arg.module, arg.name) not in _OBJECT:
+                    arg.uses |= CALLED
+        elif ref.arg_refs and key not in NON_CALLING and key not in ATTRIBUTE_GETTERS and key not in IMPORTERS:
+            if policy.judge(ref.module, ref.name, CALLED).severity is None:
+                for arg in ref.arg_refs:
+                    if (arg.module, arg.name) not in _OBJECT:
+                        arg.uses |= CALLED
+    unexplained: list[Call] = []
     for call in dynamic_calls:
-        if id(call.func) in imported:
-            imported[id(call.func)].uses |= CALLED
+        target = produced.get(id(call.func))
+        if target is not None:
+            target.uses |= CALLED
+            continue
+        unexplained.append(call)
         for ref in reachable_globals(call.func):
             ref.uses |= CALLED
+    return Indirect(out, suppressed, unexplained)
+
+
+def _attribute_global(call: Call) -> GlobalRef | None:
+    """getattr(owner, "attr") as the global `owner.attr`, when both are static and attr is no dunder."""
+    args = call.args if isinstance(call.args, tuple) else ()
+    if len(args) != 2 or not isinstance(args[1], str) or not args[1].isidentifier() or args[1].startswith("__"):
+        return None
+    owner = _owner_class(args[0])
+    if owner is None:
+        return None
+    return GlobalRef(owner.module, f"{owner.name}.{args[1]}", call.offset, "getattr()")
+
+
+def _owner_class(value: object) -> GlobalRef | None:
+    """The class (or module-level name) whose attribute getattr reads: a global itself, or the
+    class of an object the pickle built from one."""
+    if isinstance(value, GlobalRef):
+        return value
+    if isinstance(value, Call) and isinstance(value.func, GlobalRef):
+        func = value.func
+        args = value.args if isinstance(value.args, tuple) else ()
+        if (func.module, func.name) in INSTANTIATORS:
+            return args[0] if args and isinstance(args[0], GlobalRef) else None
+        if value.kind in ("newobj", "newobj_ex") or (value.kind in ("reduce", "inst", "obj") and _class_like(func.name)):
+            return func
+    return None
+
+
+def _class_like(name: str, camel: bool = False) -> bool:
+    """A name that reads as a class: no dots, and an upper-case first letter after any leading
+    underscores (`Linear`, `_BinMapper`); with `camel`, any upper-case letter (`dStatespace`)."""
+    core = name.lstrip("_")
+    if "." in name or not core:
+        return False
+    return core[0].isupper() or (camel and any(c.isupper() for c in core))
 
 
 def reachable_globals(value: object, depth: int = 6) -> list[GlobalRef]:

@@ -10,8 +10,8 @@ import io
 from typing import BinaryIO
 
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner
-from modelscan_core.scanners.pickle.policy import NESTED_LOADERS, propagate_uses
-from modelscan_core.scanners.pickle.values import Blob, render, render_call
+from modelscan_core.scanners.pickle.policy import NESTED_LOADERS, resolve_indirect
+from modelscan_core.scanners.pickle.values import Blob, Call, GlobalRef, render, render_call
 from modelscan_core.scanners.pickle.vm import BuildHook, PickleVM, StreamFacts
 from modelscan_core.sources.window import Window
 from modelscan_core.scanners.joblib import joblib_hook
@@ -59,15 +59,23 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
     read them): their breaking off is expected and is not an error of the file.
     """
     policy = ctx.settings.pickle_policy
-    propagate_uses(facts.globals, facts.dynamic_calls)
-    nested: list[tuple[int, object]] = []
-    for ref in facts.globals:
+    unknown = policy.unknown
+    indirect = resolve_indirect(facts.globals, facts.dynamic_calls, policy)
+    payloads: dict[int, object] = {}  # offset -> bytes or Blob that a loader may unpickle
+    for ref in indirect.globals:
+        key = (ref.module, ref.name)
+        if key in NESTED_LOADERS:
+            _nested_payloads(ref, ctx, stream, payloads)
+        for call in ref.calls:  # bytes holding a pickle, passed to anything: scan it too
+            for arg in call.args if isinstance(call.args, tuple) else ():
+                payload = static_bytes(arg, stream)
+                if payload is not None and _looks_like_pickle(payload, stream):
+                    payloads.setdefault(call.offset, payload)
+        if id(ref) in indirect.suppressed:
+            continue
         judgement = policy.judge(ref.module, ref.name, ref.uses)
-        if (ref.module, ref.name) in NESTED_LOADERS:
-            nested += [(call.offset, call.args[0]) for call in ref.calls if isinstance(call.args, tuple) and call.args]
         if judgement.severity is None:
             continue
-        call = render_call(ref.calls[0]) if ref.calls else None
         ctx.report(
             judgement.rule_id,
             judgement.severity,
@@ -75,9 +83,8 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
             module=ref.module,
             operator=ref.name,
             offset=ref.offset,
-            call=call,
+            call=render_call(ref.calls[0]) if ref.calls else None,
         )
-    unknown = policy.unknown
     for offset, detail in facts.unresolved:
         ctx.report(
             "pickle/unresolved-global",
@@ -85,7 +92,7 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
             f"Import of a name the scanner cannot resolve statically: {detail}",
             offset=offset,
         )
-    for dyn in facts.dynamic_calls:
+    for dyn in indirect.dynamic_calls:
         ctx.report(
             "pickle/dynamic-call",
             unknown.dynamic_call,
@@ -108,17 +115,101 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
                 "a loader makes those calls before it fails",
                 offset=facts.error_offset,
             )
-    for offset, payload in nested:
+    for offset, payload in sorted(payloads.items()):
         _scan_nested(ctx, stream, offset, payload)
 
 
+def _nested_payloads(ref, ctx: ScanContext, stream: BinaryIO, payloads: dict[int, object]) -> None:
+    """The pickles a nested loader is handed; a payload that cannot be worked out is a finding."""
+    severity = ctx.settings.pickle_policy.unknown.unresolved
+    for call in ref.calls:
+        args = call.args if isinstance(call.args, tuple) else ()
+        payload = static_bytes(args[0], stream) if args else None
+        if payload is None:
+            ctx.report(
+                "pickle/nested-unresolved",
+                severity,
+                f"'{ref.module}.{ref.name}' unpickles a value the scanner cannot work out statically",
+                module=ref.module,
+                operator=ref.name,
+                offset=call.offset,
+                call=render_call(call),
+            )
+        else:
+            payloads[call.offset] = payload
+    if ref.ncalls > len(ref.calls):
+        ctx.report(
+            "pickle/nested-unresolved",
+            severity,
+            f"'{ref.module}.{ref.name}' is called {ref.ncalls} times; only the first {len(ref.calls)} payloads were scanned",
+            module=ref.module,
+            operator=ref.name,
+            offset=ref.offset,
+        )
+
+
+#: how bytes reach a pickle: as they are, or wrapped the way protocol 2 and callers wrap them
+_ENCODERS = {("_codecs", "encode"), ("codecs", "encode")}
+_BYTES_WRAPPERS = {("builtins", "bytes"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
+                   ("io", "BytesIO"), ("_io", "BytesIO")}
+_LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
+#: a text operand longer than this is not re-encoded in memory (the payload stays unresolved)
+_MAX_TEXT_PAYLOAD = 64 << 20
+
+
+def static_bytes(value: object, stream: BinaryIO) -> bytes | Blob | None:
+    """The bytes a value stands for, when the pickle fixes them: literal bytes (inline or left
+    in the file), `_codecs.encode(text, "latin1")`, `bytes(...)`, `bytearray(...)`, `BytesIO(...)`."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, Blob):
+        return value if not value.is_text else None
+    if not isinstance(value, Call) or not isinstance(value.func, GlobalRef):
+        return None
+    key = (value.func.module, value.func.name)
+    args = value.args if isinstance(value.args, tuple) else ()
+    if key in _ENCODERS and args:
+        encoding = args[1] if len(args) > 1 else "utf-8"
+        text = args[0]
+        if isinstance(text, Blob) and text.is_text and text.length <= _MAX_TEXT_PAYLOAD:
+            text = _read(stream, text).decode("utf-8", "surrogatepass")
+        if not isinstance(text, str) or not isinstance(encoding, str):
+            return None
+        try:
+            return text.encode("latin-1" if encoding.lower() in _LATIN1 else encoding)
+        except (UnicodeError, LookupError):
+            return None
+    if key in _BYTES_WRAPPERS and len(args) == 1:
+        return static_bytes(args[0], stream)
+    return None
+
+
+def _read(stream: BinaryIO, blob: Blob) -> bytes:
+    pos = stream.tell()
+    try:
+        stream.seek(blob.offset)
+        return stream.read(blob.length)
+    finally:
+        stream.seek(pos)
+
+
+def _looks_like_pickle(payload: bytes | Blob, stream: BinaryIO) -> bool:
+    head = payload[:2] if isinstance(payload, bytes) else _read(stream, Blob(payload.offset, min(2, payload.length)))
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _scan_nested(ctx: ScanContext, stream: BinaryIO, offset: int, payload: object) -> None:
-    """A pickle passed to pickle.loads (or torch's _load_from_bytes) is scanned as a member."""
-    if isinstance(payload, (bytes, bytearray)):
-        data = bytes(payload)
-        ctx.scan_member(f"pickle@{offset}", lambda: io.BytesIO(data), len(data))
-    elif isinstance(payload, Blob) and not payload.is_text:
-        ctx.scan_member(f"pickle@{offset}", lambda: Window(stream, payload.offset, payload.length), payload.length)
+    """A pickle handed to pickle.loads (or torch's _load_from_bytes...) is scanned as a member."""
+    if isinstance(payload, bytes):
+        opener, size, head = (lambda: io.BytesIO(payload)), len(payload), payload[:2]
+    elif isinstance(payload, Blob):
+        opener, size = (lambda: Window(stream, payload.offset, payload.length)), payload.length
+        head = _read(stream, Blob(payload.offset, min(2, payload.length)))
+    else:
+        return
+    # torch.save output is a zip since 1.6: let detection take those; anything else the loader
+    # unpickles, so it is read as a pickle whatever it looks like
+    ctx.scan_member(f"pickle@{offset}", opener, size, None if head == b"PK" else "pickle")
 
 
 def _describe(rule_id: str, module: str, name: str) -> str:
@@ -131,4 +222,3 @@ def _describe(rule_id: str, module: str, name: str) -> str:
         "pickle/unknown-reference": "Import of unknown name",
     }.get(rule_id, "Use of")
     return f"{what} '{name}' from module '{module}'"
-

@@ -33,6 +33,8 @@ class GlobalRef:
     opcode: str
     uses: int = REFERENCED
     calls: list = field(default_factory=list)  # first few `Call`s of this global
+    ncalls: int = 0  # all calls, kept or not
+    arg_refs: list = field(default_factory=list)  # every distinct GlobalRef passed to it as an argument
 
     @property
     def qualname(self) -> str:

@@ -285,8 +285,13 @@ class PickleVM:
             facts.calls += 1
             if isinstance(func, GlobalRef):
                 func.uses |= use
+                func.ncalls += 1
                 if len(func.calls) < KEEP_CALLS:
                     func.calls.append(call)
+                if type(call.args) is tuple:  # names handed to a callable, from every call
+                    for arg in call.args:
+                        if type(arg) is GlobalRef and arg not in func.arg_refs:
+                            func.arg_refs.append(arg)
             elif len(facts.dynamic_calls) < KEEP_EVENTS:
                 facts.dynamic_calls.append(call)
 
@@ -445,9 +450,7 @@ class PickleVM:
                             raise err("odd number of items for SETITEMS", at)
                         target = stack[k - 1]
                         if type(target) is PDict:
-                            room = DISPLAY_ITEMS - len(target)
-                            for i in range(k, min(len(stack), k + 2 * max(room, 0)), 2):
-                                target.append((stack[i], stack[i + 1]))
+                            _set_items(target, stack, k)
                         elif not isinstance(target, (Call, GlobalRef, Unknown)):
                             raise err(f"SETITEMS on {type(target).__name__}", at)
                         del stack[k:]
@@ -534,6 +537,9 @@ class PickleVM:
                     state = stack.pop()
                     target = stack[-1]
                     _mark_built(target)
+                    for planted in _planted_setstate(state):
+                        # BUILD puts it in the instance dict; the next BUILD on the object calls it
+                        note_call(planted, Call(planted, Unknown("object state"), "setstate", at), CALLED)
                     if self.build_hook is not None:
                         replacement = self.build_hook(self, target, state, at)
                         if replacement is not None:
@@ -649,7 +655,9 @@ class PickleVM:
                     items = pop_mark(at)
                     if len(items) % 2:
                         raise err("odd number of items for DICT", at)
-                    stack.append(PDict(zip(items[0 : 2 * DISPLAY_ITEMS : 2], items[1 : 2 * DISPLAY_ITEMS : 2])))
+                    d = PDict()
+                    _set_items(d, items, 0)
+                    stack.append(d)
                 elif op == 0x8F:  # EMPTY_SET
                     stack.append(PSet())
                 elif op == 0x90:  # ADDITEMS
@@ -670,7 +678,11 @@ class PickleVM:
                         raise err("BINPERSID on an empty stack", at)
                     else:
                         pid = stack.pop()
-                    stack.append(Unknown("persistent object", pid))
+                    if type(pid) is tuple and len(pid) >= 2 and pid[0] == "module" and type(pid[1]) is GlobalRef:
+                        # legacy torch.save of a whole module: its persistent_load returns the class
+                        stack.append(pid[1])
+                    else:
+                        stack.append(Unknown("persistent object", pid))
                 elif op == 0x82 or op == 0x83 or op == 0x84:  # EXT1/2/4: the loader's copyreg registry
                     raw = self.read({0x82: 1, 0x83: 2, 0x84: 4}[op])
                     code = int.from_bytes(raw, "little", signed=op == 0x84)
@@ -705,6 +717,21 @@ except ImportError:  # pragma: no cover - depends on the build
 
 #: True when the data-only opcodes run in C
 ACCELERATED = _fast_run is not None
+
+
+def _set_items(target: PDict, items: list, start: int) -> None:
+    """Key/value pairs into a dict value: the first DISPLAY_ITEMS for people, and every pair
+    whose key is a dunder name, because those change what the loader does (`__setstate__`)."""
+    for i in range(start, len(items) - 1, 2):
+        key = items[i]
+        if len(target) < DISPLAY_ITEMS or (type(key) is str and key[:2] == "__"):
+            target.append((key, items[i + 1]))
+
+
+def _planted_setstate(state: object) -> list:
+    """Values BUILD stores under `__setstate__` (in the dict state or the slot state)."""
+    dicts = [state] if type(state) is PDict else [d for d in state if type(d) is PDict] if type(state) is tuple else []
+    return [value for d in dicts for key, value in d if key == "__setstate__"]
 
 
 def _mark_built(target: object) -> None:
