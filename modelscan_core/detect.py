@@ -93,6 +93,7 @@ RULES: list[Rule] = [
     Rule("keras_v3", (b"PK\x03\x04", b"PK\x05\x06"), "modelscan_core.scanners.keras_v3:sniff_keras_zip"),
     Rule("keras_h5", (), "modelscan_core.scanners.keras_h5:sniff_hdf5"),
     Rule("tf_savedmodel", (), "modelscan_core.scanners.savedmodel:sniff_savedmodel"),
+    Rule("tf_savedmodel_text", (), "modelscan_core.scanners.savedmodel:sniff_savedmodel_text"),
     Rule("keras_metadata", (), "modelscan_core.scanners.savedmodel:sniff_keras_metadata"),
     Rule("tf_fingerprint", (), "modelscan_core.scanners.savedmodel:sniff_fingerprint"),
     Rule("tf_graphdef", (), "modelscan_core.scanners.savedmodel:sniff_graphdef"),

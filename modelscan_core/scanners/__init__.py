@@ -16,6 +16,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "keras_h5": ("keras_h5", "modelscan_core.scanners.keras_h5:KerasH5Scanner"),
     "keras_v3": ("keras", "modelscan_core.scanners.keras_v3:KerasV3Scanner"),
     "tf_savedmodel": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:SavedModelScanner"),
+    "tf_savedmodel_text": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:SavedModelTextScanner"),
     "keras_metadata": ("savedmodel_lambda", "modelscan_core.scanners.savedmodel:KerasMetadataScanner"),
     "tf_fingerprint": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:FingerprintScanner"),
     "tf_graphdef": ("savedmodel_ops", "modelscan_core.scanners.savedmodel:SavedModelScanner"),

@@ -40,8 +40,6 @@ _KIND_SIZE = {"?": 1, "b": 1, "B": 1, "h": 2, "H": 2, "i": 4, "I": 4, "l": 8, "L
               "d": 8, "g": 16, "F": 8, "D": 16, "G": 32, "O": 8, "M": 8, "m": 8, "p": 8, "P": 8}
 #: the largest array the hook will believe (bytes); beyond, the file is not plausibly joblib
 MAX_ARRAY = 1 << 50
-#: how much of each array is also read the way plain pickle.load would read it
-PLAIN_PROBE_BYTES = 1 << 20
 
 
 def _wrapper_class(target: object) -> str | None:
@@ -94,13 +92,14 @@ class JoblibHook:
         if hasobject:
             self._object_array(vm, offset)
             return
-        if fields.get("numpy_array_alignment_bytes") is not None:
-            padding = vm.read(1)[0]
-            vm.skip(padding)
         nbytes = math.prod(shape) * itemsize
         if nbytes > MAX_ARRAY:
             raise PickleError(f"joblib array at offset {offset} claims {nbytes} bytes", offset)
-        self._as_plain_pickle(vm.tell(), nbytes)
+        start = vm.tell()  # plain pickle.load reads on from here: padding byte, padding, array
+        if fields.get("numpy_array_alignment_bytes") is not None:
+            padding = vm.read(1)[0]
+            vm.skip(padding)
+        self._as_plain_pickle(start, vm.tell() - start + nbytes)
         vm.skip(nbytes)
 
     def _as_plain_pickle(self, start: int, nbytes: int) -> None:
@@ -116,8 +115,8 @@ class JoblibHook:
             saved = stream.tell()
         except (OSError, ValueError):
             return
-        length = min(nbytes, PLAIN_PROBE_BYTES)
-        facts = PickleVM(Window(stream, start, length), size=length, memo_budget=self.ctx.limits.max_memo_values).run()
+        # the whole region: an operand may jump ahead (BINBYTES) and a payload may sit anywhere in it
+        facts = PickleVM(Window(stream, start, nbytes), size=nbytes, memo_budget=self.ctx.limits.max_memo_values).run()
         stream.seek(saved)
         if not facts.calls:
             return

@@ -64,6 +64,10 @@ _DANGEROUS_NAMES = frozenset(
         "run_module", "runpy", "builtins", "__builtins__", "__globals__", "__subclasses__", "__code__",
         "marshal", "pickle", "loads", "urlopen", "urllib", "requests", "ctypes", "CDLL", "rmtree", "unlink",
         "remove", "open", "getattr", "setattr", "breakpoint", "shutil", "webbrowser",
+        # obfuscation: names built at run time, modules reached through the loader's namespace
+        # ("locals" is left out: nested functions' qualnames read "f.<locals>.<lambda>")
+        "globals", "vars", "chr", "b64decode", "base64", "fromhex", "decompress", "zlib", "codecs",
+        "__dict__", "__getattribute__",
     }
 )
 

@@ -262,6 +262,42 @@ class SavedModelScanner(Scanner):
                 )
 
 
+class SavedModelTextScanner(SavedModelScanner):
+    """`saved_model.pbtxt` (TensorFlow loads it when there is no `saved_model.pb`) and text GraphDefs.
+
+    The text format is read for what matters here, the op of every node (`op: "Name"`) and
+    the name of every library function, judged exactly like the binary form's.
+    """
+
+    formats = ("tf_savedmodel_text",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        text = _read_all(item).decode("utf-8", "replace")
+        if "meta_graphs" not in text and "node" not in text:
+            raise ScanFailed("saved_model.pbtxt holds no meta graph")
+        ops: dict[str, _Op] = defaultdict(_Op)
+        functions = set(_PBTXT_FUNCTION.findall(text))
+        for match in _PBTXT_NODE.finditer(text):
+            name, op = match.group(1), match.group(2)
+            self._add(ops, (_unescape(name), _unescape(op), {}), "saved_model.pbtxt")
+        self._judge(ops, functions, ctx)
+
+
+_PBTXT_NODE = re.compile(r'\bname:\s*"((?:[^"\\]|\\.)*)"\s*op:\s*"((?:[^"\\]|\\.)*)"')
+_PBTXT_FUNCTION = re.compile(r'\bsignature\s*\{\s*name:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _unescape(text: str) -> str:
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape", "replace") if "\\" in text else text
+
+
+def sniff_savedmodel_text(head: bytes, name: str, stream) -> bool:
+    """A text-format SavedModel or GraphDef (`tf.io.write_graph(..., as_text=True)`)."""
+    return name.endswith((".pbtxt", ".pbtext")) and any(
+        marker in head for marker in (b"meta_graphs", b"saved_model_schema_version", b"node {", b"node{")
+    )
+
+
 class KerasMetadataScanner(Scanner):
     name = "modelscan.scanners.SavedModelLambdaDetectScan"
     formats = ("keras_metadata",)

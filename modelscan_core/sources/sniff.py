@@ -54,14 +54,25 @@ def tar(head: bytes, name: str, stream: BinaryIO) -> bool:
     if len(head) < 512:
         return False
     block = head[:512]
-    field = block[148:156]
-    try:
-        stored = int(field.replace(b"\x00", b" ").strip() or b"-1", 8)
-    except ValueError:
+    stored = _tar_number(block[148:156])
+    if stored is None or block.count(0) == 512:
         return False
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
     signed = sum(struct.unpack("148b", block[:148])) + 8 * 32 + sum(struct.unpack("356b", block[156:]))
-    return stored in (unsigned, signed) and block[0] != 0
+    return stored in (unsigned, signed)
+
+
+def _tar_number(field: bytes) -> int | None:
+    """A tar number field read as tarfile.nti reads it: base-256 (0x80/0xff first byte) or
+    octal text up to the first NUL."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[:1] == b"\xff" else n
+    text = field.split(b"\x00", 1)[0]
+    try:
+        return int(text.decode("ascii").strip() or "0", 8)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def npy(head: bytes, name: str, stream: BinaryIO) -> bool:

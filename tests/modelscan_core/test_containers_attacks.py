@@ -295,10 +295,23 @@ def test_nothing_high_without_a_payload(tmp_path):
     assert not high(report) and not report.all_errors()
 
 
-def test_joblib_array_bytes_that_pickle_load_would_run(tmp_path):
-    # joblib.load skips array bytes; plain pickle.load reads them as opcodes and runs them
-    arr = np.frombuffer(payload(2), dtype=np.uint8).copy()
-    path = tmp_path / "model.pkl"
-    joblib.dump({"weights": arr}, path)
-    report = assert_caught(path, "model.pkl")
+def test_joblib_padding_that_pickle_load_would_run(tmp_path):
+    # After an aligned array's BUILD joblib reads a padding-length byte and skips that much.
+    # Plain pickle.load reads the same bytes as opcodes: a length byte of 0x63 ('c', GLOBAL)
+    # and a payload as padding run under pickle.load while joblib.load still works.
+    path = tmp_path / "model.joblib"
+    joblib.dump({"w": np.arange(64, dtype=np.uint8)}, path)
+    data = path.read_bytes()
+    marker = b"numpy_array_alignment_bytes\x94K\x10ub"
+    i = data.index(marker) + len(marker)
+    body = b"posix\nsystem\n(S'touch /tmp/modelscand-test-marker'\ntR."
+    path.write_bytes(data[:i] + bytes([0x63]) + body.ljust(0x63, b"\xff") + data[i + 1 + data[i]:])
+    report = assert_caught(path, "model.joblib")
     assert "joblib/array-bytes-are-a-pickle" in {f.rule_id for f in report.findings()}
+
+
+def test_aligned_joblib_arrays_of_payload_bytes_are_inert_for_both_loaders(tmp_path):
+    # the padding-length byte (0..15) is no opcode: pickle.load stops before the array bytes
+    path = tmp_path / "model.joblib"
+    joblib.dump({"weights": np.frombuffer(payload(2), dtype=np.uint8).copy()}, path)
+    assert scan_path(path).files[0].verdict.value == "clean"

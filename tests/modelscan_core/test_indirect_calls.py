@@ -187,3 +187,64 @@ def test_joblib_wrapper_named_through_a_dotted_path_still_frames_arrays(tmp_path
     path.write_bytes(data)
     report = scan_path(path)
     assert "system" in {f.operator for f in report.findings() if f.severity == Severity.CRITICAL}
+
+
+# -- round two: trust that was too wide, more planted methods, more formats --------------------
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.jit.unsupported_tensor_ops", "execWrapper"),  # camelCase is not a class
+    ("tf_keras.src.engine.functional", "reconstruct_from_config"),  # public API, not a pickle helper
+])
+def test_ecosystem_functions_that_run_code_are_not_trusted(scan_bytes, module, name):
+    data = b"\x80\x02" + g(module, name) + s("print(1)") + b"\x85R."
+    assert scan_bytes(data).worst >= Severity.HIGH
+
+
+def test_dangerous_names_re_exported_by_ecosystem_modules(scan_bytes):
+    # find_class returns the object itself: tempfile.NamedTemporaryFile, seen through sklearn
+    data = b"\x80\x02" + g("sklearn.datasets._base", "NamedTemporaryFile") + b")R."
+    assert scan_bytes(data).worst == Severity.CRITICAL
+
+
+@pytest.mark.parametrize("attribute,trigger", [("append", b"N" + b"a"), ("extend", b"(N" + b"e"), ("add", b"(N" + b"\x90")])
+def test_methods_planted_through_build_are_called_by_later_opcodes(scan_bytes, attribute, trigger):
+    data = (b"\x80\x02" + g("argparse", "Namespace") + b")R" + b"}" + s(attribute)
+            + g("someones_tools", "run_command") + b"sb" + trigger + b".")
+    assert "someones_tools.run_command" in scan_bytes(data).names(Severity.HIGH)
+
+
+def test_setstate_planted_through_an_ordereddict_state(scan_bytes):
+    data = (b"\x80\x02" + g("argparse", "Namespace") + b")R" + g("collections", "OrderedDict") + b"]" + s("__setstate__")
+            + g("someones_tools", "run_command") + b"\x86a\x85Rb" + s("echo") + b"b.")
+    assert "someones_tools.run_command" in scan_bytes(data).names(Severity.HIGH)
+
+
+def test_text_format_savedmodel_is_read(scan_bytes):
+    text = b'saved_model_schema_version: 1\nmeta_graphs {\n  graph_def {\n    node {\n      name: "w"\n' \
+           b'      op: "WriteFile"\n    }\n  }\n}\n'
+    result = scan_bytes(text, "saved_model.pbtxt")
+    assert result.file.format == "tf_savedmodel_text"
+    assert result.worst >= Severity.HIGH
+
+
+def test_tar_with_a_base256_checksum_is_still_read(tmp_path):
+    import io
+    import tarfile
+
+    from modelscan_core import scan_path
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("archive/data.pkl")
+        info.size = len(PAYLOAD)
+        tar.addfile(info, io.BytesIO(PAYLOAD))
+    data = bytearray(buf.getvalue())
+    header = data[:512]
+    header[148:156] = b" " * 8
+    checksum = sum(header)
+    data[148:156] = b"\x80" + checksum.to_bytes(7, "big")  # base-256, as tarfile.nti reads it
+    tarfile.open(fileobj=io.BytesIO(bytes(data))).getmembers()  # Python's tarfile accepts it
+    path = tmp_path / "model.tar"
+    path.write_bytes(bytes(data))
+    report = scan_path(path)
+    assert Severity.CRITICAL in {f.severity for f in report.findings()}

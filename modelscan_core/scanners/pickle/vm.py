@@ -728,10 +728,27 @@ def _set_items(target: PDict, items: list, start: int) -> None:
             target.append((key, items[i + 1]))
 
 
+#: instance attributes the loader itself calls later: BUILD calls `__setstate__`, APPEND(S) on a
+#: non-list calls `append`/`extend`, ADDITEMS on a non-set calls `add`
+_CALLED_ATTRIBUTES = frozenset({"__setstate__", "append", "extend", "add"})
+_DICT_BUILDERS = frozenset({("collections", "OrderedDict"), ("builtins", "dict"), ("__builtin__", "dict")})
+
+
 def _planted_setstate(state: object) -> list:
-    """Values BUILD stores under `__setstate__` (in the dict state or the slot state)."""
-    dicts = [state] if type(state) is PDict else [d for d in state if type(d) is PDict] if type(state) is tuple else []
-    return [value for d in dicts for key, value in d if key == "__setstate__"]
+    """Values BUILD stores in an instance under a name the loader calls later, from the dict
+    state or the slot state, given as a dict literal or as OrderedDict/dict of pairs."""
+    parts = list(state) if type(state) is tuple else [state]
+    planted = []
+    for part in parts:
+        if type(part) is PDict:
+            planted += [value for key, value in part if key in _CALLED_ATTRIBUTES]
+        elif type(part) is Call and type(part.func) is GlobalRef and (part.func.module, part.func.name) in _DICT_BUILDERS:
+            pairs = part.args[0] if type(part.args) is tuple and part.args else ()
+            if type(pairs) is PDict:
+                planted += [value for key, value in pairs if key in _CALLED_ATTRIBUTES]
+            elif isinstance(pairs, (list, tuple)):
+                planted += [p[1] for p in pairs if type(p) is tuple and len(p) == 2 and p[0] in _CALLED_ATTRIBUTES]
+    return planted
 
 
 def _mark_built(target: object) -> None:
