@@ -16,15 +16,7 @@ from pathlib import Path
 from modelscan_core import scan_path
 from modelscan_core.model import ScanReport, Severity
 
-
-class Reduce:
-    """pickle.dumps(Reduce(f, args)) writes a call of f(*args) without calling it."""
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
+from .pickle_ops import Reduce
 
 
 def payload(proto: int = 2, marker: str = "/tmp/modelscand-test-marker") -> bytes:

@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from modelscan_core import scan_path
-from modelscan_core.model import Severity
-
-from .containers_util import assert_clean, high
+from .containers_util import assert_clean
 
 #: bytes that read as a pickle calling os.system: array data must never be read as opcodes
 OPCODES = b"\x80\x02cposix\nsystem\nq\x00X\x05\x00\x00\x00echo q\x85R.cos\nsystem\n(S'echo'\ntR."

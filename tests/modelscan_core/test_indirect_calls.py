@@ -15,22 +15,11 @@ import pytest
 
 from modelscan_core.model import Severity
 
-
-class Reduce:
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
+from .pickle_ops import Reduce, binunicode_op, global_op
 
 
-def g(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def s(text: str) -> bytes:
-    data = text.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
+g = global_op
+s = binunicode_op
 
 
 PAYLOAD = pickle.dumps(Reduce(os.system, ("touch /tmp/modelscand-indirect",)), protocol=2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import marshal
-import pickle
 import shutil
 from pathlib import Path
 

@@ -13,24 +13,7 @@ import pytest
 
 from modelscan_core.model import Severity
 
-
-class Reduce:
-    """pickle.dumps(Reduce(f, args)) writes a call of f(*args) without calling it."""
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
-
-
-def global_op(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def unicode_op(text: str) -> bytes:
-    data = text.encode()
-    return b"\x8c" + bytes([len(data)]) + data
+from .pickle_ops import Reduce, global_op, unicode_op
 
 
 def call(module: str, name: str, *args: str, proto: int = 2) -> bytes:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import threading
-import time
 
 from tests.modelscand.conftest import BENIGN, EVIL
 
