@@ -10,7 +10,8 @@ the same renderer, so the journal holds one format.
 File names are arbitrary bytes on Linux; Python hands them to us as str with surrogate
 escapes, which are not valid UTF-8 and would break a strict JSON consumer. Every string
 value is made safe: undecodable bytes become ``\\xNN`` text and the event gains
-``undecodable: true``.
+``undecodable: true``; non-printable characters (ESC, BEL, C0/C1 controls, bidi overrides)
+are escaped as ``\\xNN``/``\\uNNNN`` in both formats (no log or terminal injection).
 """
 
 from __future__ import annotations
@@ -27,15 +28,31 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def escape_controls(value: str) -> str:
+    """Non-printable characters (C0/C1 controls, ESC, BEL, bidi overrides and isolates, other
+    format characters) as ``\\xNN`` / ``\\uNNNN`` text: a file name can't forge log lines or
+    drive the terminal that shows the journal."""
+    if value.isprintable():
+        return value
+    out = []
+    for ch in value:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            n = ord(ch)
+            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}")
+    return "".join(out)
+
+
 def safe_text(value: str) -> tuple[str, bool]:
-    """(printable text, whether anything had to be escaped)."""
+    """(printable text, whether undecodable bytes had to be escaped)."""
     if value.isascii():
-        return value, False
+        return escape_controls(value), False
     try:
         value.encode("utf-8")
-        return value, False
+        return escape_controls(value), False
     except UnicodeEncodeError:
-        return os.fsencode(value).decode("utf-8", "backslashreplace"), True
+        return escape_controls(os.fsencode(value).decode("utf-8", "backslashreplace")), True
 
 
 def _safe_strings(_logger, _name, event: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +66,7 @@ def _safe_strings(_logger, _name, event: dict[str, Any]) -> dict[str, Any]:
             return out
         if isinstance(v, bytes):
             escaped = True
-            return v.decode("utf-8", "backslashreplace")
+            return escape_controls(v.decode("utf-8", "backslashreplace"))
         if isinstance(v, dict):
             return {k: fix(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
