@@ -59,27 +59,24 @@ def _is_pickle(head: bytes, name: str, stream: BinaryIO | None = None) -> bool:
 # tells pickles from data that merely starts with an opcode byte).
 _STARTS = frozenset(b"(.012BCFGIJKLMNPQRSTUVXabcdeghijlopqrstu}])" + bytes(range(0x80, 0x99)))
 
-#: how much of the stream the probe runs over
-PROBE_WINDOW = 8 << 20
-
-
 def _probe(stream: BinaryIO) -> bool:
-    """Run the VM over the start of the stream: a pickle gets through several opcodes or
-    names a global. Text or binary data that happens to start with an opcode byte fails within
-    an op or two (an invalid opcode, a stack underflow, an operand longer than the file, a
-    "module" name that is not an identifier)."""
+    """Run the VM over the stream: a pickle gets through several opcodes or names a global.
+
+    Text or binary data that happens to start with an opcode byte fails within an op or two
+    (an invalid opcode, a stack underflow, an operand longer than the file, a "module" name
+    that is not an identifier). The whole stream is probed, not a window: a pickle may open
+    with an operand of any length, which the VM skips with a seek rather than reads.
+    """
     from modelscan_core.scanners.pickle.vm import PickleVM
-    from modelscan_core.sources.window import Window
 
     size = stream.seek(0, os.SEEK_END)
-    window = min(size, PROBE_WINDOW)
-    facts = PickleVM(Window(stream, 0, window), size=window).run()
+    stream.seek(0)
+    facts = PickleVM(stream, size=size).run()
     if facts.stopped:
         return True
     if any(_dotted(g.module) and _dotted(g.name) for g in facts.globals):
         return True
-    cut_by_window = facts.error_truncated and window < size
-    return cut_by_window and facts.ops >= 4
+    return facts.error_truncated and facts.ops >= 4
 
 
 def _dotted(text: str) -> bool:

@@ -237,3 +237,10 @@ def test_tar_with_a_base256_checksum_is_still_read(tmp_path):
     path.write_bytes(bytes(data))
     report = scan_path(path)
     assert Severity.CRITICAL in {f.severity for f in report.findings()}
+
+
+@pytest.mark.parametrize("first", [b"X" + struct.pack("<I", 9 << 20) + b"a" * (9 << 20),
+                                   b"S'" + b"a" * (9 << 20) + b"'\n"])
+def test_pickle_opening_with_an_operand_longer_than_any_window(scan_bytes, first):
+    result = scan_bytes(first + b"0" + PAYLOAD[2:], "pytorch_model.bin")
+    assert result.file.format == "pickle" and result.worst == Severity.CRITICAL

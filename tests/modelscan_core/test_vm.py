@@ -157,3 +157,12 @@ def test_unbounded_stack_growth_stops_as_incomplete(monkeypatch):
     data = b"\x80\x04" + b"N" * 3_000_000 + b"."
     facts = run(data)
     assert facts.error and facts.error_incomplete and not facts.stopped
+
+
+@pytest.mark.parametrize("op", [b"S'", b"V"])
+def test_long_protocol0_line_that_ends_near_eof(op):
+    # a line operand spanning chunk refills up to the end of the file is still read whole
+    quote = b"'" if op == b"S'" else b""
+    data = op + b"a" * (9 << 20) + quote + b"\n0cos\nsystem\n(S'echo'\ntR."
+    facts = run(data)
+    assert facts.stopped and [g.qualname for g in facts.globals] == ["os.system"]

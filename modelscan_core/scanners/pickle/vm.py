@@ -201,15 +201,14 @@ class PickleVM:
         buf, pos = self._buf, self._pos
         nl = buf.find(b"\n", pos)
         while nl < 0:
-            if len(buf) - pos > MAX_LINE:
+            searched = len(buf) - pos  # the newline can only be in what the next fill adds
+            if searched > MAX_LINE:
                 raise PickleError("line operand longer than the scan limit", self.tell(), incomplete=True)
-            if not self._fill(len(buf) - pos + CHUNK):
-                if self._eof:
-                    raise PickleTruncated("stream ends inside a line operand", self.tell())
-            buf, pos = self._buf, self._pos
-            nl = buf.find(b"\n", pos)
-            if nl < 0 and self._eof:
+            if self._eof:
                 raise PickleTruncated("stream ends inside a line operand", self.tell())
+            self._fill(searched + CHUNK)  # may stop short at EOF: the newline can still be there
+            buf, pos = self._buf, self._pos
+            nl = buf.find(b"\n", pos + searched)
         self._pos = nl + 1
         return buf[pos : nl + 1]
 
