@@ -1,8 +1,11 @@
-"""The persisted baseline: ``(dev, ino, size, mtime_ns) -> sha256, verdict`` in sqlite.
+"""The persisted baseline: ``(dev, ino, size, mtime_ns, ctime_ns) -> sha256, verdict`` in sqlite.
 
 Why an inode key and not a path: an HF blob and its snapshot link are one inode (scan it
 once), and a rename keeps the inode (nothing to rescan). Why size and mtime too: an
-in-place rewrite (Keras) keeps the inode but changes both. A row also remembers the scanner
+in-place rewrite (Keras) keeps the inode but changes both. Why ctime: size and mtime can be
+put back with `os.utime` after a same-size rewrite; ctime cannot be set by a user (a rename
+or chmod also moves it: one extra scan, never a stale verdict). A table without the ctime
+column (an older daemon) is dropped and rebuilt: every file is scanned once. A row also remembers the scanner
 fingerprint (core version + settings): a new policy means old verdicts are not trusted.
 
 Restarting over an unchanged tree is therefore one `lstat` and one indexed lookup per
@@ -24,6 +27,7 @@ CREATE TABLE IF NOT EXISTS files (
     ino INTEGER NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
     path BLOB NOT NULL,
     sha256 TEXT,
     verdict TEXT NOT NULL,
@@ -44,10 +48,11 @@ class Identity:
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> "Identity":
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     @property
     def inode(self) -> tuple[int, int]:
@@ -76,6 +81,9 @@ class Baseline:
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        cols = [r[1] for r in self._db.execute("PRAGMA table_info(files)").fetchall()]
+        if cols and "ctime_ns" not in cols:  # pre-ctime baseline: its identities can be forged
+            self._db.execute("DROP TABLE files")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -87,8 +95,8 @@ class Baseline:
         with self._lock:
             cur = self._db.execute(
                 "SELECT path, sha256, verdict, severity, rule_ids, scanned_at FROM files "
-                "WHERE dev=? AND ino=? AND size=? AND mtime_ns=? AND fingerprint=?",
-                (ident.dev, ident.ino, ident.size, ident.mtime_ns, self.fingerprint),
+                "WHERE dev=? AND ino=? AND size=? AND mtime_ns=? AND ctime_ns=? AND fingerprint=?",
+                (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns, self.fingerprint),
             )
             r = cur.fetchone()
         if r is None:
@@ -98,9 +106,9 @@ class Baseline:
     def record(self, ident: Identity, path: str, sha256: str | None, verdict: str, severity: str | None, rule_ids) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO files (dev, ino, size, mtime_ns, path, sha256, verdict, severity, rule_ids, "
-                "fingerprint, scanned_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (ident.dev, ident.ino, ident.size, ident.mtime_ns, os.fsencode(path), sha256, verdict, severity,
+                "INSERT OR REPLACE INTO files (dev, ino, size, mtime_ns, ctime_ns, path, sha256, verdict, severity, "
+                "rule_ids, fingerprint, scanned_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns, os.fsencode(path), sha256, verdict, severity,
                  json.dumps(sorted(set(rule_ids))), self.fingerprint, time.time()),
             )
 
@@ -108,11 +116,11 @@ class Baseline:
         """Other inodes already seen with these bytes (a re-download of a known file)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT dev, ino, size, mtime_ns, path, verdict, severity, rule_ids, scanned_at FROM files "
+                "SELECT dev, ino, size, mtime_ns, ctime_ns, path, verdict, severity, rule_ids, scanned_at FROM files "
                 "WHERE sha256=? AND NOT (dev=? AND ino=?) LIMIT 5",
                 (sha256, ident.dev, ident.ino),
             ).fetchall()
-        return [Row(Identity(*r[:4]), os.fsdecode(r[4]), sha256, r[5], r[6], tuple(json.loads(r[7] or "[]")), r[8]) for r in rows]
+        return [Row(Identity(*r[:5]), os.fsdecode(r[5]), sha256, r[6], r[7], tuple(json.loads(r[8] or "[]")), r[9]) for r in rows]
 
     def prune(self, root: str, seen: set[tuple[int, int]]) -> int:
         """Forget rows under `root` whose inode the last full walk did not see."""
@@ -134,11 +142,11 @@ class Baseline:
         marks = ",".join("?" * len(verdicts))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT dev, ino, size, mtime_ns, path, sha256, verdict, severity, rule_ids, scanned_at FROM files "
+                f"SELECT dev, ino, size, mtime_ns, ctime_ns, path, sha256, verdict, severity, rule_ids, scanned_at FROM files "
                 f"WHERE verdict IN ({marks}) ORDER BY scanned_at DESC LIMIT ?",
                 (*verdicts, limit),
             ).fetchall()
-        return [Row(Identity(*r[:4]), os.fsdecode(r[4]), r[5], r[6], r[7], tuple(json.loads(r[8] or "[]")), r[9]) for r in rows]
+        return [Row(Identity(*r[:5]), os.fsdecode(r[5]), r[6], r[7], r[8], tuple(json.loads(r[9] or "[]")), r[10]) for r in rows]
 
     def all_rows(self) -> list[Row]:
         return self.rows(("clean", "issues", "error", "incomplete", "skipped"), limit=-1)

@@ -10,7 +10,7 @@ engine, an outright kill is a crash).
 
 The scan itself opens the file with ``O_RDONLY|O_NOFOLLOW|O_NONBLOCK``, requires a regular
 file with the inode the scheduler saw, scans through that fd, and compares
-``(dev, ino, size, mtime)`` before and after: a file changed under the scan is reported as
+``(dev, ino, size, mtime, ctime)`` before and after: a file changed under the scan is reported as
 ``changed`` and queued again instead of getting a verdict for bytes that no longer exist.
 
 `scan_function` ("module:function") is the seam tests use to make a worker crash or hang.
@@ -36,8 +36,8 @@ OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXE
 
 # -- inside the worker --------------------------------------------------------------------
 
-def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def _ident(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def scan_job(job: dict[str, Any], settings) -> dict[str, Any]:

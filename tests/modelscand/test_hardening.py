@@ -34,3 +34,53 @@ def test_control_and_bidi_characters_in_file_names_are_escaped_in_both_formats(t
     assert not any(ch in out.stdout for ch in ("\x1b", "\x07", "\u202e", "\u009b", "\u2066"))
     ev = next(e for e in events(out.stdout) if e["event"] == "scan.finding")
     assert ev["path"] == str(root) + "/evil.pkl\\x1b[2K\\x1b]0;pwned\\x07\\u202egpj\\x9b2J\\u2066.pkl"
+
+
+def _same_size_pair():
+    bad = EVIL
+    good = BENIGN[:0] + b"\x80\x02X" + (len(bad) - 8).to_bytes(4, "little") + b"A" * (len(bad) - 8) + b"."
+    assert len(good) == len(bad)
+    return good, bad
+
+
+def test_in_place_rewrite_with_mtime_put_back_is_rescanned(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    state = _state(tmp_path)
+    good, bad = _same_size_pair()
+    f = root / "model.pkl"
+    f.write_bytes(good)
+    first = cli("run", "--once", "--root", str(root), "--state-dir", state)
+    assert first.returncode == 0 and [e["event"] for e in events(first.stdout) if e.get("path") == str(f)] == ["scan.clean"]
+    unchanged = cli("run", "--once", "--root", str(root), "--state-dir", state)  # restart: nothing rescanned
+    assert not [e for e in events(unchanged.stdout) if e["event"].startswith("scan.") and e["event"] != "scan.cached"]
+    st = os.stat(f)
+    with open(f, "r+b") as fh:
+        fh.write(bad)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(f).st_size, os.stat(f).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = cli("run", "--once", "--root", str(root), "--state-dir", state)
+    assert second.returncode == 1
+    assert [e["event"] for e in events(second.stdout) if e.get("path") == str(f) and e["event"].startswith("scan.")] == ["scan.finding"]
+
+
+def test_baseline_without_ctime_column_is_rebuilt(tmp_path):
+    import sqlite3
+
+    root = tmp_path / "r"
+    root.mkdir()
+    state = _state(tmp_path)
+    f = root / "model.pkl"
+    f.write_bytes(EVIL)
+    st = os.stat(f)
+    db = sqlite3.connect(os.path.join(state, "baseline.sqlite3"))
+    db.execute("CREATE TABLE files (dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns "
+               "INTEGER NOT NULL, path BLOB NOT NULL, sha256 TEXT, verdict TEXT NOT NULL, severity TEXT, rule_ids "
+               "TEXT, fingerprint TEXT NOT NULL, scanned_at REAL NOT NULL, PRIMARY KEY (dev, ino))")
+    db.execute("INSERT INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?)", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+               os.fsencode(str(f)), "0" * 64, "clean", None, "[]", "x", 0.0))
+    db.commit()
+    db.close()
+    out = cli("run", "--once", "--root", str(root), "--state-dir", state)
+    assert out.returncode == 1, out.stderr
+    assert [e["event"] for e in events(out.stdout) if e.get("path") == str(f) and e["event"].startswith("scan.")] == ["scan.finding"]
