@@ -91,6 +91,7 @@ def run(argv: list[str]) -> int:
 
 
 def _run(cfg, args, roots) -> int:
+    from modelscand import config as cfgmod
     from modelscand import logging as mlog
     from modelscand.daemon import Daemon
 
@@ -109,6 +110,10 @@ def _run(cfg, args, roots) -> int:
         return daemon.run()
     except KeyboardInterrupt:
         return 130
+    except cfgmod.ConfigError as exc:
+        mlog.get().error("daemon.config_error", error=str(exc))
+        print(f"modelscand: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         mlog.get().error("daemon.failed", error=f"{exc.strerror or exc}", path=getattr(exc, "filename", None))
         return EXIT_SOFTWARE

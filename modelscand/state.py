@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
+
+from modelscand.config import ConfigError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -70,16 +73,61 @@ class Row:
     scanned_at: float
 
 
+class StateDirError(ConfigError):
+    """The state dir (or a file in it) is not safely ours: a config error (exit 78)."""
+
+
+def check_state_dir(state_dir: str) -> None:
+    """Whoever can write the state dir can pre-seed "clean" verdicts or plant a symlink
+    that sqlite (run as root) would follow: refuse one not owned by our euid or writable by
+    group/other."""
+    try:
+        st = os.stat(state_dir)
+    except OSError as exc:
+        raise StateDirError(f"state dir {state_dir}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"state dir {state_dir} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StateDirError(f"state dir {state_dir} is owned by uid {st.st_uid}, not by the daemon's euid "
+                            f"{os.geteuid()}: chown it or choose another state.dir")
+    if st.st_mode & 0o022:
+        raise StateDirError(f"state dir {state_dir} is group/other-writable (mode {stat.S_IMODE(st.st_mode):04o}): "
+                            f"chmod 0700 it or choose another state.dir")
+
+
+def _check_own_file(path: str) -> bool:
+    """True if `path` exists as a regular file of ours (then made 0600), False if absent;
+    anything else (a symlink, someone else's file) is refused, never opened."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        raise StateDirError(f"{path} is not a regular file owned by uid {os.geteuid()} (a symlink or a planted "
+                            f"file?): refusing to open it; remove it")
+    if stat.S_IMODE(st.st_mode) != 0o600:
+        os.chmod(path, 0o600, follow_symlinks=False)
+    return True
+
+
 class Baseline:
     FILE = "baseline.sqlite3"
+    SIDE_FILES = ("-wal", "-shm", "-journal")
 
     def __init__(self, state_dir: str, fingerprint: str):
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        check_state_dir(state_dir)
         self.path = os.path.join(state_dir, self.FILE)
         self.fingerprint = fingerprint
         self._lock = threading.Lock()
+        for suffix in self.SIDE_FILES:
+            _check_own_file(self.path + suffix)
+        if not _check_own_file(self.path):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for suffix in self.SIDE_FILES:  # sqlite copies the db's mode; make sure
+            _check_own_file(self.path + suffix)
         self._db.execute("PRAGMA synchronous=NORMAL")
         cols = [r[1] for r in self._db.execute("PRAGMA table_info(files)").fetchall()]
         if cols and "ctime_ns" not in cols:  # pre-ctime baseline: its identities can be forged

@@ -84,3 +84,50 @@ def test_baseline_without_ctime_column_is_rebuilt(tmp_path):
     out = cli("run", "--once", "--root", str(root), "--state-dir", state)
     assert out.returncode == 1, out.stderr
     assert [e["event"] for e in events(out.stdout) if e.get("path") == str(f) and e["event"].startswith("scan.")] == ["scan.finding"]
+
+
+def test_state_dir_writable_by_others_or_with_planted_symlink_is_refused(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "ok.pkl").write_bytes(BENIGN)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    out = cli("run", "--once", "--root", str(root), "--state-dir", str(shared))
+    assert out.returncode == 78 and "group/other-writable" in out.stderr
+    assert os.listdir(shared) == [] and stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    planted = tmp_path / "planted"
+    os.mkdir(planted, 0o700)
+    target = tmp_path / "target"
+    os.symlink(target, planted / "baseline.sqlite3")
+    out = cli("run", "--once", "--root", str(root), "--state-dir", str(planted))
+    assert out.returncode == 78 and "not a regular file" in out.stderr
+    assert not os.path.exists(target)
+    os.unlink(planted / "baseline.sqlite3")
+    os.symlink(target, planted / "baseline.sqlite3-wal")
+    assert cli("run", "--once", "--root", str(root), "--state-dir", str(planted)).returncode == 78
+    assert not os.path.exists(target)
+
+
+def test_fresh_baseline_and_wal_are_private_under_a_loose_umask(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.modelscand.test_cli import REPO
+
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "ok.pkl").write_bytes(BENIGN)
+    state = tmp_path / "fresh"
+    code = ("import os, sys; os.umask(0o022); from modelscand.state import Baseline; b = Baseline(sys.argv[1], 'f'); "
+            "b.set_meta(x=1); print(sorted(os.listdir(sys.argv[1]))); "
+            "print({n: oct(os.stat(os.path.join(sys.argv[1], n)).st_mode & 0o777) for n in os.listdir(sys.argv[1])})")
+    out = subprocess.run([sys.executable, "-c", code, str(state)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    modes = eval(out.stdout.splitlines()[1])
+    assert "baseline.sqlite3-wal" in modes and set(modes.values()) == {"0o600"}, modes
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    res = subprocess.run([sys.executable, "-m", "modelscand.cli", "run", "--once", "--root", str(root), "--state-dir",
+                          str(state)], capture_output=True, text=True, cwd=REPO, preexec_fn=lambda: os.umask(0o022))
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(os.stat(state / "baseline.sqlite3").st_mode) == 0o600
