@@ -572,7 +572,8 @@ class Daemon:
         with self._lock:
             self._inflight[ident.inode] = (cand, ident)
         root = self.roots.get(cand.root) or self.root_for(cand.path)
-        job = {"path": cand.path, "inode": list(ident.inode), "name": os.path.basename(cand.path), "kind": "model"}
+        job = {"path": cand.path, "root": cand.root, "inode": list(ident.inode), "name": os.path.basename(cand.path),
+               "kind": "model"}
         code = self._code_rule(cand.path, root)
         if code is not None:
             job.update(kind="code", code_rule=code[0], code_description=code[1],

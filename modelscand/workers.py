@@ -8,7 +8,9 @@ time is killed and replaced, and the file gets an ``error`` verdict. Memory is c
 ``RLIMIT_AS`` inside the worker (a `MemoryError` there is an ``incomplete`` verdict from the
 engine, an outright kill is a crash).
 
-The scan itself opens the file with ``O_RDONLY|O_NOFOLLOW|O_NONBLOCK``, requires a regular
+The scan itself opens the file below its root one component at a time (``O_DIRECTORY|
+O_NOFOLLOW`` dir fds, then ``O_RDONLY|O_NOFOLLOW|O_NONBLOCK``): a directory swapped for a
+symlink out of the root is an error verdict, never a read. It requires a regular
 file with the inode the scheduler saw, scans through that fd, and compares
 ``(dev, ino, size, mtime, ctime)`` before and after: a file changed under the scan is reported as
 ``changed`` and queued again instead of getting a verdict for bytes that no longer exist.
@@ -40,19 +42,68 @@ def _ident(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class Escape(Exception):
+    """The path leaves its root (a symlinked directory component, "..", another root)."""
+
+
+def open_beneath(root: str, path: str) -> tuple[int, int, str]:
+    """(file fd, parent dir fd, basename): `path` opened below `root` one component at a
+    time, never following a symlink, so a directory swapped for a link out of the root
+    between the event and the scan cannot redirect the read. Raises Escape or OSError."""
+    rel = os.path.relpath(path, root)
+    if rel == "." and os.path.dirname(root) != root:  # a file given as its own root (`scan FILE`)
+        root, rel = os.path.dirname(root), os.path.basename(root)
+    parts = rel.split(os.sep)
+    if rel.startswith("..") or os.path.isabs(rel) or rel == "." or any(p in ("", ".", "..") for p in parts):
+        raise Escape(f"not below its root {root}")
+    dfd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself is realpath'd by the config
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, DIR_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Escape(f"directory component {part!r} is a symlink or not a directory") from None
+                raise
+            os.close(dfd)
+            dfd = nfd
+        fd = os.open(parts[-1], OPEN_FLAGS, dir_fd=dfd)
+    except BaseException:
+        os.close(dfd)
+        raise
+    return fd, dfd, parts[-1]
+
+
 def scan_job(job: dict[str, Any], settings) -> dict[str, Any]:
     """Scan one file through a verified fd. Never raises for bad input."""
-    from modelscan_core.engine import scan_stream, sha256_stream
-
     path = job["path"]
+    dfd = None
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        if job.get("root"):
+            fd, dfd, base = open_beneath(job["root"], path)
+        else:
+            fd = os.open(path, OPEN_FLAGS)
+    except Escape as exc:
+        return {"status": "error", "error": f"path escapes the watched root: {exc}; not scanned", "escape": True}
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return {"status": "gone"}
         if exc.errno == errno.ELOOP:
             return {"status": "error", "error": "is a symlink; not followed"}
         return {"status": "error", "error": f"cannot open: {exc.strerror or exc}"}
+    try:
+        return _scan_fd(job, settings, path, fd, dfd)
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
+def _scan_fd(job, settings, path, fd, dfd) -> dict[str, Any]:
+    from modelscan_core.engine import scan_stream, sha256_stream
+
     with os.fdopen(fd, "rb", buffering=0) as stream:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -95,7 +146,10 @@ def scan_job(job: dict[str, Any], settings) -> dict[str, Any]:
             }
         after = _ident(os.fstat(fd))
         try:
-            now = _ident(os.lstat(path))
+            if dfd is not None:
+                now = _ident(os.stat(os.path.basename(path), dir_fd=dfd, follow_symlinks=False))
+            else:
+                now = _ident(os.lstat(path))
         except OSError:
             now = None
     result.update(status="ok", identity=before, changed=(after != before or (now is not None and now != before)))

@@ -131,3 +131,40 @@ def test_fresh_baseline_and_wal_are_private_under_a_loose_umask(tmp_path):
                           str(state)], capture_output=True, text=True, cwd=REPO, preexec_fn=lambda: os.umask(0o022))
     assert res.returncode == 0, res.stderr
     assert stat.S_IMODE(os.stat(state / "baseline.sqlite3").st_mode) == 0o600
+
+
+def test_directory_swapped_for_a_symlink_out_of_the_root_is_an_error_never_a_read(tmp_path):
+    from modelscan_core.settings import Settings
+
+    from modelscand.workers import scan_job
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.pkl").write_bytes(EVIL)
+    decoy = root / "d" / "secret.pkl"
+    decoy.write_bytes(BENIGN)
+    ok = scan_job({"path": str(decoy), "root": str(root), "inode": [decoy.stat().st_dev, decoy.stat().st_ino],
+                   "name": "secret.pkl", "kind": "model"}, Settings())
+    assert ok["status"] == "ok" and ok["verdict"] == "clean"
+    os.rename(root / "d", root / "d.old")
+    os.symlink(outside, root / "d")  # the path now resolves to the outside file
+    st = os.stat(decoy)
+    for inode in ([st.st_dev, st.st_ino], None):
+        r = scan_job({"path": str(decoy), "root": str(root), "inode": inode, "name": "secret.pkl", "kind": "model"},
+                     Settings())
+        assert r["status"] == "error" and "escapes the watched root" in r["error"] and "sha256" not in r
+
+
+def test_swapped_parent_directory_in_a_running_daemon_logs_an_error_verdict(running, root, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.pkl").write_bytes(EVIL)
+    (root / "d").mkdir()
+    with running(str(root)) as h:
+        d = root / "d"
+        os.rename(d, root / "d.old")
+        os.symlink(outside, d)
+        h.daemon.offer(str(d / "secret.pkl"), "renamed", h.daemon.roots[str(root)])  # the late event
+        ev = h.wait_scan(str(d / "secret.pkl"))
+        assert ev["event"] == "scan.error" and "escapes the watched root" in ev["error"] and ev["sha256"] is None
