@@ -47,7 +47,7 @@ from modelscand.queue import Candidate, Rescan, WorkQueue
 from modelscand.state import Baseline, Identity
 from modelscand.watcher import OverflowTrap, RootWatch
 from modelscand.workers import DEFAULT_SCAN_FUNCTION, WorkerPool
-from modelscand.writers import COMPLETE_ON, is_temp
+from modelscand.writers import COMPLETE_ON, is_temp, temp_rule
 
 EVENTS = {
     "clean": ("scan.clean", "info"),
@@ -408,6 +408,8 @@ class Daemon:
         seen: set[tuple[int, int]] = set()
         files = queued = dirs = 0
         complete = True
+        # temp-named files untouched this long are no download in progress: scan them too
+        stale_after = float(self.config.watch["stale_temp_after"])
 
         def onerror(exc: OSError) -> None:
             nonlocal complete
@@ -425,7 +427,8 @@ class Daemon:
                 break
             for name in names:
                 path = os.path.join(dirpath, name)
-                if is_temp(name) or self.excluded(path, root.path):
+                temp = is_temp(name)
+                if (temp and not stale_after) or self.excluded(path, root.path):
                     continue
                 try:
                     st = os.lstat(path)
@@ -433,6 +436,8 @@ class Daemon:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue  # symlinks: their targets are walked in their own root (or not followed)
+                if temp and time.time() - st.st_mtime < stale_after:
+                    continue  # a download in progress: its rename is the signal
                 files += 1
                 ident = Identity.of(st)
                 seen.add(ident.inode)
@@ -441,7 +446,7 @@ class Daemon:
                     if self.report_cached:
                         self._log_cached(path, row)
                     continue
-                if self.queue.put(Candidate(path, ident.inode, "reconcile", root.path)):
+                if self.queue.put(Candidate(path, ident.inode, "stale_temp" if temp else "reconcile", root.path)):
                     queued += 1
         if top == root.path:
             self.dir_count = max(self.dir_count, dirs) if why != "startup" else self.dir_count + dirs
@@ -632,6 +637,9 @@ class Daemon:
             "rule_ids": rule_ids, "inode": list(ident.inode), "scan_ms": result.get("scan_ms"),
             "latency_ms": round((time.monotonic() - cand.since) * 1000, 2),
         }
+        rule = temp_rule(os.path.basename(cand.path))
+        if rule is not None:
+            fields["temp"] = {"writer": rule.name, "status": "stale" if cand.reason == "stale_temp" else "temp"}
         if findings:
             fields["findings"] = findings
         if result.get("errors"):

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-_RANK = {"rescan": 0, "reconcile": 1, "created": 2, "closed": 3, "renamed": 4}
+_RANK = {"rescan": 0, "reconcile": 1, "stale_temp": 1, "created": 2, "closed": 3, "renamed": 4}
 
 
 @dataclass

@@ -77,4 +77,5 @@ COMPLETE_ON = {
     "created": False,  # Created only (mkdir -p + write, renamed in from outside): probe + stable
     "reconcile": False,  # found by a walk: may be mid-write (Keras), so probe
     "rescan": False,
+    "stale_temp": False,  # a temp name untouched for watch.stale_temp_after: probe like a walk
 }

@@ -168,3 +168,25 @@ def test_swapped_parent_directory_in_a_running_daemon_logs_an_error_verdict(runn
         h.daemon.offer(str(d / "secret.pkl"), "renamed", h.daemon.roots[str(root)])  # the late event
         ev = h.wait_scan(str(d / "secret.pkl"))
         assert ev["event"] == "scan.error" and "escapes the watched root" in ev["error"] and ev["sha256"] is None
+
+
+def test_stale_temp_named_files_are_scanned_by_the_reconciliation_walk(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    stale = ["tmp_model.pkl", "weights.pt.part", "model-partial", "resnet.incomplete", ".#model.pkl",
+             "pytorch_model.bin.crdownload", ".cache.tmp"]
+    for n in stale + ["fresh.incomplete"]:
+        (root / n).write_bytes(EVIL)
+    for n in stale:
+        os.utime(root / n, (1, 1))
+    out = cli("run", "--once", "--root", str(root), "--state-dir", _state(tmp_path))
+    assert out.returncode == 1, out.stderr
+    seen = {os.path.basename(e["path"]): e for e in events(out.stdout) if e["event"].startswith("scan.")}
+    assert set(seen) == set(stale)  # the fresh download is left alone
+    for n in stale:
+        assert seen[n]["event"] == "scan.finding" and seen[n]["reason"] == "stale_temp"
+        assert seen[n]["temp"]["status"] == "stale" and seen[n]["temp"]["writer"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[watch]\nstale_temp_after = 0\n")
+    off = cli("run", "--once", "--config", str(cfg), "--root", str(root), "--state-dir", _state(tmp_path, "s2"))
+    assert off.returncode == 0 and not [e for e in events(off.stdout) if e["event"].startswith("scan.")]
