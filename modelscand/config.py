@@ -56,6 +56,7 @@ def defaults() -> dict[str, Any]:
             "queue_size": 20000,
             "settle_time": 0.2,
             "busy_recheck": 2.0,
+            "busy_max_wait": 300.0,
             "stale_temp_after": 600.0,
         },
         "scan": {
@@ -161,7 +162,8 @@ class Config:
                 raise ConfigError(f"watch.users: no such user {user!r}") from None
         if not isinstance(w["conventions"], bool):
             raise ConfigError("watch.conventions must be true or false")
-        for key in ("reconcile_interval", "root_retry_interval", "settle_time", "busy_recheck", "stale_temp_after"):
+        for key in ("reconcile_interval", "root_retry_interval", "settle_time", "busy_recheck", "busy_max_wait",
+                    "stale_temp_after"):
             _number(w, "watch", key, minimum=0)
         if w["root_retry_interval"] <= 0 or w["busy_recheck"] <= 0:
             raise ConfigError("watch.root_retry_interval and watch.busy_recheck must be > 0")

@@ -124,6 +124,7 @@ class Daemon:
         self.last_overflow: float | None = None
         self.dir_count = 0
         self.started_at = time.time()
+        self.once = False  # run --once: nothing waits for writers
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -177,6 +178,7 @@ class Daemon:
 
     def run_once(self, max_wait: float | None = None) -> int:
         """Walk, drain, report, exit: 1 findings at/above threshold, 2 scan errors, else 0."""
+        self.once = True
         self.start()
         self.wait_idle(timeout=max_wait)
         with self._lock:
@@ -541,8 +543,19 @@ class Daemon:
         if not COMPLETE_ON.get(cand.reason, False):
             state = writer_state(cand.path)
             if state == "busy":
+                waited = time.monotonic() - cand.since
+                limit = float(self.config.watch["busy_max_wait"])
+                if self.once or waited >= limit:
+                    # a writer that never lets go must not keep the file unscanned and unreported
+                    self.log.warning("scan.deferred", path=cand.path, waited_s=round(waited, 1),
+                                     why="a writer still holds the file open",
+                                     answer="scanning a snapshot now" + (" (run --once does not wait)"
+                                                                         if self.once else ""))
+                    self._submit(cand, ident)
+                    return
                 cand.attempts += 1
-                delay = min(BUSY_MAX_RECHECK, self.config.watch["busy_recheck"] * (2 ** min(cand.attempts - 1, 4)))
+                delay = min(BUSY_MAX_RECHECK, self.config.watch["busy_recheck"] * (2 ** min(cand.attempts - 1, 4)),
+                            max(0.05, limit - waited))
                 self.log.debug("scan.wait_writer", path=cand.path, recheck_s=delay)
                 self._park(cand, delay)
                 return

@@ -190,3 +190,33 @@ def test_stale_temp_named_files_are_scanned_by_the_reconciliation_walk(tmp_path)
     cfg.write_text("[watch]\nstale_temp_after = 0\n")
     off = cli("run", "--once", "--config", str(cfg), "--root", str(root), "--state-dir", _state(tmp_path, "s2"))
     assert off.returncode == 0 and not [e for e in events(off.stdout) if e["event"].startswith("scan.")]
+
+
+def test_file_held_open_for_writing_is_scanned_after_a_bounded_wait_with_a_warning(running, root):
+    with running(str(root), watch__busy_max_wait=1.5) as h:
+        p = root / "model.pkl"
+        with open(p, "wb") as held:
+            held.write(EVIL)
+            held.flush()
+            os.fsync(held.fileno())
+            os.utime(p)  # an event while the fd stays open
+            with open(p, "rb"):
+                pass  # a reader's close: a Closed event while the writer still holds it
+            ev = h.wait_scan(str(p), timeout=30)
+            assert ev["event"] == "scan.finding"
+            warn = h.wait_event("scan.deferred", path=str(p))
+            assert warn["level"] == "warning" and warn["waited_s"] >= 1.0
+
+
+def test_run_once_does_not_wait_for_a_writer_that_never_closes(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    p = root / "model.pkl"
+    with open(p, "wb") as held:
+        held.write(EVIL)
+        held.flush()
+        out = cli("run", "--once", "--root", str(root), "--state-dir", _state(tmp_path), timeout=60)
+    evs = events(out.stdout)
+    assert out.returncode == 1, out.stderr
+    assert [e["level"] for e in evs if e["event"] == "scan.deferred" and e["path"] == str(p)] == ["warning"]
+    assert [e["event"] for e in evs if e["event"].startswith("scan.") and e["event"] != "scan.deferred"] == ["scan.finding"]
