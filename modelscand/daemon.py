@@ -108,6 +108,7 @@ class Daemon:
         self._inflight: dict[tuple[int, int], tuple[Candidate, Identity]] = {}
         self._dirty: set[tuple[int, int]] = set()
         self._parked: list = []
+        self._waiting: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked on its writer
         self._seq = itertools.count()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -503,6 +504,11 @@ class Daemon:
             self.log.error("daemon.internal_error", where=fn.__name__, error=f"{type(exc).__name__}: {exc}")
 
     def _consider(self, cand: Candidate) -> None:
+        waiting_on = getattr(cand, "waiting_on", None)
+        if waiting_on is not None:
+            with self._lock:
+                if self._waiting.get(waiting_on) is cand:
+                    del self._waiting[waiting_on]
         try:
             st = os.lstat(cand.path)
         except OSError:
@@ -543,6 +549,11 @@ class Daemon:
         if not COMPLETE_ON.get(cand.reason, False):
             state = writer_state(cand.path)
             if state == "busy":
+                with self._lock:
+                    if ident.inode in self._waiting:
+                        return  # one candidate already waits on this writer (a burst of Modified events)
+                    self._waiting[ident.inode] = cand
+                    cand.waiting_on = ident.inode
                 waited = time.monotonic() - cand.since
                 limit = float(self.config.watch["busy_max_wait"])
                 if self.once or waited >= limit:
@@ -551,6 +562,8 @@ class Daemon:
                                      why="a writer still holds the file open",
                                      answer="scanning a snapshot now" + (" (run --once does not wait)"
                                                                          if self.once else ""))
+                    with self._lock:
+                        self._waiting.pop(ident.inode, None)
                     self._submit(cand, ident)
                     return
                 cand.attempts += 1

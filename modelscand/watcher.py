@@ -7,7 +7,7 @@ What watchdog 7.1 does on Linux, and what this module does about it:
   a root that fails is reported and retried by the daemon;
 - a symlinked root sees no new subdirectories -> roots are already ``realpath``'d;
 - an ``event_filter`` without ``FileCreatedEvent`` loses files in new directories -> no
-  filter: Created, Closed and Moved all reach the handler, which ignores the rest;
+  filter: Created, Modified, Closed and Moved all reach the handler, which ignores the rest;
 - the handler raising kills the dispatcher thread silently -> `dispatch` never raises;
   an exception is logged (``watch.handler_error``) and answered with a rescan of the root;
 - a subdirectory whose watch fails (ENOSPC, EACCES) is skipped without a log line -> our
@@ -34,7 +34,9 @@ from modelscand import logging as mlog
 OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
 #: event_type -> the candidate reason it produces (others are ignored)
-REASONS = {"moved": "renamed", "closed": "closed", "created": "created"}
+# "modified": an in-place rewrite through an fd that is never closed produces no Closed event;
+# the scheduler waits for such a writer at most watch.busy_max_wait seconds
+REASONS = {"moved": "renamed", "closed": "closed", "created": "created", "modified": "modified"}
 
 
 class _LoudWatchGroup(InotifyWatchGroup):

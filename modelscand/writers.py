@@ -77,5 +77,6 @@ COMPLETE_ON = {
     "created": False,  # Created only (mkdir -p + write, renamed in from outside): probe + stable
     "reconcile": False,  # found by a walk: may be mid-write (Keras), so probe
     "rescan": False,
+    "modified": False,  # written in place, maybe still open: probe (bounded by watch.busy_max_wait)
     "stale_temp": False,  # a temp name untouched for watch.stale_temp_after: probe like a walk
 }

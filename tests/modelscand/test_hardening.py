@@ -220,3 +220,18 @@ def test_run_once_does_not_wait_for_a_writer_that_never_closes(tmp_path):
     assert out.returncode == 1, out.stderr
     assert [e["level"] for e in evs if e["event"] == "scan.deferred" and e["path"] == str(p)] == ["warning"]
     assert [e["event"] for e in evs if e["event"].startswith("scan.") and e["event"] != "scan.deferred"] == ["scan.finding"]
+
+
+def test_in_place_rewrite_through_an_fd_kept_open_is_scanned_after_the_bounded_wait(running, root):
+    p = root / "model.pkl"
+    good = b"\x80\x02X" + (len(EVIL) - 8).to_bytes(4, "little") + b"A" * (len(EVIL) - 8) + b"."
+    with running(str(root), watch__busy_max_wait=1.5) as h:
+        p.write_bytes(good)
+        assert h.wait_scan(str(p), timeout=30)["event"] == "scan.clean"
+        with open(p, "r+b") as held:  # no Closed event until the end of the test: only Modified
+            held.write(EVIL)
+            held.flush()
+            warn = h.wait_event("scan.deferred", timeout=30, path=str(p))
+            assert warn["level"] == "warning"
+            h.wait_for(lambda h: [e for e in h.scans(str(p)) if e["event"] == "scan.finding"], timeout=30,
+                       what="the rewritten bytes scanned")
