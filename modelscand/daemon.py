@@ -108,6 +108,7 @@ class Daemon:
         self._inflight: dict[tuple[int, int], tuple[Candidate, Identity]] = {}
         self._dirty: set[tuple[int, int]] = set()
         self._parked: list = []
+        self._unparking = 0
         self._waiting: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked on its writer
         self._seq = itertools.count()
         self._stop = threading.Event()
@@ -226,7 +227,7 @@ class Daemon:
     def idle(self, include_parked: bool = True) -> bool:
         with self._lock:
             return (self.queue.empty() and not self._inflight and self._reconciling == 0
-                    and not self._reconcile_pending and (not include_parked or not self._parked)
+                    and not self._reconcile_pending and (not include_parked or not (self._parked or self._unparking))
                     and (self.pool is None or self.pool.pending == 0))
 
     def wait_idle(self, timeout: float | None = None, include_parked: bool = True) -> bool:
@@ -485,15 +486,24 @@ class Daemon:
                     if not self._parked or self._parked[0][0] > now:
                         break
                     _, _, cand = heapq.heappop(self._parked)
-                self._guard(self._consider, cand)
+                    self._unparking += 1  # not idle between the pop and a submit/park
+                try:
+                    self._guard(self._consider, cand)
+                finally:
+                    with self._lock:
+                        self._unparking -= 1
             if item is None:
                 if self.queue._closed:
                     return
-            elif isinstance(item, Rescan):
-                self.log.info("watch.rescan", root=item.root, why=item.why)
-                self.request_reconcile(item.root, item.why)
             else:
-                self._guard(self._consider, item)
+                try:
+                    if isinstance(item, Rescan):
+                        self.log.info("watch.rescan", root=item.root, why=item.why)
+                        self.request_reconcile(item.root, item.why)
+                    else:
+                        self._guard(self._consider, item)
+                finally:
+                    self.queue.done()
             with self._idle:
                 self._idle.notify_all()
 

@@ -51,6 +51,7 @@ class WorkQueue:
         self.full_episodes = 0
         self._in_full = False
         self._closed = False
+        self.in_hand = 0  # taken by get(), not yet done(): a run --once must not stop in between
 
     def __len__(self) -> int:
         with self._cond:
@@ -115,9 +116,11 @@ class WorkQueue:
                 self._cond.wait(left)
             if self._rescans:
                 _, marker = self._rescans.popitem(last=False)
+                self.in_hand += 1
                 return marker
             if self._items:
                 _, cand = self._items.popitem(last=False)
+                self.in_hand += 1
                 if len(self._items) < self.maxsize // 2:
                     self._in_full = False
                 self._cond.notify_all()
@@ -133,6 +136,12 @@ class WorkQueue:
             self._closed = True
             self._cond.notify_all()
 
+    def done(self) -> None:
+        """The consumer finished an item from get(): until then the queue is not empty()."""
+        with self._cond:
+            self.in_hand -= 1
+            self._cond.notify_all()
+
     def empty(self) -> bool:
         with self._cond:
-            return not self._items and not self._rescans
+            return not self._items and not self._rescans and not self.in_hand
