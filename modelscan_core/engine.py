@@ -88,7 +88,7 @@ def scan_stream(
     try:
         if compute_hash and size <= HASH_LIMIT:
             sha256 = sha256_stream(stream)
-        return _Scan(settings, source).scan_item(stream, source, size, name or source, None, sha256=sha256)
+        return _Scan(settings).scan_item(stream, source, size, name or source, None, sha256=sha256)
     except OSError as exc:
         return FileResult(source, "unknown", size=size, errors=(ScanError("PATH", f"read failed: {exc.strerror or exc}", source),), scanned=False)
 
@@ -96,12 +96,11 @@ def scan_stream(
 class _Scan:
     """One top-level file: shared limits (members, bytes) across everything it contains."""
 
-    def __init__(self, settings: Settings, top: str):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.limits = settings.limits
         self.members = 0
         self.decompressed = 0  # bytes produced by decompression/extraction, for limits.max_total_bytes
-        self.top = top
 
     def scan_item(
         self,

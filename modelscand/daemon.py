@@ -149,7 +149,7 @@ class Daemon:
         if not roots:
             self.log.warning("watch.no_roots", hint="add [watch] roots or enable conventions")
         for root in roots:
-            self._add_root(root, initial=True)
+            self._add_root(root)
         # the start-up reconciliation: synchronous, before READY
         for root in list(self.roots.values()):
             self._reconcile(root, "startup")
@@ -240,7 +240,7 @@ class Daemon:
         return True
 
     # ------------------------------------------------------------------ roots
-    def _add_root(self, root: Root, initial: bool = False) -> bool:
+    def _add_root(self, root: Root) -> bool:
         if not os.path.isdir(root.path):
             with self._lock:
                 first = root.configured not in self.missing

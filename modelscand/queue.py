@@ -48,7 +48,6 @@ class WorkQueue:
         self._rescans: OrderedDict[str, Rescan] = OrderedDict()
         self._cond = threading.Condition()
         self.dropped = 0
-        self.full_episodes = 0
         self._in_full = False
         self._closed = False
         self.in_hand = 0  # taken by get(), not yet done(): a run --once must not stop in between
@@ -66,7 +65,6 @@ class WorkQueue:
                 self.dropped += 1
                 if not self._in_full:
                     self._in_full = True
-                    self.full_episodes += 1
                 self._rescans.setdefault(cand.root, Rescan(cand.root, "queue_full"))
                 self._cond.notify()
                 return False

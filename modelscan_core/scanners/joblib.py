@@ -64,7 +64,6 @@ class JoblibHook:
     def __init__(self, stream: BinaryIO, size: int | None, ctx: ScanContext, scanner: str):
         self.stream, self.size, self.ctx, self.scanner = stream, size, ctx, scanner
         self.dtype_states: dict[int, tuple[Call, object]] = {}
-        self.arrays = 0
 
     def __call__(self, vm: PickleVM, target: object, state: object, offset: int) -> object:
         if isinstance(target, Call) and isinstance(target.func, GlobalRef) and (target.func.module, target.func.name) in _DTYPE:
@@ -88,7 +87,6 @@ class JoblibHook:
         if any(n < 0 for n in shape):
             raise PickleError(f"joblib array at offset {offset} has a negative dimension", offset)
         itemsize, hasobject = self._dtype(dtype, offset)
-        self.arrays += 1
         if hasobject:
             self._object_array(vm, offset)
             return

@@ -23,7 +23,7 @@ import lzma
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from modelscan_core.scanners.interface import ScanContext
 
@@ -199,23 +199,3 @@ def _lz4(counted: _Counted, sink: _Sink) -> None:
             if dec.needs_input or dec.eof:
                 break
             out = dec.decompress(b"", max_length=CHUNK)
-
-
-def spool_from(ctx: ScanContext, fill: Callable[[Callable[[bytes], bool]], None], declared_input: int | None = None) -> Spooled:
-    """A spool filled by `fill(write)` (an extractor that pushes bytes); write returns False at a limit."""
-    sink = _Sink(ctx, None, declared_input)
-    error = None
-    try:
-        fill(sink.write)
-    except Exception as exc:  # an extractor's own error: report it, keep what was spooled
-        error = f"{type(exc).__name__}: {exc}"
-    return sink.finish(error)
-
-
-def copy_to_spool(stream: BinaryIO, ctx: ScanContext) -> Spooled:
-    """A seekable copy of a stream that is not (charged like decompressed bytes)."""
-    sink = _Sink(ctx, None, None)
-    while data := stream.read(CHUNK):
-        if not sink.write(data):
-            break
-    return sink.finish()

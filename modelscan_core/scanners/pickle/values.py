@@ -17,8 +17,6 @@ BUILT = 2  # received state through BUILD (__setstate__ or __dict__ update)
 NEW = 4  # cls.__new__(cls, ...) via NEWOBJ / NEWOBJ_EX / copyreg reconstructors
 CALLED = 8  # called with arguments: REDUCE, INST, OBJ
 
-USE_NAMES = {REFERENCED: "referenced", BUILT: "given state", NEW: "instantiated", CALLED: "called"}
-
 #: how many items a container keeps for display
 DISPLAY_ITEMS = 8
 
