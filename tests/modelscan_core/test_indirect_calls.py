@@ -244,3 +244,12 @@ def test_tar_with_a_base256_checksum_is_still_read(tmp_path):
 def test_pickle_opening_with_an_operand_longer_than_any_window(scan_bytes, first):
     result = scan_bytes(first + b"0" + PAYLOAD[2:], "pytorch_model.bin")
     assert result.file.format == "pickle" and result.worst == Severity.CRITICAL
+
+
+def test_long_nested_payload_wrapped_like_protocol_2_bytes(scan_bytes):
+    # longer than the VM keeps inline: the text stays in the file and is read back for the scan
+    big = pickle.dumps(Reduce(os.system, ("x" * 6000,)), protocol=2)
+    data = b"\x80\x02" + g("collections", "OrderedDict") + g("_codecs", "encode") + s(big.decode("latin-1")) \
+        + s("latin1") + b"\x86R\x85R."
+    result = scan_bytes(data)
+    assert any(f.severity == Severity.CRITICAL and ":pickle@" in f.source for f in result.report.findings())

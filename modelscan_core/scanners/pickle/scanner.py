@@ -68,9 +68,9 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
             _nested_payloads(ref, ctx, stream, payloads)
         for call in ref.calls:  # bytes holding a pickle, passed to anything: scan it too
             for arg in call.args if isinstance(call.args, tuple) else ():
-                payload = static_bytes(arg, stream)
-                if payload is not None and _looks_like_pickle(payload, stream):
-                    payloads.setdefault(call.offset, payload)
+                head = static_bytes(arg, stream, limit=2)  # cheap: array data is not re-encoded
+                if head is not None and _looks_like_pickle(head, stream):
+                    payloads.setdefault(call.offset, static_bytes(arg, stream))
         if id(ref) in indirect.suppressed:
             continue
         judgement = policy.judge(ref.module, ref.name, ref.uses)
@@ -157,11 +157,14 @@ _LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
 _MAX_TEXT_PAYLOAD = 64 << 20
 
 
-def static_bytes(value: object, stream: BinaryIO) -> bytes | Blob | None:
+def static_bytes(value: object, stream: BinaryIO, limit: int | None = None) -> bytes | Blob | None:
     """The bytes a value stands for, when the pickle fixes them: literal bytes (inline or left
-    in the file), `_codecs.encode(text, "latin1")`, `bytes(...)`, `bytearray(...)`, `BytesIO(...)`."""
+    in the file), `_codecs.encode(text, "latin1")`, `bytes(...)`, `bytearray(...)`, `BytesIO(...)`.
+
+    With `limit`, only (at least) the first `limit` bytes matter: long text is not read whole.
+    """
     if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
+        return bytes(value[:limit] if limit is not None else value)
     if isinstance(value, Blob):
         return value if not value.is_text else None
     if not isinstance(value, Call) or not isinstance(value.func, GlobalRef):
@@ -171,16 +174,21 @@ def static_bytes(value: object, stream: BinaryIO) -> bytes | Blob | None:
     if key in _ENCODERS and args:
         encoding = args[1] if len(args) > 1 else "utf-8"
         text = args[0]
-        if isinstance(text, Blob) and text.is_text and text.length <= _MAX_TEXT_PAYLOAD:
+        if isinstance(text, Blob) and text.is_text and limit is not None:
+            # at most 4 UTF-8 bytes a character; a character cut at the end is dropped
+            text = _read(stream, Blob(text.offset, min(text.length, 4 * limit))).decode("utf-8", "ignore")
+        elif isinstance(text, Blob) and text.is_text and text.length <= _MAX_TEXT_PAYLOAD:
             text = _read(stream, text).decode("utf-8", "surrogatepass")
         if not isinstance(text, str) or not isinstance(encoding, str):
             return None
+        if limit is not None:
+            text = text[:limit]
         try:
             return text.encode("latin-1" if encoding.lower() in _LATIN1 else encoding)
         except (UnicodeError, LookupError):
             return None
     if key in _BYTES_WRAPPERS and len(args) == 1:
-        return static_bytes(args[0], stream)
+        return static_bytes(args[0], stream, limit)
     return None
 
 
