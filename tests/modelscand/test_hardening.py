@@ -165,7 +165,7 @@ def test_swapped_parent_directory_in_a_running_daemon_logs_an_error_verdict(runn
         d = root / "d"
         os.rename(d, root / "d.old")
         os.symlink(outside, d)
-        h.daemon.offer(str(d / "secret.pkl"), "renamed", h.daemon.roots[str(root)])  # the late event
+        h.daemon.offer(str(d / "secret.pkl"), "renamed", h.daemon.roots.get(str(root)))  # the late event
         ev = h.wait_scan(str(d / "secret.pkl"))
         assert ev["event"] == "scan.error" and "escapes the watched root" in ev["error"] and ev["sha256"] is None
 

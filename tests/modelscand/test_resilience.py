@@ -21,9 +21,8 @@ def test_simulated_overflow_triggers_root_rescan(running, root):
                 raise _Dropped()
 
         h.daemon.handler_hook = drop_events
-        h.daemon._on_handler_error = lambda *a: None  # dropped silently, as the kernel would
         for w in h.daemon.watches.values():
-            w._on_handler_error = lambda *a: None
+            w._on_handler_error = lambda *a: None  # dropped silently, as the kernel would
         for i in range(20):
             (root / f"lost{i}.pkl").write_bytes(EVIL if i == 7 else BENIGN)
         lost.clear()

@@ -1,0 +1,135 @@
+"""Reconciliation: walk a root against the baseline and queue whatever it does not know.
+
+This is what makes the guarantee hold when inotify cannot: at start-up (before READY),
+periodically, after an overflow, a handler error or a full queue, for a root that appeared
+late, and for sub-directories whose watch failed. A file whose identity the baseline knows
+costs one `lstat` and one indexed lookup; everything else is queued with a blocking put
+(back-pressure: a walk can wait, an event handler cannot). Requests for a root that is
+already waiting for a walk are coalesced.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as _queue
+import stat
+import threading
+import time
+from typing import Callable
+
+from modelscand.activity import Activity
+from modelscand.config import Config, Root
+from modelscand.queue import Candidate, WorkQueue
+from modelscand.roots import Roots
+from modelscand.state import Baseline, Identity
+from modelscand.writers import is_temp
+
+
+class Reconciler:
+    def __init__(self, config: Callable[[], Config], roots: Roots, queue: WorkQueue, baseline: Callable[[], Baseline],
+                 log, activity: Activity, *, stopping: threading.Event,
+                 on_cached: Callable[[str, object], None] | None = None):
+        self._config = config
+        self.roots = roots
+        self.queue = queue
+        self._baseline = baseline
+        self.log = log
+        self.activity = activity
+        self._stopping = stopping
+        self.on_cached = on_cached  # run --once: report what the baseline already knows
+        self._requests: _queue.Queue = _queue.Queue()
+        self._pending: set[str] = set()
+        self._running = 0
+        self._lock = threading.Lock()
+        self.dir_count = 0
+
+    # ------------------------------------------------------------------ requests
+    def request(self, root_path: str, why: str) -> None:
+        with self._lock:
+            if root_path in self._pending:
+                return
+            self._pending.add(root_path)
+        self._requests.put((root_path, why))
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._running or self._pending)
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+    def loop(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            path, why = item
+            with self._lock:
+                self._running += 1
+                self._pending.discard(path)
+            try:
+                root = self.roots.get(path) or self.roots.root_for(path) or self.roots.polled.get(path)
+                if root is not None and not self._stopping.is_set():
+                    self.walk(root, why, top=path)
+            except Exception as exc:
+                self.log.error("reconcile.failed", root=path, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._lock:
+                    self._running -= 1
+                self.activity.changed()
+
+    # ------------------------------------------------------------------ the walk
+    def walk(self, root: Root, why: str, top: str | None = None) -> None:
+        top = top or root.path
+        baseline = self._baseline()
+        started = time.monotonic()
+        self.log.info("reconcile.start", root=root.path, path=top, why=why)
+        seen: set[tuple[int, int]] = set()
+        files = queued = dirs = 0
+        complete = True
+        # temp-named files untouched this long are no download in progress: scan them too
+        stale_after = float(self._config().watch["stale_temp_after"])
+
+        def onerror(exc: OSError) -> None:
+            nonlocal complete
+            complete = False
+            self.log.warning("reconcile.unreadable", path=getattr(exc, "filename", None), error=exc.strerror or str(exc))
+
+        if os.path.isfile(top):
+            walker = [(os.path.dirname(top), [], [os.path.basename(top)])]
+        else:
+            walker = os.walk(top, onerror=onerror)
+        for dirpath, _dirs, names in walker:
+            dirs += 1
+            if self._stopping.is_set():
+                complete = False
+                break
+            for name in names:
+                path = os.path.join(dirpath, name)
+                temp = is_temp(name)
+                if (temp and not stale_after) or self.roots.excluded(path, root.path):
+                    continue
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # symlinks: their targets are walked in their own root (or not followed)
+                if temp and time.time() - st.st_mtime < stale_after:
+                    continue  # a download in progress: its rename is the signal
+                files += 1
+                ident = Identity.of(st)
+                seen.add(ident.inode)
+                row = baseline.lookup(ident)
+                if row is not None:
+                    if self.on_cached is not None:
+                        self.on_cached(path, row)
+                    continue
+                if self.queue.put(Candidate(path, ident.inode, "stale_temp" if temp else "reconcile", root.path)):
+                    queued += 1
+        if top == root.path:
+            self.dir_count = max(self.dir_count, dirs) if why != "startup" else self.dir_count + dirs
+        pruned = baseline.prune(top, seen) if complete and os.path.isdir(top) else 0
+        baseline.set_meta(**{f"reconcile:{root.path}": {"at": time.time(), "why": why, "files": files}})
+        self.log.info("reconcile.done", root=root.path, path=top, why=why, files=files, queued=queued, dirs=dirs,
+                      pruned=pruned, ms=round((time.monotonic() - started) * 1000, 1))

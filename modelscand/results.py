@@ -1,0 +1,115 @@
+"""Results: one verdict per scanned identity, logged, recorded, then acted on.
+
+A worker's answer becomes, in this order: the verdict event (``scan.clean``,
+``scan.finding``, ...) with everything an operator needs to act, the baseline row, and
+the action (`Action.handle(Outcome)`: detect logs, quarantine moves). A file that changed
+or was replaced under the scan gets no verdict: it is offered again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from modelscan_core.model import Severity
+
+from modelscand import hfcache
+from modelscand.actions import Action, Outcome
+from modelscand.config import Config
+from modelscand.queue import Candidate
+from modelscand.state import Baseline, Identity
+from modelscand.writers import temp_rule
+
+EVENTS = {
+    "clean": ("scan.clean", "info"),
+    "issues": ("scan.finding", "warning"),
+    "error": ("scan.error", "error"),
+    "incomplete": ("scan.incomplete", "warning"),
+    "skipped": ("scan.skipped", "info"),
+}
+
+
+def new_counts() -> dict[str, int]:
+    return {"scanned": 0, "clean": 0, "issues": 0, "error": 0, "incomplete": 0, "skipped": 0,
+            "over_threshold": 0, "cached": 0, "overflows": 0, "handler_errors": 0}
+
+
+class Results:
+    def __init__(self, config: Callable[[], Config], baseline: Callable[[], Baseline], action: Callable[[], Action],
+                 log, counts: dict, *, reoffer: Callable[[Candidate, str], None]):
+        self._config = config
+        self._baseline = baseline
+        self._action = action
+        self.log = log
+        self.counts = counts
+        self._reoffer = reoffer  # the file changed under the scan: queue it again
+
+    def handle(self, cand: Candidate, ident: Identity, job: dict, result: dict) -> None:
+        status = result.get("status")
+        baseline = self._baseline()
+        if status == "gone":
+            return
+        if status == "replaced" or (status == "ok" and result.get("changed")):
+            self.log.info("scan.changed", path=cand.path, why=status, answer="queued again")
+            self._reoffer(cand, "created")
+            return
+        if status == "ok":
+            verdict = result["verdict"]
+            if result.get("identity"):
+                ident = Identity(*result["identity"])
+        else:
+            verdict = "incomplete" if result.get("incomplete") else "error"
+        sev_name = result.get("severity")
+        severity = Severity.parse(sev_name) if sev_name else None
+        findings = result.get("findings") or []
+        rule_ids = sorted({f["rule_id"] for f in findings})
+        sha = result.get("sha256")
+        baseline.record(ident, cand.path, sha, verdict, sev_name, rule_ids)
+        self.counts["scanned"] += 1
+        self.counts[verdict] = self.counts.get(verdict, 0) + 1
+        if verdict == "issues" and severity is not None and severity >= self._config().threshold:
+            self.counts["over_threshold"] += 1
+        event, level = EVENTS.get(verdict, ("scan.error", "error"))
+        fields = {
+            "path": cand.path, "root": cand.root, "reason": cand.reason, "verdict": verdict,
+            "format": result.get("format"), "size": ident.size, "sha256": sha, "severity": sev_name,
+            "rule_ids": rule_ids, "inode": list(ident.inode), "scan_ms": result.get("scan_ms"),
+            "latency_ms": round((time.monotonic() - cand.since) * 1000, 2),
+        }
+        rule = temp_rule(os.path.basename(cand.path))
+        if rule is not None:
+            fields["temp"] = {"writer": rule.name, "status": "stale" if cand.reason == "stale_temp" else "temp"}
+        if findings:
+            fields["findings"] = findings
+        if result.get("errors"):
+            fields["errors"] = result["errors"]
+        if status != "ok":
+            fields["error"] = result.get("error")
+        hf = hfcache.describe(cand.path) if "--" in cand.path else None
+        if hf:
+            fields["hf"] = hf
+        if sha and verdict == "issues":
+            again = [r.path for r in baseline.same_content(sha, ident) if r.verdict == "issues"]
+            if again:
+                fields["seen_before"] = again[:3]
+        getattr(self.log, level)(event, **fields)
+        outcome = Outcome(cand.path, verdict, severity, sha, ident.size, ident.inode, tuple(rule_ids),
+                          tuple(findings), hf)
+        action = self._action()
+        try:
+            action.handle(outcome)
+        except Exception as exc:
+            self.log.error("action.failed", path=cand.path, action=getattr(action, "name", "?"),
+                           error=f"{type(exc).__name__}: {exc}")
+
+    def log_cached(self, path: str, row) -> None:
+        """run --once / scan: a file the baseline already knows is reported from it."""
+        self.counts["cached"] += 1
+        sev = Severity.parse(row.severity) if row.severity else None
+        if row.verdict == "issues" and sev is not None and sev >= self._config().threshold:
+            self.counts["over_threshold"] += 1
+        if row.verdict in ("error", "incomplete"):
+            self.counts[row.verdict] += 1
+        self.log.info("scan.cached", path=path, verdict=row.verdict, severity=row.severity, sha256=row.sha256,
+                      rule_ids=list(row.rule_ids), scanned_at=row.scanned_at, hf=hfcache.describe(path))
