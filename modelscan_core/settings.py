@@ -18,140 +18,26 @@ from modelscan_core._version import __version__
 from modelscan_core.model import Limits, Severity
 from modelscan_core.scanners.pickle import lists
 
-#: modelscan's scanner names, kept so old settings files still switch scanners on and off
-SCANNER_NAMES = {
-    "pickle": "modelscan.scanners.PickleUnsafeOpScan",
-    "pytorch": "modelscan.scanners.PyTorchUnsafeOpScan",
-    "numpy": "modelscan.scanners.NumpyUnsafeOpScan",
-    "keras_h5": "modelscan.scanners.H5LambdaDetectScan",
-    "keras": "modelscan.scanners.KerasLambdaDetectScan",
-    "savedmodel_lambda": "modelscan.scanners.SavedModelLambdaDetectScan",
-    "savedmodel_ops": "modelscan.scanners.SavedModelTensorflowOpScan",
-}
+def scanner_defaults() -> dict[str, Any]:
+    """`scanners.<table>` defaults, as each scanner module declares them (`SETTINGS`)."""
+    from modelscan_core.scanners import registry
 
-#: TensorFlow ops that reach outside the graph: files, Python callbacks, the network, debug
-#: dumps. modelscan lists ReadFile and WriteFile; the rest are ours. PrintV2 and
-#: DecodeProtoV2/EncodeProto count only when their stream/descriptor names a file.
-UNSAFE_TF_OPERATORS = {
-    # files
-    "ReadFile": "HIGH",
-    "WriteFile": "HIGH",
-    "MatchingFiles": "HIGH",
-    "MatchingFilesDataset": "HIGH",
-    "ExperimentalMatchingFilesDataset": "HIGH",
-    "ImmutableConst": "MEDIUM",
-    "PrintV2": "HIGH",
-    "DecodeProtoV2": "MEDIUM",
-    "EncodeProto": "MEDIUM",
-    "WholeFileReader": "MEDIUM",
-    "WholeFileReaderV2": "MEDIUM",
-    "TextLineReader": "MEDIUM",
-    "TextLineReaderV2": "MEDIUM",
-    "FixedLengthRecordReader": "MEDIUM",
-    "FixedLengthRecordReaderV2": "MEDIUM",
-    "TFRecordReader": "MEDIUM",
-    "TFRecordReaderV2": "MEDIUM",
-    "LMDBReader": "MEDIUM",
-    "TextLineDataset": "MEDIUM",
-    "TFRecordDataset": "MEDIUM",
-    "TFRecordDatasetV2": "MEDIUM",
-    "FixedLengthRecordDataset": "MEDIUM",
-    "FixedLengthRecordDatasetV2": "MEDIUM",
-    "CSVDataset": "MEDIUM",
-    "CSVDatasetV2": "MEDIUM",
-    "ExperimentalCSVDataset": "MEDIUM",
-    "LMDBDataset": "MEDIUM",
-    "ExperimentalLMDBDataset": "MEDIUM",
-    "SqlDataset": "MEDIUM",
-    "ExperimentalSqlDataset": "MEDIUM",
-    "LoadDataset": "MEDIUM",
-    "DatasetToTFRecord": "HIGH",
-    "ExperimentalDatasetToTFRecord": "HIGH",
-    "SaveDataset": "HIGH",
-    "SaveDatasetV2": "HIGH",
-    "SnapshotDataset": "MEDIUM",
-    "SnapshotDatasetV2": "MEDIUM",
-    "CreateSummaryFileWriter": "HIGH",
-    "CreateSummaryDbWriter": "HIGH",
-    "DebugIdentity": "HIGH",
-    "DebugIdentityV2": "HIGH",
-    "DebugIdentityV3": "HIGH",
-    "DebugNanCount": "HIGH",
-    "DebugNumericSummary": "HIGH",
-    "DebugNumericSummaryV2": "MEDIUM",
-    "CacheDataset": "HIGH",
-    "CacheDatasetV2": "HIGH",
-    "CalibrationStatisticsSaver": "HIGH",
-    "DistributedSave": "HIGH",
-    "FileSystemSetConfiguration": "HIGH",
-    "WriteSummary": "HIGH",
-    "WriteScalarSummary": "HIGH",
-    "WriteHistogramSummary": "HIGH",
-    "WriteImageSummary": "HIGH",
-    "WriteAudioSummary": "HIGH",
-    "WriteGraphSummary": "HIGH",
-    "WriteRawProtoSummary": "HIGH",
-    "ImportEvent": "HIGH",
-    "Skipgram": "MEDIUM",
-    "GenerateVocabRemapping": "MEDIUM",
-    "LoadAndRemapMatrix": "MEDIUM",
-    "RecordInput": "MEDIUM",
-    "ListSnapshotChunksDataset": "MEDIUM",
-    # checkpoint ops count only outside the SavedModel's own saver functions / save/ scope
-    "Save": "HIGH",
-    "SaveV2": "HIGH",
-    "SaveSlices": "HIGH",
-    "MergeV2Checkpoints": "HIGH",
-    "Restore": "MEDIUM",
-    "RestoreV2": "MEDIUM",
-    "RestoreSlice": "MEDIUM",
-    # Python callbacks
-    "PyFunc": "HIGH",
-    "PyFuncStateless": "HIGH",
-    "EagerPyFunc": "HIGH",
-    # the network
-    "Rpc": "HIGH",
-    "TryRpc": "HIGH",
-    "RpcClient": "HIGH",
-    "RpcCall": "HIGH",
-    "RpcServer": "HIGH",
-    "RpcServerStart": "HIGH",
-    "RpcServerRegister": "HIGH",
-    "DataServiceDataset": "HIGH",
-    "DataServiceDatasetV2": "HIGH",
-    "DataServiceDatasetV3": "HIGH",
-    "DataServiceDatasetV4": "HIGH",
-    "RegisterDataset": "HIGH",
-    "RegisterDatasetV2": "HIGH",
-}
+    return {entry.table: copy.deepcopy(dict(entry.defaults)) for entry in registry().settings.values()}
+
+
+def _tables(key: str) -> tuple[str, ...]:
+    """The settings tables a scanner key answers to: its declared table, and the key itself."""
+    from modelscan_core.scanners import registry
+
+    entry = registry().settings.get(key)
+    return (entry.table, key) if entry is not None and entry.table != key else (key,)
 
 
 def default_settings() -> dict[str, Any]:
     return {
         "modelscan_version": __version__,
         "supported_zip_extensions": [".zip", ".npz"],
-        "scanners": {
-            SCANNER_NAMES["pickle"]: {
-                "enabled": True,
-                "supported_extensions": [".pkl", ".pickle", ".joblib", ".dill", ".dat", ".data"],
-            },
-            SCANNER_NAMES["pytorch"]: {"enabled": True, "supported_extensions": [".bin", ".pt", ".pth", ".ckpt"]},
-            SCANNER_NAMES["numpy"]: {"enabled": True, "supported_extensions": [".npy"]},
-            SCANNER_NAMES["keras_h5"]: {"enabled": True, "supported_extensions": [".h5"]},
-            SCANNER_NAMES["keras"]: {"enabled": True, "supported_extensions": [".keras"]},
-            SCANNER_NAMES["savedmodel_lambda"]: {
-                "enabled": True,
-                "supported_extensions": [".pb"],
-                "unsafe_keras_operators": {"Lambda": "MEDIUM"},
-            },
-            SCANNER_NAMES["savedmodel_ops"]: {
-                "enabled": True,
-                "supported_extensions": [".pb"],
-                "unsafe_tf_operators": dict(UNSAFE_TF_OPERATORS),
-                # ops TensorFlow does not register (a custom kernel library); "" turns it off
-                "unknown_tf_operator": "MEDIUM",
-            },
-        },
+        "scanners": scanner_defaults(),
         "unsafe_globals": copy.deepcopy(lists.UNSAFE_GLOBALS),
         "safe_globals": copy.deepcopy(lists.SAFE_GLOBALS),
         "ecosystem_packages": list(lists.ECOSYSTEM_PACKAGES),
@@ -222,11 +108,16 @@ class Settings:
     # -- views used by scanners -----------------------------------------------------
 
     def scanner_enabled(self, key: str) -> bool:
-        entry = self.data["scanners"].get(SCANNER_NAMES.get(key, key), {})
-        return bool(entry.get("enabled", True))
+        """False when any table the key answers to says `enabled = false`."""
+        scanners = self.data["scanners"]
+        return all(bool(scanners.get(table, {}).get("enabled", True)) for table in _tables(key))
 
     def scanner_option(self, key: str, option: str, default: Any = None) -> Any:
-        return self.data["scanners"].get(SCANNER_NAMES.get(key, key), {}).get(option, default)
+        for table in _tables(key):
+            entry = self.data["scanners"].get(table, {})
+            if option in entry:
+                return entry[option]
+        return default
 
     @cached_property
     def limits(self) -> Limits:

@@ -12,6 +12,8 @@ import re
 import tarfile
 
 from modelscan_core import detect
+from modelscan_core.detect import Rule
+from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
 from modelscan_core.sources import spool, ziparchive
 from modelscan_core.sources.window import Window
@@ -267,3 +269,31 @@ def _inner_name(name: str, fmt: str) -> str:
             stem = name[: -len(ext)]
             return stem + ".tar" if ext.startswith(".t") and ext != ".tar" and len(ext) > 3 else stem
     return f"{name}[{fmt}]" if name else f"[{fmt}]"
+
+
+_ZIP = (b"PK\x03\x04", b"PK\x05\x06")
+_S = "modelscan_core.sources.sniff:"
+
+FORMATS = (
+    # torch's zip before the generic zip; both after Keras's (keras_v3 is a zip too)
+    Format("pytorch_zip", "ZipScanner", "pytorch",
+           rules=(Rule(priority=200, magics=_ZIP, sniff=_S + "torch_zip", family="zip"),
+                  # a zip after other bytes (zipfile opens it; torch.load reads the file as a legacy pickle)
+                  Rule(priority=900, sniff=_S + "torch_zip", family="zip")),
+           extensions=(".pt2",)),
+    Format("zip", "ZipScanner", "archives",
+           rules=(Rule(priority=210, magics=_ZIP, sniff=_S + "zip_any", family="zip"),
+                  Rule(priority=910, sniff=_S + "zip_any", family="zip"))),
+    Format("7z", "SevenZipScanner", "archives", rules=(Rule(priority=400, magics=(b"7z\xbc\xaf\x27\x1c",), sniff=_S + "sevenzip"),)),
+    Format("gzip", "CompressedScanner", "archives", rules=(Rule(priority=410, magics=(b"\x1f\x8b",), sniff=_S + "gzip"),)),
+    Format("bz2", "CompressedScanner", "archives", rules=(Rule(priority=420, magics=(b"BZh",), sniff=_S + "bzip2"),)),
+    Format("xz", "CompressedScanner", "archives", rules=(Rule(priority=430, magics=(b"\xfd7zXZ\x00",), sniff=_S + "xz"),)),
+    Format("lzma", "CompressedScanner", "archives", rules=(Rule(priority=440, magics=(b"\x5d\x00",), sniff=_S + "lzma_alone"),)),
+    Format("zlib", "CompressedScanner", "archives", rules=(Rule(priority=450, magics=(b"\x78",), sniff=_S + "zlib_stream"),)),
+    Format("lz4", "CompressedScanner", "archives", rules=(Rule(priority=460, magics=(b"\x04\x22\x4d\x18",), sniff=_S + "lz4_frame"),)),
+    Format("joblib_zfile", "CompressedScanner", "archives", rules=(Rule(priority=470, magics=(b"ZF",), sniff=_S + "joblib_zfile"),)),
+    Format("tar", "TarScanner", "archives", rules=(Rule(priority=500, sniff=_S + "tar"),)),
+)
+
+#: no table in modelscan's settings: `[scanners.archives] enabled = false` switches them off
+SETTINGS = (ScannerSettings("archives", "archives", {"enabled": True}),)

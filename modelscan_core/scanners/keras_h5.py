@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from modelscan_core.detect import Rule
+from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -69,3 +71,12 @@ class KerasH5Scanner(Scanner):
                 except (ValueError, RecursionError) as exc:
                     raise ScanFailed(f"{key} is not valid JSON: {exc}", "JSON_DECODE") from None
                 walker.walk(config, key, "model" if key == "model_config" else "training")
+
+
+FORMATS = (
+    # before the containers: HDF5 has no magic at offset 0 when a user block precedes it
+    Format("keras_h5", "KerasH5Scanner", "keras_h5", rules=(Rule(priority=110, sniff=sniff_hdf5, family="hdf5"),),
+           extensions=(".h5", ".hdf5")),
+)
+
+SETTINGS = (ScannerSettings("keras_h5", "modelscan.scanners.H5LambdaDetectScan", {"enabled": True, "supported_extensions": [".h5"]}),)

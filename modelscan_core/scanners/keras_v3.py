@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import zipfile
 
+from modelscan_core.detect import Rule
+from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
 
 CONFIG = "config.json"
@@ -88,3 +90,13 @@ def _open(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
     import io
 
     return io.BytesIO(archive.read(info))
+
+
+FORMATS = (
+    # before the generic zip rules, which would otherwise claim a .keras file
+    Format("keras_v3", "KerasV3Scanner", "keras",
+           rules=(Rule(priority=100, magics=(b"PK\x03\x04", b"PK\x05\x06"), sniff=sniff_keras_zip, family="zip"),),
+           extensions=(".keras",)),
+)
+
+SETTINGS = (ScannerSettings("keras", "modelscan.scanners.KerasLambdaDetectScan", {"enabled": True, "supported_extensions": [".keras"]}),)

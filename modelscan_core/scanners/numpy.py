@@ -12,8 +12,9 @@ import ast
 import re
 import struct
 
+from modelscan_core.detect import Rule
+from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
-from modelscan_core.scanners.pickle.scanner import scan_pickles
 
 MAGIC = b"\x93NUMPY"
 #: np.lib.format refuses headers longer than this by default (max_header_size)
@@ -51,6 +52,8 @@ class NumpyScanner(Scanner):
         data = start + hlen
         stream.seek(data)
         # np.load(allow_pickle=True) calls pickle.load on what follows the header
+        from modelscan_core.scanners.pickle.scanner import scan_pickles
+
         scan_pickles(stream, item.size, ctx, scanner=self.name)
 
 
@@ -87,3 +90,12 @@ def _has_object(descr: object, depth: int = 0) -> bool:
     if isinstance(descr, dict):
         return any(_has_object(v, depth + 1) for v in descr.get("formats", []))
     return True  # a description the scanner does not understand: assume the worst
+
+
+FORMATS = (
+    Format("numpy", "NumpyScanner", "numpy",
+           rules=(Rule(priority=310, magics=(MAGIC,), sniff="modelscan_core.sources.sniff:npy"),),
+           extensions=(".npy", ".npz")),
+)
+
+SETTINGS = (ScannerSettings("numpy", "modelscan.scanners.NumpyUnsafeOpScan", {"enabled": True, "supported_extensions": [".npy"]}),)

@@ -29,9 +29,108 @@ from collections import defaultdict
 from functools import lru_cache
 from importlib import resources
 
+from modelscan_core.detect import Rule
 from modelscan_core.model import Severity
+from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
 from modelscan_core.scanners.protowire import LEN, WireError, fields, looks_like_message, text
+
+#: TensorFlow ops that reach outside the graph: files, Python callbacks, the network, debug
+#: dumps. modelscan lists ReadFile and WriteFile; the rest are ours. PrintV2 and
+#: DecodeProtoV2/EncodeProto count only when their stream/descriptor names a file.
+UNSAFE_TF_OPERATORS = {
+    # files
+    "ReadFile": "HIGH",
+    "WriteFile": "HIGH",
+    "MatchingFiles": "HIGH",
+    "MatchingFilesDataset": "HIGH",
+    "ExperimentalMatchingFilesDataset": "HIGH",
+    "ImmutableConst": "MEDIUM",
+    "PrintV2": "HIGH",
+    "DecodeProtoV2": "MEDIUM",
+    "EncodeProto": "MEDIUM",
+    "WholeFileReader": "MEDIUM",
+    "WholeFileReaderV2": "MEDIUM",
+    "TextLineReader": "MEDIUM",
+    "TextLineReaderV2": "MEDIUM",
+    "FixedLengthRecordReader": "MEDIUM",
+    "FixedLengthRecordReaderV2": "MEDIUM",
+    "TFRecordReader": "MEDIUM",
+    "TFRecordReaderV2": "MEDIUM",
+    "LMDBReader": "MEDIUM",
+    "TextLineDataset": "MEDIUM",
+    "TFRecordDataset": "MEDIUM",
+    "TFRecordDatasetV2": "MEDIUM",
+    "FixedLengthRecordDataset": "MEDIUM",
+    "FixedLengthRecordDatasetV2": "MEDIUM",
+    "CSVDataset": "MEDIUM",
+    "CSVDatasetV2": "MEDIUM",
+    "ExperimentalCSVDataset": "MEDIUM",
+    "LMDBDataset": "MEDIUM",
+    "ExperimentalLMDBDataset": "MEDIUM",
+    "SqlDataset": "MEDIUM",
+    "ExperimentalSqlDataset": "MEDIUM",
+    "LoadDataset": "MEDIUM",
+    "DatasetToTFRecord": "HIGH",
+    "ExperimentalDatasetToTFRecord": "HIGH",
+    "SaveDataset": "HIGH",
+    "SaveDatasetV2": "HIGH",
+    "SnapshotDataset": "MEDIUM",
+    "SnapshotDatasetV2": "MEDIUM",
+    "CreateSummaryFileWriter": "HIGH",
+    "CreateSummaryDbWriter": "HIGH",
+    "DebugIdentity": "HIGH",
+    "DebugIdentityV2": "HIGH",
+    "DebugIdentityV3": "HIGH",
+    "DebugNanCount": "HIGH",
+    "DebugNumericSummary": "HIGH",
+    "DebugNumericSummaryV2": "MEDIUM",
+    "CacheDataset": "HIGH",
+    "CacheDatasetV2": "HIGH",
+    "CalibrationStatisticsSaver": "HIGH",
+    "DistributedSave": "HIGH",
+    "FileSystemSetConfiguration": "HIGH",
+    "WriteSummary": "HIGH",
+    "WriteScalarSummary": "HIGH",
+    "WriteHistogramSummary": "HIGH",
+    "WriteImageSummary": "HIGH",
+    "WriteAudioSummary": "HIGH",
+    "WriteGraphSummary": "HIGH",
+    "WriteRawProtoSummary": "HIGH",
+    "ImportEvent": "HIGH",
+    "Skipgram": "MEDIUM",
+    "GenerateVocabRemapping": "MEDIUM",
+    "LoadAndRemapMatrix": "MEDIUM",
+    "RecordInput": "MEDIUM",
+    "ListSnapshotChunksDataset": "MEDIUM",
+    # checkpoint ops count only outside the SavedModel's own saver functions / save/ scope
+    "Save": "HIGH",
+    "SaveV2": "HIGH",
+    "SaveSlices": "HIGH",
+    "MergeV2Checkpoints": "HIGH",
+    "Restore": "MEDIUM",
+    "RestoreV2": "MEDIUM",
+    "RestoreSlice": "MEDIUM",
+    # Python callbacks
+    "PyFunc": "HIGH",
+    "PyFuncStateless": "HIGH",
+    "EagerPyFunc": "HIGH",
+    # the network
+    "Rpc": "HIGH",
+    "TryRpc": "HIGH",
+    "RpcClient": "HIGH",
+    "RpcCall": "HIGH",
+    "RpcServer": "HIGH",
+    "RpcServerStart": "HIGH",
+    "RpcServerRegister": "HIGH",
+    "DataServiceDataset": "HIGH",
+    "DataServiceDatasetV2": "HIGH",
+    "DataServiceDatasetV3": "HIGH",
+    "DataServiceDatasetV4": "HIGH",
+    "RegisterDataset": "HIGH",
+    "RegisterDatasetV2": "HIGH",
+}
+
 
 SAVED_MODEL_NAMES = ("saved_model.pb",)
 KERAS_METADATA_NAMES = ("keras_metadata.pb",)
@@ -354,3 +453,31 @@ def _walk_json(walker, ctx: ScanContext, meta: str, where: str, top: str = "obje
     except (ValueError, RecursionError) as exc:
         raise ScanFailed(f"{where}: metadata is not valid JSON: {exc}", "JSON_DECODE") from None
     walker.walk(config, where, top)
+
+
+FORMATS = (
+    # by name and protobuf structure, before the containers and pickle (a .pb has no magic)
+    Format("tf_savedmodel", "SavedModelScanner", "savedmodel_ops", rules=(Rule(priority=120, sniff=sniff_savedmodel, family="protobuf"),),
+           extensions=(".pb",)),
+    Format("tf_savedmodel_text", "SavedModelTextScanner", "savedmodel_ops",
+           rules=(Rule(priority=130, sniff=sniff_savedmodel_text, family="pbtxt"),)),
+    Format("keras_metadata", "KerasMetadataScanner", "savedmodel_lambda",
+           rules=(Rule(priority=140, sniff=sniff_keras_metadata, family="protobuf"),)),
+    Format("tf_fingerprint", "FingerprintScanner", "savedmodel_ops", rules=(Rule(priority=150, sniff=sniff_fingerprint, family="protobuf"),)),
+    Format("tf_graphdef", "SavedModelScanner", "savedmodel_ops", rules=(Rule(priority=160, sniff=sniff_graphdef, family="protobuf"),)),
+)
+
+SETTINGS = (
+    ScannerSettings("savedmodel_lambda", "modelscan.scanners.SavedModelLambdaDetectScan", {
+        "enabled": True,
+        "supported_extensions": [".pb"],
+        "unsafe_keras_operators": {"Lambda": "MEDIUM"},
+    }),
+    ScannerSettings("savedmodel_ops", "modelscan.scanners.SavedModelTensorflowOpScan", {
+        "enabled": True,
+        "supported_extensions": [".pb"],
+        "unsafe_tf_operators": UNSAFE_TF_OPERATORS,
+        # ops TensorFlow does not register (a custom kernel library); "" turns it off
+        "unknown_tf_operator": "MEDIUM",
+    }),
+)

@@ -16,9 +16,13 @@ from __future__ import annotations
 import re
 import struct
 
+from modelscan_core.detect import Rule
+from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
-from modelscan_core.scanners.pickle.scanner import scan_pickles
-from modelscan_core.scanners.pickle.vm import StreamFacts
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelscan_core.scanners.pickle.vm import StreamFacts
 
 LEGACY_PICKLES = 5
 
@@ -37,6 +41,8 @@ class LegacyTorchScanner(Scanner):
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
         item.stream.seek(0)
+        from modelscan_core.scanners.pickle.scanner import scan_pickles
+
         done = scan_pickles(item.stream, item.size, ctx, scanner=self.name, max_streams=LEGACY_PICKLES)
         complete = [f for f in done if f.stopped]
         if len(complete) < LEGACY_PICKLES and not any(f.error for f in done):
@@ -52,6 +58,8 @@ class _Records:
         self.pos = 0
 
     def pickle(self) -> StreamFacts:
+        from modelscan_core.scanners.pickle.scanner import scan_pickles
+
         stream = self.item.stream
         stream.seek(self.pos)
         done = scan_pickles(stream, self.item.size, self.ctx, scanner=self.scanner, max_streams=1)
@@ -161,3 +169,18 @@ def _small_int(stream, start: int, end: int) -> int | None:
         except ValueError:
             return None
     return None
+
+
+FORMATS = (
+    Format("pytorch_legacy", "LegacyTorchScanner", "pytorch",
+           rules=(Rule(priority=300, magics=(b"\x80", b"L"), sniff="modelscan_core.sources.sniff:legacy_torch", family="pickle"),),
+           extensions=(".pt", ".pth", ".ckpt")),
+    # records of the legacy tar, handed over by the tar scanner (archives.LEGACY_TORCH_TAR)
+    Format("pytorch_tar_storages", "LegacyTarStoragesScanner", "pytorch"),
+    Format("pytorch_tar_tensors", "LegacyTarTensorsScanner", "pytorch"),
+)
+
+SETTINGS = (
+    ScannerSettings("pytorch", "modelscan.scanners.PyTorchUnsafeOpScan",
+                    {"enabled": True, "supported_extensions": [".bin", ".pt", ".pth", ".ckpt"]}),
+)
