@@ -113,11 +113,17 @@ class _Scan:
         depth: int = 0,
         sha256: str | None = None,
     ) -> FileResult:
-        stream.seek(0)
-        head = stream.read(detect.HEAD)
-        stream.seek(0)
-        fmt = format_hint or detect.detect(head, name, stream)
-        stream.seek(0)
+        try:
+            stream.seek(0)
+            head = stream.read(detect.HEAD)
+            stream.seek(0)
+            fmt = format_hint or detect.detect(head, name, stream)
+            stream.seek(0)
+        except OSError as exc:
+            return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", f"read failed: {exc.strerror or exc}", source),))
+        except Exception as exc:  # a detection bug costs this file an error verdict, never the whole scan
+            desc = f"internal error while detecting the format: {type(exc).__name__}: {exc}"
+            return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),))
         if fmt is None:
             if size == 0:
                 if detect.claims_model_format(name):
@@ -128,7 +134,11 @@ class _Scan:
                 return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),), scanned=False)
             what = "text, not a model format" if _is_text(head) else "no model format recognised in the content"
             return FileResult(source, "unknown", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", what, source), scanned=False)
-        found = scanner_for(fmt)
+        try:
+            found = scanner_for(fmt)
+        except Exception as exc:  # e.g. the scanner module (or its dependency) fails to import
+            desc = f"no scanner could be loaded for format {fmt}: {type(exc).__name__}: {exc}"
+            return FileResult(source, fmt, size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),))
         if found is None:
             return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"format {fmt} has no scanner", source), scanned=False)
         key, scanner = found

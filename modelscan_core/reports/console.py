@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modelscan_core.model import ScanReport, Severity, Verdict
 from modelscan_core.reports.interface import ReportOptions
+from modelscan_core.reports.text import printable
 
 _COLORS = {Severity.CRITICAL: "\033[1;31m", Severity.HIGH: "\033[31m", Severity.MEDIUM: "\033[33m", Severity.LOW: "\033[36m"}
 _RESET = "\033[0m"
@@ -75,4 +76,5 @@ def render(report: ScanReport, options: ReportOptions) -> str:
                 out.append(f"    {s.source}: {s.description}")
         else:
             out.append("Use --show-skipped to list them.")
-    return "\n".join(out) + "\n"
+    # names and operands from hostile files may hold undecodable bytes: shown as \xNN
+    return printable("\n".join(out) + "\n")

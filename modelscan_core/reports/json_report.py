@@ -1,4 +1,9 @@
-"""The modelscan JSON report: modelscan 0.8.8's keys in its order, our extras beside them."""
+"""The modelscan JSON report: modelscan 0.8.8's keys in its order, our extras beside them.
+
+Always valid UTF-8 JSON: a path or name that is not valid UTF-8 is shown with `\\xNN` for
+each undecodable byte, and its exact bytes are kept in hex in a sibling `<key>_bytes` field
+(`source_bytes`, `container_bytes`, ...).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 
 from modelscan_core.model import FileResult, ScanReport, Severity
 from modelscan_core.reports.interface import ReportOptions
+from modelscan_core.reports.text import clean_tree
 
 
 def render(report: ScanReport, options: ReportOptions) -> str:
@@ -13,6 +19,11 @@ def render(report: ScanReport, options: ReportOptions) -> str:
 
 
 def as_dict(report: ScanReport, options: ReportOptions) -> dict:
+    """The report as JSON-ready data, every string printable (see the module docstring)."""
+    return clean_tree(_raw_dict(report, options))
+
+
+def _raw_dict(report: ScanReport, options: ReportOptions) -> dict:
     findings = report.findings()
     by_severity = {s.name: 0 for s in Severity}
     for f in findings:

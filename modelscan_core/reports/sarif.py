@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from modelscan_core.model import Finding, ScanReport, Severity
 from modelscan_core.reports.interface import ReportOptions
+from modelscan_core.reports.text import clean_tree, raw_bytes
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 _LEVEL = {Severity.CRITICAL: "error", Severity.HIGH: "error", Severity.MEDIUM: "warning", Severity.LOW: "note"}
@@ -24,6 +25,11 @@ def render(report: ScanReport, options: ReportOptions) -> str:
 
 
 def as_dict(report: ScanReport) -> dict:
+    """SARIF as JSON-ready data; strings that are not valid UTF-8 are escaped (`reports.text`)."""
+    return clean_tree(_raw_dict(report), keep_bytes=False)  # SARIF objects take no extra keys
+
+
+def _raw_dict(report: ScanReport) -> dict:
     findings = report.findings()
     rules: list[dict] = []
     index: dict[str, int] = {}
@@ -46,7 +52,7 @@ def as_dict(report: ScanReport) -> dict:
         }
         for e in report.all_errors()
     ]
-    base_uri = "file://" + quote(report.absolute_path.rstrip(os.sep) + "/")
+    base_uri = "file://" + quote(raw_bytes(report.absolute_path.rstrip(os.sep) + "/"))
     return {
         "$schema": SCHEMA,
         "version": "2.1.0",
@@ -104,7 +110,7 @@ def _result(f: Finding, rule_index: int) -> dict:
 
 def _location(source: str, offset: int | None) -> dict:
     outer, _, member = source.partition(":")
-    physical: dict = {"artifactLocation": {"uri": quote(outer.replace(os.sep, "/")), "uriBaseId": "SCANROOT"}}
+    physical: dict = {"artifactLocation": {"uri": quote(raw_bytes(outer.replace(os.sep, "/"))), "uriBaseId": "SCANROOT"}}
     if offset is not None and not member:
         physical["region"] = {"byteOffset": offset}
     return {"physicalLocation": physical}

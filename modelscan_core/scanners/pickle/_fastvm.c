@@ -78,6 +78,14 @@ memo_value(PyObject *value, Py_ssize_t memo_left, PyObject *keep, PyObject *evic
     return evicted;
 }
 
+/* A key CPython may refuse to hash (a list, a dict, a tuple that could hold one): vm.py
+ * decides, raising the unpickler's TypeError where it would. */
+static int
+hash_in_doubt(PyObject *key, PyObject *pdict)
+{
+    return PyList_CheckExact(key) || (PyObject *)Py_TYPE(key) == pdict || PyTuple_CheckExact(key);
+}
+
 /* vm.py's _set_items for one pair: the first `cap` pairs, and every pair whose key is a
  * dunder name (those change what the loader does, e.g. a planted __setstate__). */
 static int
@@ -197,6 +205,8 @@ fast_run(PyObject *self, PyObject *args)
             if (k < len) {
                 PyObject *target = PyList_GET_ITEM(stack, k - 1);
                 if ((PyObject *)Py_TYPE(target) != pdict) goto done;
+                for (Py_ssize_t i = k; i < len; i += 2)
+                    if (hash_in_doubt(PyList_GET_ITEM(stack, i), pdict)) goto done;
                 for (Py_ssize_t i = k; i < len; i += 2) {
                     if (keep_pair(target, PyList_GET_ITEM(stack, i), PyList_GET_ITEM(stack, i + 1), cap) < 0)
                         goto error;
@@ -210,7 +220,7 @@ fast_run(PyObject *self, PyObject *args)
             Py_ssize_t k = len - 2;
             if (k <= 0) goto done;
             PyObject *target = PyList_GET_ITEM(stack, k - 1);
-            if ((PyObject *)Py_TYPE(target) != pdict) goto done;
+            if ((PyObject *)Py_TYPE(target) != pdict || hash_in_doubt(PyList_GET_ITEM(stack, k), pdict)) goto done;
             if (keep_pair(target, PyList_GET_ITEM(stack, k), PyList_GET_ITEM(stack, k + 1), cap) < 0) goto error;
             if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
             break;

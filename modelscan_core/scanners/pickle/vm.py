@@ -239,8 +239,13 @@ class PickleVM:
         except PickleError as exc:
             facts.error, facts.error_offset, facts.error_incomplete = str(exc), exc.offset, exc.incomplete
             facts.error_truncated = isinstance(exc, PickleTruncated)
-        except (ValueError, OverflowError, struct.error, MemoryError, RecursionError) as exc:
+        except (ValueError, OverflowError, struct.error) as exc:
             facts.error, facts.error_offset = f"{type(exc).__name__}: {exc}", self.tell()
+        except (MemoryError, RecursionError) as exc:
+            facts.error, facts.error_offset = f"stopped: {type(exc).__name__}", self.tell()
+            facts.error_incomplete = True
+        except Exception as exc:  # a VM defect: what was found so far is kept, the rest is unread
+            facts.error, facts.error_offset = f"internal error: {type(exc).__name__}: {exc}", self.tell()
         facts.end = self.tell()
         return facts
 
@@ -449,7 +454,7 @@ class PickleVM:
                             raise err("odd number of items for SETITEMS", at)
                         target = stack[k - 1]
                         if type(target) is PDict:
-                            _set_items(target, stack, k)
+                            _set_items(target, stack, k, at)
                         elif not isinstance(target, (Call, GlobalRef, Unknown)):
                             raise err(f"SETITEMS on {type(target).__name__}", at)
                         del stack[k:]
@@ -655,7 +660,7 @@ class PickleVM:
                     if len(items) % 2:
                         raise err("odd number of items for DICT", at)
                     d = PDict()
-                    _set_items(d, items, 0)
+                    _set_items(d, items, 0, at)
                     stack.append(d)
                 elif op == 0x8F:  # EMPTY_SET
                     stack.append(PSet())
@@ -665,11 +670,14 @@ class PickleVM:
                         raise err("ADDITEMS without a set", at)
                     target = stack[-1]
                     if items and type(target) is PSet:
+                        _check_hashable(items, 0, 1, at)
                         target.extend(items[: max(0, DISPLAY_ITEMS - len(target))])
                     elif items and not isinstance(target, (Call, GlobalRef, Unknown)):
                         raise err(f"ADDITEMS on {type(target).__name__}", at)
                 elif op == 0x91:  # FROZENSET
-                    stack.append(PSet(pop_mark(at)[:DISPLAY_ITEMS]))
+                    items = pop_mark(at)
+                    _check_hashable(items, 0, 1, at)
+                    stack.append(PSet(items[:DISPLAY_ITEMS]))
                 elif op == 0x50 or op == 0x51:  # P PERSID / Q BINPERSID
                     if op == 0x50:
                         pid = _ascii(readline()[:-1], at)
@@ -718,13 +726,42 @@ except ImportError:  # pragma: no cover - depends on the build
 ACCELERATED = _fast_run is not None
 
 
-def _set_items(target: PDict, items: list, start: int) -> None:
+def _set_items(target: PDict, items: list, start: int, at: int) -> None:
     """Key/value pairs into a dict value: the first DISPLAY_ITEMS for people, and every pair
     whose key is a dunder name, because those change what the loader does (`__setstate__`)."""
+    _check_hashable(items, start, 2, at)
     for i in range(start, len(items) - 1, 2):
         key = items[i]
         if len(target) < DISPLAY_ITEMS or (type(key) is str and key[:2] == "__"):
             target.append((key, items[i + 1]))
+
+
+def _check_hashable(items: list, start: int, step: int, at: int) -> None:
+    """CPython hashes dict keys and set items as it inserts them: a list or dict there raises
+    TypeError and the load stops (`N}]Nsb.`). Values the VM cannot know (calls) may hash."""
+    for i in range(start, len(items), step):
+        if _unhashable(items[i]):
+            raise PickleError(f"unhashable type: '{_TYPE_NAMES.get(type(items[i]), 'tuple')}' as a dict key or set item", at)
+
+
+_TYPE_NAMES = {list: "list", PDict: "dict"}
+
+
+def _unhashable(value: object) -> bool:
+    """A list or dict, or a tuple holding one (each shared tuple looked at once)."""
+    t = type(value)
+    if t is not tuple:
+        return t is list or t is PDict
+    todo, seen = [value], set()
+    while todo and len(seen) < 10_000:
+        for v in todo.pop():
+            t = type(v)
+            if t is list or t is PDict:
+                return True
+            if t is tuple and id(v) not in seen:
+                seen.add(id(v))
+                todo.append(v)
+    return False
 
 
 #: instance attributes the loader itself calls later: BUILD calls `__setstate__`, APPEND(S) on a
@@ -740,13 +777,14 @@ def _planted_setstate(state: object) -> list:
     planted = []
     for part in parts:
         if type(part) is PDict:
-            planted += [value for key, value in part if key in _CALLED_ATTRIBUTES]
+            planted += [value for key, value in part if type(key) is str and key in _CALLED_ATTRIBUTES]
         elif type(part) is Call and type(part.func) is GlobalRef and (part.func.module, part.func.name) in _DICT_BUILDERS:
             pairs = part.args[0] if type(part.args) is tuple and part.args else ()
             if type(pairs) is PDict:
-                planted += [value for key, value in pairs if key in _CALLED_ATTRIBUTES]
+                planted += [value for key, value in pairs if type(key) is str and key in _CALLED_ATTRIBUTES]
             elif isinstance(pairs, (list, tuple)):
-                planted += [p[1] for p in pairs if type(p) is tuple and len(p) == 2 and p[0] in _CALLED_ATTRIBUTES]
+                planted += [p[1] for p in pairs if type(p) is tuple and len(p) == 2 and type(p[0]) is str
+                            and p[0] in _CALLED_ATTRIBUTES]
     return planted
 
 

@@ -1,0 +1,135 @@
+"""Nothing a file contains stops the scan or loses a finding, and every report stays printable.
+
+Any exception, in detection, in looking up a scanner or inside a scanner, becomes an error for
+that one file; findings made before it are kept; other files are still scanned. The JSON
+report is valid UTF-8 JSON whatever bytes names and operands hold.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from modelscan_core import scan_path
+from modelscan_core.model import Severity
+
+from .pickle_ops import Reduce
+
+EVIL = pickle.dumps(Reduce(os.system, ("touch /tmp/modelscand-never-run",)), protocol=2)
+
+
+def test_unhashable_dict_key_is_an_error_for_that_file_and_the_others_are_scanned(tmp_path):
+    # `N}]Nsb.`: CPython's SETITEM refuses a list as a key (TypeError); the scanner crashed
+    (tmp_path / "a.pkl").write_bytes(b"\x80\x02N}]Nsb.")
+    (tmp_path / "b.pkl").write_bytes(EVIL)
+    report = scan_path(tmp_path)
+    by_name = {r.source: r for r in report.files}
+    assert by_name["a.pkl"].verdict.value == "error"
+    assert "unhashable" in by_name["a.pkl"].all_errors()[0].description
+    assert by_name["b.pkl"].verdict.value == "issues"
+    assert report.exit_code == 1
+
+
+def test_cli_prints_a_report_for_the_seven_byte_crash_file(tmp_path):
+    (tmp_path / "x.pkl").write_bytes(b"N}]Nsb.")
+    (tmp_path / "evil.pkl").write_bytes(EVIL)
+    done = subprocess.run([sys.executable, "-m", "modelscan_core", "-p", str(tmp_path), "-r", "json"],
+                          capture_output=True, timeout=120)
+    assert b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    report = json.loads(done.stdout)
+    assert done.returncode == 1
+    assert {i["source"] for i in report["issues"]} == {"evil.pkl"}
+
+
+def test_a_finding_followed_by_a_break_stays_a_finding(scan_bytes):
+    # the call runs, then the loader raises at the unhashable key: both are reported
+    data = EVIL[:-1] + b"0N}]Nsb."
+    scanned = scan_bytes(data)
+    assert scanned.verdict == "issues"
+    assert "posix.system" in scanned.names(Severity.CRITICAL)
+    assert scanned.file.all_errors(), "the break is still an error"
+
+
+def test_an_internal_error_in_the_vm_keeps_what_was_found_before_it(scan_bytes, monkeypatch):
+    from modelscan_core.scanners.pickle import vm
+
+    def broken(state):
+        raise RuntimeError("simulated VM defect")
+
+    monkeypatch.setattr(vm, "_planted_setstate", broken)
+    data = EVIL[:-1] + b"0\x80\x02cbuiltins\nobject\n)\x81}b."  # a BUILD after the call
+    scanned = scan_bytes(data)
+    assert scanned.verdict == "issues"
+    assert "posix.system" in scanned.names(Severity.CRITICAL)
+    assert any("internal error" in e.description for e in scanned.file.all_errors())
+
+
+def test_an_exception_in_detection_is_an_error_for_that_file(tmp_path, monkeypatch):
+    from modelscan_core import engine
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("simulated detection defect")
+
+    (tmp_path / "a.pkl").write_bytes(EVIL)
+    monkeypatch.setattr(engine.detect, "detect", explode)
+    report = scan_path(tmp_path)
+    assert report.files[0].verdict.value == "error"
+    assert "detecting" in report.files[0].errors[0].description
+    assert report.exit_code == 2
+
+
+def test_an_exception_looking_up_a_scanner_is_an_error_for_that_file(tmp_path, monkeypatch):
+    from modelscan_core import engine
+
+    def explode(fmt):
+        raise ImportError("simulated missing dependency")
+
+    (tmp_path / "a.pkl").write_bytes(EVIL)
+    monkeypatch.setattr(engine, "scanner_for", explode)
+    report = scan_path(tmp_path)
+    assert report.files[0].verdict.value == "error"
+    assert "ImportError" in report.files[0].errors[0].description
+
+
+# -- reports stay valid UTF-8 ---------------------------------------------------------
+
+
+def _cli_json(path: Path, *extra: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "modelscan_core", "-p", str(path), *extra],
+                          capture_output=True, timeout=120)
+    assert b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    done.stdout.decode("utf-8")  # strict: raises on any byte that is not UTF-8
+    return json.loads(done.stdout) if "-r" in extra and extra[extra.index("-r") + 1] != "console" else {}
+
+
+def test_json_is_valid_utf8_for_a_tar_member_name_that_is_not(tmp_path):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        info = tarfile.TarInfo("bad-\udcff-name.pkl")
+        info.size = len(EVIL)
+        tar.addfile(info, io.BytesIO(EVIL))
+    assert b"bad-\xff-name.pkl" in out.getvalue()
+    (tmp_path / "model.tar").write_bytes(out.getvalue())
+    report = _cli_json(tmp_path, "-r", "json")
+    issue = next(i for i in report["issues"] if i["operator"] == "system")
+    assert issue["source"] == "model.tar:bad-\\xff-name.pkl"
+    assert bytes.fromhex(issue["source_bytes"]) == b"model.tar:bad-\xff-name.pkl"
+
+
+def test_json_is_valid_utf8_for_a_file_name_and_an_operand_that_are_not(tmp_path):
+    payload = b"\x80\x04\x8c\x05posix\x8c\x06system\x93X\x03\x00\x00\x00\xed\xb2\x80\x85R."  # a lone surrogate
+    (tmp_path / os.fsdecode(b"\xfe\xff.pkl")).write_bytes(payload)
+    report = _cli_json(tmp_path, "-r", "json")
+    issue = report["issues"][0]
+    assert issue["source"] == "\\xfe\\xff.pkl" and issue["source_bytes"] == "feff2e706b6c"
+    assert report["files"][0]["source_bytes"] == "feff2e706b6c"
+    for fmt in ("console", "sarif"):
+        _cli_json(tmp_path, "-r", fmt)  # decodes as UTF-8, no traceback
