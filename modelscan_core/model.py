@@ -197,3 +197,103 @@ class Limits:
     # high ratio below it is a sparse tensor; above it a bomb is cut off after ~1 GiB
     ratio_after_bytes: int = 1024**3
     max_memo_values: int = 200_000  # pickle memo entries kept with full values
+
+
+# -- a lossless, data-only JSON form of FileResult ----------------------------------------
+# For a process boundary where the receiver must not trust the sender (the daemon's
+# workers parse hostile bytes): plain JSON types in, every field type-checked out, so a
+# compromised sender can at worst lie about a verdict, never run code in the receiver.
+
+_MAX_RESULT_DEPTH = 64
+
+
+def file_result_to_json(result: FileResult) -> dict:
+    """`result` as JSON-ready dicts and lists; `file_result_from_json` gives it back equal."""
+    return {
+        "source": result.source,
+        "format": result.format,
+        "size": result.size,
+        "sha256": result.sha256,
+        "findings": [
+            {"rule_id": f.rule_id, "severity": f.severity.name, "description": f.description, "source": f.source,
+             "scanner": f.scanner, "module": f.module, "operator": f.operator, "offset": f.offset, "call": f.call}
+            for f in result.findings
+        ],
+        "errors": [{"category": e.category, "description": e.description, "source": e.source,
+                    "incomplete": e.incomplete} for e in result.errors],
+        "skipped": None if result.skipped is None else {
+            "category": result.skipped.category, "description": result.skipped.description,
+            "source": result.skipped.source},
+        "members": [file_result_to_json(m) for m in result.members],
+        "scanned": result.scanned,
+    }
+
+
+def file_result_from_json(data: object, _depth: int = 0) -> FileResult:
+    """Rebuild a FileResult; ValueError if anything is not exactly the expected shape."""
+    if _depth > _MAX_RESULT_DEPTH:
+        raise ValueError("FileResult nested too deeply")
+    d = _obj(data, "FileResult")
+    findings = tuple(
+        Finding(_str(f, "rule_id"), _severity(f), _str(f, "description"), _str(f, "source"), _str(f, "scanner"),
+                _str(f, "module"), _str(f, "operator"), _opt_int(f, "offset"), _opt_str(f, "call"))
+        for f in (_obj(x, "Finding") for x in _list(d, "findings"))
+    )
+    errors = tuple(
+        ScanError(_str(e, "category"), _str(e, "description"), _str(e, "source"), _bool(e, "incomplete"))
+        for e in (_obj(x, "ScanError") for x in _list(d, "errors"))
+    )
+    sk = d.get("skipped")
+    skipped = None if sk is None else Skipped(*(_str(_obj(sk, "Skipped"), k) for k in ("category", "description",
+                                                                                        "source")))
+    members = tuple(file_result_from_json(m, _depth + 1) for m in _list(d, "members"))
+    return FileResult(_str(d, "source"), _str(d, "format"), _opt_int(d, "size"), _opt_str(d, "sha256"), findings,
+                      errors, skipped, members, _bool(d, "scanned"))
+
+
+def _obj(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: expected an object")
+    return value
+
+
+def _list(d: dict, key: str) -> list:
+    value = d.get(key)
+    if not isinstance(value, list):
+        raise ValueError(f"{key}: expected a list")
+    return value
+
+
+def _str(d: dict, key: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string")
+    return value
+
+
+def _opt_str(d: dict, key: str) -> str | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string or null")
+    return value
+
+
+def _opt_int(d: dict, key: str) -> int | None:
+    value = d.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{key}: expected an integer or null")
+    return value
+
+
+def _bool(d: dict, key: str) -> bool:
+    value = d.get(key)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true or false")
+    return value
+
+
+def _severity(d: dict) -> Severity:
+    name = _str(d, "severity")
+    if name not in Severity.__members__:
+        raise ValueError(f"severity: unknown {name!r}")
+    return Severity[name]

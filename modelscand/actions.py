@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from modelscan_core.model import Severity
+from modelscan_core.model import FileResult, Severity
 
 from modelscand import logging as mlog
+from modelscand.state import Identity
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Outcome:
     findings: tuple[dict, ...] = ()
     hf: dict | None = None
     extra: dict = field(default_factory=dict)
+    #: the core's typed result for the bytes that were scanned (None for a scan error)
+    result: FileResult | None = None
+    #: (dev, ino, size, mtime_ns, ctime_ns) of the file the worker opened: act only on this
+    identity: Identity | None = None
 
     def actionable(self, threshold: Severity) -> bool:
         return self.verdict == "issues" and self.severity is not None and self.severity >= threshold

@@ -66,6 +66,7 @@ def defaults() -> dict[str, Any]:
             "code_severity": "medium",
             "workers": 2,
             "timeout": 120.0,
+            "hash_timeout": 30.0,
             "memory_limit_mb": 4096,
             "settings_file": "",
         },
@@ -182,6 +183,7 @@ class Config:
             raise ConfigError("scan.report_code must be true or false")
         _int(s, "scan", "workers", minimum=1)
         _number(s, "scan", "timeout", minimum=0.1)
+        _number(s, "scan", "hash_timeout", minimum=0)
         _int(s, "scan", "memory_limit_mb", minimum=0)
         if not isinstance(s["settings_file"], str):
             raise ConfigError("scan.settings_file must be a path string")

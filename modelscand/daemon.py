@@ -83,7 +83,8 @@ class Daemon:
                                      stopping=self.stopping,
                                      on_cached=self.results.log_cached if report_cached else None)
         self.scheduler = Scheduler(cfg, self.roots, self.queue, lambda: self.baseline, lambda: self.pool, self.log,
-                                   self.activity, request_reconcile=self.reconciler.request, once=lambda: self.once)
+                                   self.activity, request_reconcile=self.reconciler.request, once=lambda: self.once,
+                                   on_reply=self.results.handle, reoffer=self._reoffer)
         self._threads: list[threading.Thread] = []
         self._trap = OverflowTrap(self._on_overflow_record)
 
@@ -113,17 +114,6 @@ class Daemon:
         roots = [w.root for w in list(self.roots.watches.values()) if w.inotify_thread_ident == thread_ident]
         self.intake.on_overflow(roots or [self.roots.get(p) for p in self.roots.paths()], message)
 
-    def _on_result(self, job: dict, result: dict) -> None:
-        inode = tuple(job["inode"])
-        cand, ident = self.scheduler.take(inode)
-        try:
-            if cand is not None:
-                self.results.handle(cand, ident, job, result)
-        finally:
-            dirty = self.scheduler.finish(inode)
-            if dirty and cand is not None and not self.stopping.is_set():
-                self._reoffer(cand, "closed")
-
     @property
     def watches(self):
         return self.roots.watches
@@ -139,9 +129,10 @@ class Daemon:
         self.baseline.set_meta(pid=os.getpid(), started_at=self.started_at, ready_at=None, mode=cfg.mode,
                                config=cfg.source, stopped_at=None)
         self.pool = WorkerPool(cfg.scan["workers"], timeout=float(cfg.scan["timeout"]),
+                               hash_timeout=float(cfg.scan["hash_timeout"]),
                                memory_limit_mb=cfg.scan["memory_limit_mb"],
                                settings_file=os.path.expanduser(cfg.scan["settings_file"]) or None,
-                               on_result=self._on_result, scan_function=self.scan_function)
+                               scan_function=self.scan_function)
         self.pool.start()
         self._spawn(self.scheduler.loop, "modelscand-scheduler")
         self._spawn(self.reconciler.loop, "modelscand-reconciler")

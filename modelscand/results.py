@@ -19,6 +19,7 @@ from modelscand.actions import Action, Outcome
 from modelscand.config import Config
 from modelscand.queue import Candidate
 from modelscand.state import Baseline, Identity
+from modelscand.workers import ScanReply
 from modelscand.writers import temp_rule
 
 EVENTS = {
@@ -45,26 +46,32 @@ class Results:
         self.counts = counts
         self._reoffer = reoffer  # the file changed under the scan: queue it again
 
-    def handle(self, cand: Candidate, ident: Identity, job: dict, result: dict) -> None:
-        status = result.get("status")
+    def handle(self, cand: Candidate, ident: Identity, reply: ScanReply) -> None:
+        status = reply.status
         baseline = self._baseline()
         if status == "gone":
             return
-        if status == "replaced" or (status == "ok" and result.get("changed")):
+        if status in ("replaced", "changed"):
             self.log.info("scan.changed", path=cand.path, why=status, answer="queued again")
             self._reoffer(cand, "created")
             return
-        if status == "ok":
-            verdict = result["verdict"]
-            if result.get("identity"):
-                ident = Identity(*result["identity"])
-        else:
-            verdict = "incomplete" if result.get("incomplete") else "error"
-        sev_name = result.get("severity")
-        severity = Severity.parse(sev_name) if sev_name else None
-        findings = result.get("findings") or []
-        rule_ids = sorted({f["rule_id"] for f in findings})
-        sha = result.get("sha256")
+        verdict = reply.verdict or "error"
+        result = reply.result
+        if reply.identity is not None:
+            ident = reply.identity
+        found = result.all_findings() if result is not None else []
+        severity = result.max_severity if result is not None else None
+        sev_name = severity.name.lower() if severity is not None else None
+        rule_ids = sorted({f.rule_id for f in found})
+        findings = [
+            {"rule_id": f.rule_id, "severity": f.severity.name.lower(), "description": f.description[:500],
+             "module": f.module, "operator": f.operator, "offset": f.offset,
+             "call": (f.call or None) and f.call[:300], "source": f.source}
+            for f in found[:50]
+        ]
+        errors = [{"category": e.category, "description": e.description[:300], "incomplete": e.incomplete}
+                  for e in (result.all_errors()[:20] if result is not None else [])]
+        sha = reply.sha256
         baseline.record(ident, cand.path, sha, verdict, sev_name, rule_ids)
         self.counts["scanned"] += 1
         self.counts[verdict] = self.counts.get(verdict, 0) + 1
@@ -73,19 +80,22 @@ class Results:
         event, level = EVENTS.get(verdict, ("scan.error", "error"))
         fields = {
             "path": cand.path, "root": cand.root, "reason": cand.reason, "verdict": verdict,
-            "format": result.get("format"), "size": ident.size, "sha256": sha, "severity": sev_name,
-            "rule_ids": rule_ids, "inode": list(ident.inode), "scan_ms": result.get("scan_ms"),
+            "format": result.format if result is not None else None, "size": ident.size, "sha256": sha,
+            "severity": sev_name, "rule_ids": rule_ids, "inode": list(ident.inode),
+            "mtime_ns": ident.mtime_ns, "ctime_ns": ident.ctime_ns, "scan_ms": reply.scan_ms,
             "latency_ms": round((time.monotonic() - cand.since) * 1000, 2),
         }
+        if reply.hash_note:
+            fields["hash_note"] = reply.hash_note
         rule = temp_rule(os.path.basename(cand.path))
         if rule is not None:
             fields["temp"] = {"writer": rule.name, "status": "stale" if cand.reason == "stale_temp" else "temp"}
         if findings:
             fields["findings"] = findings
-        if result.get("errors"):
-            fields["errors"] = result["errors"]
+        if errors:
+            fields["errors"] = errors
         if status != "ok":
-            fields["error"] = result.get("error")
+            fields["error"] = reply.error
         hf = hfcache.describe(cand.path) if "--" in cand.path else None
         if hf:
             fields["hf"] = hf
@@ -95,7 +105,7 @@ class Results:
                 fields["seen_before"] = again[:3]
         getattr(self.log, level)(event, **fields)
         outcome = Outcome(cand.path, verdict, severity, sha, ident.size, ident.inode, tuple(rule_ids),
-                          tuple(findings), hf)
+                          tuple(findings), hf, result=result, identity=ident)
         action = self._action()
         try:
             action.handle(outcome)

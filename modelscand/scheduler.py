@@ -33,7 +33,7 @@ from modelscand.config import Config, Root
 from modelscand.queue import Candidate, Rescan, WorkQueue
 from modelscand.roots import Roots
 from modelscand.state import Baseline, Identity
-from modelscand.workers import WorkerPool
+from modelscand.workers import ScanJob, ScanReply, WorkerPool
 from modelscand.writers import COMPLETE_ON
 
 BUSY_MAX_RECHECK = 30.0
@@ -60,7 +60,9 @@ def writer_state(path: str) -> str:
 class Scheduler:
     def __init__(self, config: Callable[[], Config], roots: Roots, queue: WorkQueue, baseline: Callable[[], Baseline],
                  pool: Callable[[], WorkerPool], log, activity: Activity, *,
-                 request_reconcile: Callable[[str, str], None], once: Callable[[], bool]):
+                 request_reconcile: Callable[[str, str], None], once: Callable[[], bool],
+                 on_reply: Callable[[Candidate, Identity, ScanReply], None],
+                 reoffer: Callable[[Candidate, str], None]):
         self._config = config
         self.roots = roots
         self.queue = queue
@@ -70,6 +72,8 @@ class Scheduler:
         self.activity = activity
         self._request_reconcile = request_reconcile
         self._once = once
+        self._on_reply = on_reply  # results: log, record, act
+        self._reoffer = reoffer
         self.lock = threading.RLock()
         self.inflight: dict[tuple[int, int], tuple[Candidate, Identity]] = {}
         self.dirty: set[tuple[int, int]] = set()
@@ -233,27 +237,33 @@ class Scheduler:
                 return None
             d = os.path.dirname(d)
 
+    def job_for(self, cand: Candidate, ident: Identity) -> ScanJob:
+        root = self.roots.get(cand.root) or self.roots.root_for(cand.path)
+        code = self.code_rule(cand.path, root)
+        if code is None:
+            return ScanJob(cand.path, cand.root, ident.inode, os.path.basename(cand.path))
+        return ScanJob(cand.path, cand.root, ident.inode, os.path.basename(cand.path), kind="code",
+                       code_rule=code[0], code_description=code[1],
+                       code_severity=self._config().code_severity.name.lower())
+
     def submit(self, cand: Candidate, ident: Identity) -> None:
         with self.lock:
             self.inflight[ident.inode] = (cand, ident)
-        root = self.roots.get(cand.root) or self.roots.root_for(cand.path)
-        job = {"path": cand.path, "root": cand.root, "inode": list(ident.inode), "name": os.path.basename(cand.path),
-               "kind": "model"}
-        code = self.code_rule(cand.path, root)
-        if code is not None:
-            job.update(kind="code", code_rule=code[0], code_description=code[1],
-                       code_severity=self._config().code_severity.name.lower())
-        self._pool().submit(job)
+        future = self._pool().submit(self.job_for(cand, ident))
+        future.add_done_callback(lambda f: self._done(cand, ident, f.result()))
 
-    def take(self, inode: tuple[int, int]) -> tuple[Candidate | None, Identity | None]:
-        with self.lock:
-            return self.inflight.get(inode, (None, None))
-
-    def finish(self, inode: tuple[int, int]) -> bool:
-        """The job for `inode` is done; True if the file changed while it was scanned."""
-        with self.lock:
-            self.inflight.pop(inode, None)
-            dirty = inode in self.dirty
-            self.dirty.discard(inode)
-        self.activity.changed()
-        return dirty
+    def _done(self, cand: Candidate, ident: Identity, reply: ScanReply) -> None:
+        """In the worker slot's thread: hand the reply to results, then free the inode."""
+        try:
+            self._on_reply(cand, ident, reply)
+        except Exception as exc:
+            self.log.error("daemon.internal_error", where="results", path=cand.path,
+                           error=f"{type(exc).__name__}: {exc}")
+        finally:
+            with self.lock:
+                self.inflight.pop(ident.inode, None)
+                dirty = ident.inode in self.dirty
+                self.dirty.discard(ident.inode)
+            if dirty:
+                self._reoffer(cand, "closed")
+            self.activity.changed()

@@ -1,19 +1,30 @@
-"""Scans run in worker processes, each bounded in time and memory.
+"""Scans run in worker processes, each bounded in time and memory, answering in plain JSON.
 
 A corrupt HDF5 file can crash the C library; a hostile pickle can make a parser spin. In
 the daemon's own process either would take the watcher down with it. Here each worker is a
-process fed one job at a time over a pipe by a parent thread that waits at most
-``scan.timeout`` seconds: a worker that dies (any signal, any exit) or does not answer in
-time is killed and replaced, and the file gets an ``error`` verdict. Memory is capped with
-``RLIMIT_AS`` inside the worker (a `MemoryError` there is an ``incomplete`` verdict from the
-engine, an outright kill is a crash).
+process fed one `ScanJob` at a time over a pipe by a parent thread: a worker that dies (any
+signal, any exit) or overruns a phase's time limit is killed and replaced, and the file
+gets an ``error`` verdict. Memory is capped with ``RLIMIT_AS`` inside the worker.
 
-The scan itself opens the file below its root one component at a time (``O_DIRECTORY|
-O_NOFOLLOW`` dir fds, then ``O_RDONLY|O_NOFOLLOW|O_NONBLOCK``): a directory swapped for a
-symlink out of the root is an error verdict, never a read. It requires a regular
+Two phases, each with its own limit, so a finding is never lost to slow hashing:
+
+1. *scan* (``scan.timeout``): the core reads the file and returns its `FileResult`; the
+   worker sends it at once (``{"phase": "scanned"}``);
+2. *hash* (``scan.hash_timeout``): the sha256 for the baseline and the ledger. A 50 GB
+   sparse tail cannot make it take longer than the limit: the worker stops hashing at the
+   deadline and the verdict keeps every finding, with ``sha256: null`` and a note.
+
+The pipe carries JSON only (`send_bytes`/`recv_bytes`, never pickle): the worker parses
+hostile bytes, so what it sends back is decoded as data (`file_result_from_json` type-checks
+every field). A compromised worker can lie about a verdict; it cannot run code in the
+(root) parent.
+
+The scan opens the file below its root one component at a time (``O_DIRECTORY|O_NOFOLLOW``
+dir fds, then ``O_RDONLY|O_NOFOLLOW|O_NONBLOCK``): a directory swapped for a symlink out of
+the root is reported as ``escape`` (the path changed), never a read. It requires a regular
 file with the inode the scheduler saw, scans through that fd, and compares
-``(dev, ino, size, mtime, ctime)`` before and after: a file changed under the scan is reported as
-``changed`` and queued again instead of getting a verdict for bytes that no longer exist.
+``(dev, ino, size, mtime, ctime)`` before and after each phase: bytes that changed under the
+scan get no verdict (``changed``); the caller offers the path again.
 
 `scan_function` ("module:function") is the seam tests use to make a worker crash or hang.
 """
@@ -21,7 +32,9 @@ file with the inode the scheduler saw, scans through that fd, and compares
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib
+import json
 import multiprocessing
 import os
 import queue
@@ -30,19 +43,77 @@ import signal
 import stat
 import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from typing import Any, Callable
+
+from modelscan_core.model import FileResult, Finding, Severity, file_result_from_json, file_result_to_json
+
+from modelscand.state import Identity
 
 DEFAULT_SCAN_FUNCTION = "modelscand.workers:scan_job"
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+MAX_REPLY_BYTES = 256 * 1024 * 1024  # a FileResult of an archive with the maximum of members fits
+HASH_CHUNK = 1 << 20
+
+#: reply statuses: only "ok" carries a verdict; the others say why there is none
+STATUSES = ("ok", "gone", "replaced", "changed", "escape", "error")
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    path: str
+    root: str | None  # open below this directory, one component at a time; None: open `path` as given
+    inode: tuple[int, int] | None  # the (dev, ino) the scheduler saw; another inode is "replaced"
+    name: str  # what format detection sees (the file name users know)
+    kind: str = "model"  # "model": scan the bytes; "code": report the file as code by rule
+    code_rule: str | None = None
+    code_description: str | None = None
+    code_severity: str | None = None
+    hash_timeout: float = 0.0  # the hash phase's limit (scan.hash_timeout); 0 = none
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["inode"] = list(self.inode) if self.inode else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ScanJob":
+        d = dict(d)
+        d["inode"] = tuple(d["inode"]) if d.get("inode") else None
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ScanReply:
+    """What one job came to. `result` is the core's typed FileResult (sha256 filled in
+    when the hash phase finished); `identity` is what the worker opened."""
+
+    status: str
+    result: FileResult | None = None
+    identity: Identity | None = None
+    sha256: str | None = None
+    error: str | None = None
+    incomplete: bool = False  # an error that is a limit (memory), not bad bytes
+    hash_note: str | None = None  # why there is no sha256 although the scan finished
+    scan_ms: float | None = None
+    hash_ms: float | None = None
+
+    @property
+    def verdict(self) -> str | None:
+        """clean | issues | error | incomplete | skipped for a reply that has one."""
+        if self.status == "ok" and self.result is not None:
+            return self.result.verdict.value
+        if self.status == "error":
+            return "incomplete" if self.incomplete else "error"
+        return None
 
 
 # -- inside the worker --------------------------------------------------------------------
 
-def _ident(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+def _ident(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 class Escape(Exception):
@@ -77,83 +148,88 @@ def open_beneath(root: str, path: str) -> tuple[int, int, str]:
     return fd, dfd, parts[-1]
 
 
-def scan_job(job: dict[str, Any], settings) -> dict[str, Any]:
-    """Scan one file through a verified fd. Never raises for bad input."""
-    path = job["path"]
+def scan_job(job: ScanJob, settings, report: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Scan one file through a verified fd; `report` gets the scan phase's result before
+    hashing starts. Returns the final message. Never raises for bad input."""
+    path = job.path
     dfd = None
     try:
-        if job.get("root"):
-            fd, dfd, base = open_beneath(job["root"], path)
+        if job.root:
+            fd, dfd, base = open_beneath(job.root, path)
         else:
             fd = os.open(path, OPEN_FLAGS)
     except Escape as exc:
-        return {"status": "error", "error": f"path escapes the watched root: {exc}; not scanned", "escape": True}
+        return {"status": "escape", "error": f"path escapes the watched root: {exc}; not scanned"}
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return {"status": "gone"}
         if exc.errno == errno.ELOOP:
-            return {"status": "error", "error": "is a symlink; not followed"}
+            return {"status": "escape", "error": "is a symlink now; not followed"}
         return {"status": "error", "error": f"cannot open: {exc.strerror or exc}"}
     try:
-        return _scan_fd(job, settings, path, fd, dfd)
+        return _scan_fd(job, settings, fd, dfd, report or (lambda msg: None))
     finally:
         if dfd is not None:
             os.close(dfd)
 
 
-def _scan_fd(job, settings, path, fd, dfd) -> dict[str, Any]:
-    from modelscan_core.engine import scan_stream, sha256_stream
+def _scan_fd(job: ScanJob, settings, fd: int, dfd: int | None, report) -> dict[str, Any]:
+    from modelscan_core.engine import scan_stream
 
     with os.fdopen(fd, "rb", buffering=0) as stream:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return {"status": "error", "error": "not a regular file; not scanned"}
         before = _ident(st)
-        if job.get("inode") and tuple(job["inode"]) != before[:2]:
+        if job.inode and tuple(job.inode) != tuple(before[:2]):
             return {"status": "replaced", "identity": before}
-        if job.get("kind") == "code":
-            sha = sha256_stream(stream)
-            result = {
-                "verdict": "issues",
-                "format": "python",
-                "sha256": sha,
-                "severity": job["code_severity"],
-                "findings": [{
-                    "rule_id": job["code_rule"],
-                    "severity": job["code_severity"],
-                    "description": job["code_description"],
-                    "module": "", "operator": "", "offset": None, "call": None,
-                }],
-                "errors": [],
-            }
+
+        def unchanged() -> bool:
+            after = _ident(os.fstat(fd))
+            try:
+                if dfd is not None:
+                    now = _ident(os.stat(os.path.basename(job.path), dir_fd=dfd, follow_symlinks=False))
+                else:
+                    now = _ident(os.lstat(job.path))
+            except OSError:
+                now = None
+            return after == before and (now is None or now == before)
+
+        started = time.monotonic()
+        if job.kind == "code":
+            sev = Severity.parse(job.code_severity or "medium")
+            result = FileResult(job.path, "python", st.st_size, findings=(
+                Finding(job.code_rule or "MODELSCAND_CODE", sev, job.code_description or "code", job.path,
+                        "modelscand"),))
         else:
-            r = scan_stream(stream, path, settings, size=st.st_size, name=job.get("name") or os.path.basename(path))
-            sha = r.sha256 or sha256_stream(stream)  # the core skips files > 512 MiB; the baseline needs it
-            sev = r.max_severity
-            result = {
-                "verdict": r.verdict.value,
-                "format": r.format,
-                "sha256": sha,
-                "severity": sev.name.lower() if sev is not None else None,
-                "findings": [
-                    {"rule_id": f.rule_id, "severity": f.severity.name.lower(), "description": f.description[:500],
-                     "module": f.module, "operator": f.operator, "offset": f.offset, "call": (f.call or None) and f.call[:300],
-                     "source": f.source}
-                    for f in r.all_findings()[:50]
-                ],
-                "errors": [{"category": e.category, "description": e.description[:300], "incomplete": e.incomplete}
-                           for e in r.all_errors()[:20]],
-            }
-        after = _ident(os.fstat(fd))
-        try:
-            if dfd is not None:
-                now = _ident(os.stat(os.path.basename(path), dir_fd=dfd, follow_symlinks=False))
-            else:
-                now = _ident(os.lstat(path))
-        except OSError:
-            now = None
-    result.update(status="ok", identity=before, changed=(after != before or (now is not None and now != before)))
-    return result
+            result = scan_stream(stream, job.path, settings, size=st.st_size, name=job.name or
+                                 os.path.basename(job.path), compute_hash=False)
+        scan_ms = round((time.monotonic() - started) * 1000, 2)
+        if not unchanged():
+            return {"status": "changed", "identity": before, "scan_ms": scan_ms}
+        report({"phase": "scanned", "result": file_result_to_json(result), "identity": before, "scan_ms": scan_ms})
+        started = time.monotonic()
+        sha, note = bounded_sha256(fd, job.hash_timeout)
+        hash_ms = round((time.monotonic() - started) * 1000, 2)
+        if not unchanged():
+            return {"status": "changed", "identity": before, "scan_ms": scan_ms}
+    return {"status": "ok", "identity": before, "sha256": sha, "hash_note": note, "scan_ms": scan_ms,
+            "hash_ms": hash_ms}
+
+
+def bounded_sha256(fd: int, limit_s: float) -> tuple[str | None, str | None]:
+    """(sha256 of the whole file, None) or (None, why) when `limit_s` (> 0) ran out first."""
+    digest = hashlib.sha256()
+    deadline = time.monotonic() + limit_s if limit_s > 0 else None
+    offset = 0
+    while True:
+        chunk = os.pread(fd, HASH_CHUNK, offset)
+        if not chunk:
+            return digest.hexdigest(), None
+        digest.update(chunk)
+        offset += len(chunk)
+        if deadline is not None and time.monotonic() > deadline:
+            return None, f"not hashed: the hash phase stopped after {limit_s:g}s at byte {offset}"
 
 
 def _worker_main(conn, settings_file: str | None, memory_limit_mb: int, scan_function: str) -> None:
@@ -171,28 +247,96 @@ def _worker_main(conn, settings_file: str | None, memory_limit_mb: int, scan_fun
     settings = Settings.load(settings_file or None)
     module, _, func = scan_function.partition(":")
     fn = getattr(importlib.import_module(module), func)
+
+    def send(msg: dict) -> None:
+        conn.send_bytes(json.dumps(msg).encode())
+
     while True:
         try:
-            job = conn.recv()
+            raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        if job is None:
+        job_data = json.loads(raw)
+        if job_data is None:
             return
-        started = time.monotonic()
+        job = ScanJob.from_json(job_data)
         try:
-            result = fn(job, settings)
+            msg = fn(job, settings, send)
         except MemoryError:
-            result = {"status": "error", "error": "scan ran out of memory (scan.memory_limit_mb)", "incomplete": True}
+            msg = {"status": "error", "error": "scan ran out of memory (scan.memory_limit_mb)", "incomplete": True}
         except Exception as exc:  # a bug in a scanner is an error verdict, not a dead worker
-            result = {"status": "error", "error": f"internal error: {type(exc).__name__}: {exc}"[:500]}
-        result["scan_ms"] = round((time.monotonic() - started) * 1000, 2)
+            msg = {"status": "error", "error": f"internal error: {type(exc).__name__}: {exc}"[:500]}
+        msg["phase"] = "done"
         try:
-            conn.send(result)
+            send(msg)
         except (OSError, ValueError):
             return
 
 
 # -- in the daemon ------------------------------------------------------------------------
+
+class BadReply(Exception):
+    """The worker sent something that is not a well-formed reply."""
+
+
+def _decode(raw: bytes) -> dict:
+    try:
+        msg = json.loads(raw)
+    except ValueError as exc:
+        raise BadReply(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict) or msg.get("phase") not in ("scanned", "done"):
+        raise BadReply("not a reply object")
+    if msg["phase"] == "done" and msg.get("status") not in STATUSES:
+        raise BadReply(f"unknown status {msg.get('status')!r}")
+    return msg
+
+
+def _identity(value: object) -> Identity | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 5
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise BadReply("identity: expected five integers")
+    return Identity(*value)
+
+
+def _opt_str(msg: dict, key: str) -> str | None:
+    value = msg.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadReply(f"{key}: expected a string")
+    return value
+
+
+def _opt_ms(msg: dict, key: str) -> float | None:
+    value = msg.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise BadReply(f"{key}: expected a number")
+    return value
+
+
+def reply_from(scanned: dict | None, done: dict | None, *, hash_note: str | None = None) -> ScanReply:
+    """Fold the worker's messages into one ScanReply (BadReply if they are malformed)."""
+    result = identity = None
+    scan_ms = None
+    if scanned is not None:
+        try:
+            result = file_result_from_json(scanned.get("result"))
+        except ValueError as exc:
+            raise BadReply(f"result: {exc}") from None
+        identity = _identity(scanned.get("identity"))
+        scan_ms = _opt_ms(scanned, "scan_ms")
+    if done is None:  # the hash phase overran: the scan's verdict stands, without a hash
+        return ScanReply("ok", result, identity, None, hash_note=hash_note, scan_ms=scan_ms)
+    status = done["status"]
+    sha = _opt_str(done, "sha256")
+    if status == "ok" and result is None:
+        raise BadReply("ok without a scan result")
+    if result is not None and sha is not None:
+        result = replace(result, sha256=sha)
+    return ScanReply(status, result if status == "ok" else None, _identity(done.get("identity")) or identity, sha,
+                     _opt_str(done, "error"), done.get("incomplete") is True, _opt_str(done, "hash_note"),
+                     _opt_ms(done, "scan_ms") or scan_ms, _opt_ms(done, "hash_ms"))
+
 
 _CTX = None
 
@@ -228,7 +372,7 @@ class _Slot:
         if self.proc is not None:
             try:
                 self.proc.kill()
-            except Exception:
+            except Exception:  # already gone: nothing to kill
                 pass
             self.proc.join(5)
             self.proc.close() if self.proc.exitcode is not None else None
@@ -238,52 +382,74 @@ class _Slot:
 
     def _run(self) -> None:
         while True:
-            job = self.pool._jobs.get()
-            if job is None:
+            item = self.pool._jobs.get()
+            if item is None:
                 break
+            job, future = item
+            if not future.set_running_or_notify_cancel():
+                self.pool._done()
+                continue
             try:
-                result = self._one(job)
+                reply = self._one(job)
             except Exception as exc:  # never let a slot die: that would stall the pool
-                result = {"status": "error", "error": f"worker slot failure: {type(exc).__name__}: {exc}"}
+                reply = ScanReply("error", error=f"worker slot failure: {type(exc).__name__}: {exc}")
                 self._kill()
             try:
-                self.pool.on_result(job, result)
-            except Exception:
-                pass
+                future.set_result(reply)  # runs the caller's callbacks here, before the job counts as done
             finally:
-                with self.pool._lock:
-                    self.pool._pending -= 1
-                    self.pool._lock.notify_all()
+                self.pool._done()
         self.shutdown()
 
-    def _one(self, job: dict) -> dict:
+    def _recv(self, limit: float) -> dict | None:
+        if not self.conn.poll(limit):
+            return None
+        return _decode(self.conn.recv_bytes(MAX_REPLY_BYTES))
+
+    def _one(self, job: ScanJob) -> ScanReply:
         if self.proc is None or not self.proc.is_alive():
             self._kill()
             self._spawn()
         self.busy_since = time.monotonic()
+        pool = self.pool
+        scanned = None
         try:
-            self.conn.send(job)
-            if self.conn.poll(self.pool.timeout):
-                return self.conn.recv()
+            self.conn.send_bytes(json.dumps(job.to_json()).encode())
+            msg = self._recv(pool.timeout)
+            if msg is None:
+                self._kill()
+                return ScanReply("error", error=f"scan timed out after {pool.timeout:g}s; worker killed")
+            if msg["phase"] == "scanned":
+                scanned = msg
+                # the worker stops hashing at hash_timeout itself; the margin covers a loaded machine
+                msg = self._recv(pool.hash_timeout + 10.0 if pool.hash_timeout else None)
+                if msg is None:
+                    self._kill()
+                    return reply_from(scanned, None, hash_note=f"not hashed: the hash phase overran "
+                                                               f"{pool.hash_timeout:g}s; worker killed")
+                if msg["phase"] != "done":
+                    raise BadReply("two scan results for one job")
+            return reply_from(scanned, msg)
+        except BadReply as exc:
             self._kill()
-            return {"status": "error", "error": f"scan timed out after {self.pool.timeout:g}s; worker killed",
-                    "timeout": True}
-        except (EOFError, OSError, BrokenPipeError):
+            return ScanReply("error", error=f"scan worker sent an invalid reply ({exc}); worker killed")
+        except (EOFError, OSError):
             code = self.proc.exitcode if self.proc is not None else None
             if self.proc is not None and code is None:
                 self.proc.join(2)
                 code = self.proc.exitcode
             self._kill()
             how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
-            return {"status": "error", "error": f"scan worker crashed ({how})", "crash": True}
+            if scanned is not None:  # it died hashing: the scan's findings stand
+                return reply_from(scanned, None, hash_note=f"not hashed: the worker died while hashing ({how})")
+            return ScanReply("error", error=f"scan worker crashed ({how})")
         finally:
             self.busy_since = None
 
     def shutdown(self) -> None:
         if self.conn is not None:
             try:
-                self.conn.send(None)
-            except Exception:
+                self.conn.send_bytes(b"null")
+            except OSError:  # the worker is already gone
                 pass
         if self.proc is not None:
             self.proc.join(2)
@@ -292,12 +458,12 @@ class _Slot:
 
 class WorkerPool:
     def __init__(self, workers: int, *, timeout: float, memory_limit_mb: int, settings_file: str | None,
-                 on_result: Callable[[dict, dict], None], scan_function: str = DEFAULT_SCAN_FUNCTION):
+                 hash_timeout: float = 30.0, scan_function: str = DEFAULT_SCAN_FUNCTION):
         self.timeout = timeout
+        self.hash_timeout = hash_timeout
         self.memory_limit_mb = memory_limit_mb
         self.settings_file = settings_file
         self.scan_function = scan_function
-        self.on_result = on_result
         self._jobs: queue.Queue = queue.Queue(maxsize=workers * 4)
         self._lock = threading.Condition()
         self._pending = 0
@@ -308,10 +474,20 @@ class WorkerPool:
             slot._spawn()
             slot.thread.start()
 
-    def submit(self, job: dict) -> None:
+    def submit(self, job: ScanJob) -> "Future[ScanReply]":
+        """Queue a job; the future resolves to its ScanReply (callbacks run in the slot thread
+        before the pool counts the job as done, so `pending == 0` means they have run)."""
+        future: Future = Future()
+        job = replace(job, hash_timeout=self.hash_timeout)
         with self._lock:
             self._pending += 1
-        self._jobs.put(job)
+        self._jobs.put((job, future))
+        return future
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._lock.notify_all()
 
     @property
     def pending(self) -> int:
@@ -329,12 +505,12 @@ class WorkerPool:
         return True
 
     def healthy(self) -> bool:
-        """Every slot thread alive and no job overdue (the parent enforces the timeout)."""
+        """Every slot thread alive and no job overdue (the parent enforces the timeouts)."""
         now = time.monotonic()
         for slot in self.slots:
             if not slot.thread.is_alive():
                 return False
-            if slot.busy_since is not None and now - slot.busy_since > self.timeout + 30:
+            if slot.busy_since is not None and now - slot.busy_since > self.timeout + self.hash_timeout + 40:
                 return False
         return True
 

@@ -9,10 +9,20 @@ import time
 from modelscand.workers import scan_job
 
 
-def crash_or_hang(job, settings):
-    name = os.path.basename(job["path"])
+def crash_or_hang(job, settings, report):
+    name = os.path.basename(job.path)
     if "crash" in name:
         os.kill(os.getpid(), signal.SIGSEGV)  # what a C library crash looks like
     if "hang" in name:
         time.sleep(3600)
-    return scan_job(job, settings)
+    return scan_job(job, settings, report)
+
+
+def liar(job, settings, report):
+    """A compromised worker: claims a finding with a severity that does not exist."""
+    report({"phase": "scanned", "identity": [0, 0, 0, 0, 0], "scan_ms": 1.0,
+            "result": {"source": job.path, "format": "pickle", "size": 1, "sha256": None, "errors": [],
+                       "skipped": None, "members": [], "scanned": True,
+                       "findings": [{"rule_id": "x", "severity": "EXEC", "description": "", "source": "",
+                                     "scanner": "", "module": "", "operator": "", "offset": None, "call": None}]}})
+    return {"status": "ok"}

@@ -136,7 +136,7 @@ def test_fresh_baseline_and_wal_are_private_under_a_loose_umask(tmp_path):
 def test_directory_swapped_for_a_symlink_out_of_the_root_is_an_error_never_a_read(tmp_path):
     from modelscan_core.settings import Settings
 
-    from modelscand.workers import scan_job
+    from modelscand.workers import ScanJob, scan_job
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "d").mkdir(parents=True)
@@ -144,16 +144,18 @@ def test_directory_swapped_for_a_symlink_out_of_the_root_is_an_error_never_a_rea
     (outside / "secret.pkl").write_bytes(EVIL)
     decoy = root / "d" / "secret.pkl"
     decoy.write_bytes(BENIGN)
-    ok = scan_job({"path": str(decoy), "root": str(root), "inode": [decoy.stat().st_dev, decoy.stat().st_ino],
-                   "name": "secret.pkl", "kind": "model"}, Settings())
-    assert ok["status"] == "ok" and ok["verdict"] == "clean"
+    scanned = []
+    ok = scan_job(ScanJob(str(decoy), str(root), (decoy.stat().st_dev, decoy.stat().st_ino), "secret.pkl"),
+                  Settings(), scanned.append)
+    assert ok["status"] == "ok" and scanned[0]["result"]["findings"] == [] and ok["sha256"]
     os.rename(root / "d", root / "d.old")
     os.symlink(outside, root / "d")  # the path now resolves to the outside file
     st = os.stat(decoy)
-    for inode in ([st.st_dev, st.st_ino], None):
-        r = scan_job({"path": str(decoy), "root": str(root), "inode": inode, "name": "secret.pkl", "kind": "model"},
-                     Settings())
-        assert r["status"] == "error" and "escapes the watched root" in r["error"] and "sha256" not in r
+    for inode in ((st.st_dev, st.st_ino), None):
+        scanned = []
+        r = scan_job(ScanJob(str(decoy), str(root), inode, "secret.pkl"), Settings(), scanned.append)
+        assert r["status"] == "escape" and "escapes the watched root" in r["error"] and "sha256" not in r
+        assert scanned == []  # nothing was read
 
 
 def test_swapped_parent_directory_in_a_running_daemon_logs_an_error_verdict(running, root, tmp_path):
