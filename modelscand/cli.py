@@ -6,7 +6,7 @@ Exit codes:
                      2 a file could not be (fully) scanned, 78 config error
   check-config       0 valid, 78 invalid
   status             0 state found (daemon running or not), 3 no state directory
-  any                4 usage error
+  any                4 usage error, 141 stdout closed early (`| head`)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ EXIT_USAGE = 4
 EXIT_SOFTWARE = 70
 EXIT_CONFIG = 78
 EXIT_NO_STATE = 3
+EXIT_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 
 
 class UsageError(Exception):
@@ -33,7 +34,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from modelscan_core._version import __version__
+
     p = _Parser(prog="modelscand", description="Watch model caches and scan every model file that lands.")
+    p.add_argument("--version", action="version", version=f"modelscand {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     def common(sp):
@@ -60,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(sys.argv[1:] if argv is None else argv))
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `modelscand check-config | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = EXIT_PIPE
+    sys.exit(code)
 
 
 def run(argv: list[str]) -> int:

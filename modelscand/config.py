@@ -88,7 +88,7 @@ class Root:
     pattern: str | None = None  # glob this came from, if any
 
     def exists(self) -> bool:
-        return os.path.isdir(self.path)
+        return os.path.isdir(self.path) or os.path.isfile(self.path)
 
 
 @dataclass

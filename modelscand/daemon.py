@@ -108,7 +108,13 @@ class Daemon:
 
     def _on_root_gone(self, root: Root) -> None:
         self.roots.lost(root)
+        self.publish_roots()
         self.maintenance.wake()
+
+    def publish_roots(self) -> None:
+        """What `modelscand status` shows: the roots as they are now (after a reload, a loss)."""
+        if self.baseline is not None:
+            self.baseline.set_meta(roots=self.roots.paths(), missing=self.roots.missing_paths())
 
     def _on_overflow_record(self, thread_ident: int | None, message: str) -> None:
         roots = [w.root for w in list(self.roots.watches.values()) if w.inotify_thread_ident == thread_ident]

@@ -53,8 +53,11 @@ class Maintenance:
                 self.reload()
                 cfg = d.config
             if d.roots.missing and now >= next_retry:
-                for root in d.roots.retry_missing():
+                appeared = d.roots.retry_missing()
+                for root in appeared:
                     d.reconciler.request(root.path, "root_appeared")
+                if appeared:
+                    d.publish_roots()
                 next_retry = now + cfg.watch["root_retry_interval"]
             if d.roots.polled and now >= next_poll:
                 for path in list(d.roots.polled):
@@ -123,6 +126,7 @@ class Maintenance:
         for path in set(new_roots) - set(old_roots):
             if d.roots.add(new_roots[path]):
                 d.reconciler.request(path, "reload")
+        d.publish_roots()
         d.log.info("daemon.reloaded", roots=d.roots.paths(), missing=d.roots.missing_paths(),
                    note="workers, limits and state dir apply at the next restart")
         d.notifier.ready(self.status_text())

@@ -40,6 +40,15 @@ class Roots:
         """Watch `root` (when watching) and make it active; False when it is missing or
         cannot be watched (then it is retried)."""
         cfg = self._config()
+        if os.path.isfile(root.path):  # `scan FILE`, `run --once --root FILE`
+            if self.watch_enabled:
+                self.log.warning("watch.root_is_file", root=root.path, configured=root.configured,
+                                 answer="scanned at start-up and by every reconciliation walk, not watched between",
+                                 fix="watch the directory that holds it")
+            with self.lock:
+                self.active[root.path] = root
+                self.missing.pop(root.configured, None)
+            return True
         if not os.path.isdir(root.path):
             with self.lock:
                 first = root.configured not in self.missing
