@@ -35,7 +35,7 @@ from modelscand.config import Config, Root
 from modelscand.intake import Intake
 from modelscand.maintenance import Maintenance
 from modelscand.notify import Notifier
-from modelscand.queue import Candidate, WorkQueue
+from modelscand.queue import WorkQueue
 from modelscand.reconcile import Reconciler
 from modelscand.results import Results, new_counts
 from modelscand.roots import Roots
@@ -77,8 +77,7 @@ class Daemon:
         self.maintenance = Maintenance(self)
         self.roots = Roots(cfg, self.log, watch_enabled=watch, make_watch=self._make_watch)
         self.intake = Intake(self.roots, self.queue, self.log, self.counts, wake=self.maintenance.wake)
-        self.results = Results(cfg, lambda: self.baseline, lambda: self.action, self.log, self.counts,
-                               reoffer=self._reoffer)
+        self.results = Results(cfg, lambda: self.baseline, lambda: self.action, self.log, self.counts)
         self.reconciler = Reconciler(cfg, self.roots, self.queue, lambda: self.baseline, self.log, self.activity,
                                      stopping=self.stopping,
                                      on_cached=self.results.log_cached if report_cached else None)
@@ -101,10 +100,13 @@ class Daemon:
     def offer(self, path: str, reason: str, root: Root, *, block: bool = False) -> bool:
         return self.intake.offer(path, reason, root, block=block)
 
-    def _reoffer(self, cand: Candidate, reason: str) -> None:
-        root = self.roots.get(cand.root)
+    def _reoffer(self, path: str, reason: str, root_path: str) -> None:
+        """Offer `path` again (a rename or a change seen while it was scanned)."""
+        if self.stopping.is_set():
+            return
+        root = self.roots.get(root_path) or self.roots.root_for(path)
         if root is not None:
-            self.offer(cand.path, reason, root)
+            self.offer(path, reason, root)
 
     def _on_root_gone(self, root: Root) -> None:
         self.roots.lost(root)

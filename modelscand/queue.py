@@ -33,6 +33,9 @@ class Candidate:
     wall: float = field(default_factory=time.time)
     attempts: int = 0
     first_stat: tuple | None = None
+    via: str | None = None  # the link (or path through a linked directory) the file was reached by
+    outside: bool = False  # reached by a link whose target is outside every root
+    waiting_on: tuple | None = None  # the inode whose writer this candidate waits for
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,16 @@ class Reconciler:
                 self.activity.changed()
 
     # ------------------------------------------------------------------ the walk
+    def _unknown_outside_target(self, link: str, baseline: Baseline) -> bool:
+        target = os.path.realpath(link)
+        if self.roots.root_for(target) is not None:
+            return False
+        try:
+            tst = os.stat(target)
+        except OSError:
+            return False
+        return stat.S_ISREG(tst.st_mode) and baseline.lookup(Identity.of(tst)) is None
+
     def walk(self, root: Root, why: str, top: str | None = None) -> None:
         top = top or root.path
         baseline = self._baseline()
@@ -113,8 +123,15 @@ class Reconciler:
                     st = os.lstat(path)
                 except OSError:
                     continue
+                if stat.S_ISLNK(st.st_mode):
+                    # a link into a root: its target is walked there; one out of every root is offered
+                    # (the scheduler warns and scans the target) unless its target's verdict is known
+                    if self._unknown_outside_target(path, baseline):
+                        if self.queue.put(Candidate(path, ("link", path), "reconcile", root.path)):
+                            queued += 1
+                    continue
                 if not stat.S_ISREG(st.st_mode):
-                    continue  # symlinks: their targets are walked in their own root (or not followed)
+                    continue
                 if temp and time.time() - st.st_mtime < stale_after:
                     continue  # a download in progress: its rename is the signal
                 files += 1

@@ -38,22 +38,19 @@ def new_counts() -> dict[str, int]:
 
 class Results:
     def __init__(self, config: Callable[[], Config], baseline: Callable[[], Baseline], action: Callable[[], Action],
-                 log, counts: dict, *, reoffer: Callable[[Candidate, str], None]):
+                 log, counts: dict):
         self._config = config
         self._baseline = baseline
         self._action = action
         self.log = log
         self.counts = counts
-        self._reoffer = reoffer  # the file changed under the scan: queue it again
 
     def handle(self, cand: Candidate, ident: Identity, reply: ScanReply) -> None:
         status = reply.status
         baseline = self._baseline()
-        if status == "gone":
-            return
-        if status in ("replaced", "changed"):
-            self.log.info("scan.changed", path=cand.path, why=status, answer="queued again")
-            self._reoffer(cand, "created")
+        if reply.verdict is None:  # gone, changed, replaced, escaped: no verdict for these bytes
+            self.log.debug("scan.changed", path=cand.path, why=status, error=reply.error,
+                           answer="the scheduler offers what is there now")
             return
         verdict = reply.verdict or "error"
         result = reply.result
@@ -85,6 +82,10 @@ class Results:
             "mtime_ns": ident.mtime_ns, "ctime_ns": ident.ctime_ns, "scan_ms": reply.scan_ms,
             "latency_ms": round((time.monotonic() - cand.since) * 1000, 2),
         }
+        if cand.via:
+            fields["via"] = cand.via
+            if cand.outside:
+                fields["outside_roots"] = True
         if reply.hash_note:
             fields["hash_note"] = reply.hash_note
         rule = temp_rule(os.path.basename(cand.path))
@@ -105,7 +106,8 @@ class Results:
                 fields["seen_before"] = again[:3]
         getattr(self.log, level)(event, **fields)
         outcome = Outcome(cand.path, verdict, severity, sha, ident.size, ident.inode, tuple(rule_ids),
-                          tuple(findings), hf, result=result, identity=ident)
+                          tuple(findings), hf, extra={"via": cand.via, "outside_roots": True} if cand.outside else
+                          {"via": cand.via} if cand.via else {}, result=result, identity=ident)
         action = self._action()
         try:
             action.handle(outcome)

@@ -22,9 +22,11 @@ import fcntl
 import heapq
 import itertools
 import os
+import pwd
 import stat
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from modelscand import hfcache
@@ -37,6 +39,51 @@ from modelscand.workers import ScanJob, ScanReply, WorkerPool
 from modelscand.writers import COMPLETE_ON
 
 BUSY_MAX_RECHECK = 30.0
+
+
+@dataclass
+class Track:
+    """One inode being scanned, and the paths it was seen at meanwhile."""
+
+    cand: Candidate
+    ident: Identity
+    also: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (reason, root)
+
+
+def _canonical_parent(path: str) -> bool:
+    """No directory on the way to `path` is a symlink (roots are realpath'd already)."""
+    parent = os.path.dirname(path)
+    return os.path.realpath(parent) == parent
+
+
+def owner_can_read(uid: int, path: str) -> bool:
+    """Could user `uid` open `path` for reading (search on every directory, read on the
+    file)? The daemon may run as root: it reads a file outside the roots for a link's
+    owner only when that owner could have read it anyway."""
+    if uid == 0:
+        return True
+    try:
+        user = pwd.getpwuid(uid)
+        groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    except (KeyError, OSError):
+        groups = set()
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        p = os.sep.join(parts[:i]) or os.sep
+        try:
+            st = os.stat(p)
+        except OSError:
+            return False
+        bit = 4 if i == len(parts) else 1  # read the file, search the directories
+        if st.st_uid == uid:
+            ok = st.st_mode & (bit << 6)
+        elif st.st_gid in groups:
+            ok = st.st_mode & (bit << 3)
+        else:
+            ok = st.st_mode & bit
+        if not ok:
+            return False
+    return True
 
 
 def writer_state(path: str) -> str:
@@ -62,7 +109,7 @@ class Scheduler:
                  pool: Callable[[], WorkerPool], log, activity: Activity, *,
                  request_reconcile: Callable[[str, str], None], once: Callable[[], bool],
                  on_reply: Callable[[Candidate, Identity, ScanReply], None],
-                 reoffer: Callable[[Candidate, str], None]):
+                 reoffer: Callable[[str, str, str], None]):
         self._config = config
         self.roots = roots
         self.queue = queue
@@ -75,8 +122,7 @@ class Scheduler:
         self._on_reply = on_reply  # results: log, record, act
         self._reoffer = reoffer
         self.lock = threading.RLock()
-        self.inflight: dict[tuple[int, int], tuple[Candidate, Identity]] = {}
-        self.dirty: set[tuple[int, int]] = set()
+        self.inflight: dict[tuple[int, int], Track] = {}
         self._parked: list = []
         self._unparking = 0
         self._waiting: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked on its writer
@@ -140,45 +186,28 @@ class Scheduler:
 
     def consider(self, cand: Candidate) -> None:
         baseline = self._baseline()
-        waiting_on = getattr(cand, "waiting_on", None)
-        if waiting_on is not None:
+        if cand.waiting_on is not None:
             with self.lock:
-                if self._waiting.get(waiting_on) is cand:
-                    del self._waiting[waiting_on]
+                if self._waiting.get(cand.waiting_on) is cand:
+                    del self._waiting[cand.waiting_on]
+            cand.waiting_on = None
         try:
             st = os.lstat(cand.path)
         except OSError:
             return
-        if stat.S_ISLNK(st.st_mode):
-            target = os.path.realpath(cand.path)
-            troot = self.roots.root_for(target)
-            if troot is None:
-                self.log.debug("scan.link_outside", path=cand.path, target=target)
+        if stat.S_ISLNK(st.st_mode) or not _canonical_parent(cand.path):
+            # a link, or a path through a linked directory: what is there now is its target
+            resolved = self._resolve(cand, baseline)
+            if resolved is None:
                 return
-            try:
-                tst = os.lstat(target)
-            except OSError:
-                return
-            if not stat.S_ISREG(tst.st_mode):
-                return
-            row = baseline.lookup(Identity.of(tst))
-            if row is not None:
-                if hfcache.snapshot_link(cand.path):
-                    self.log.info("hf.snapshot", path=cand.path, blob=target, verdict=row.verdict,
-                                  severity=row.severity, sha256=row.sha256, rule_ids=list(row.rule_ids),
-                                  hf=hfcache.describe(cand.path))
-                return
-            if hfcache.snapshot_link(cand.path) and (tst.st_dev, tst.st_ino) in self.inflight:
-                self._park(cand, float(self._config().watch["settle_time"]) or 0.1)  # name it once it has a verdict
-                return
-            cand = Candidate(target, (tst.st_dev, tst.st_ino), cand.reason, troot.path, cand.since, cand.wall)
-            st = tst
+            cand, st = resolved
         if not stat.S_ISREG(st.st_mode):
             return
         ident = Identity.of(st)
         with self.lock:
-            if ident.inode in self.inflight:
-                self.dirty.add(ident.inode)
+            track = self.inflight.get(ident.inode)
+            if track is not None:  # scanned right now: look again at every path it had meanwhile
+                track.also[cand.path] = (cand.reason, cand.root)
                 return
         if baseline.lookup(ident) is not None:
             return
@@ -187,8 +216,10 @@ class Scheduler:
             state = writer_state(cand.path)
             if state == "busy":
                 with self.lock:
-                    if ident.inode in self._waiting:
-                        return  # one candidate already waits on this writer (a burst of Modified events)
+                    waiting = self._waiting.get(ident.inode)
+                    if waiting is not None:  # one candidate waits per writer; it takes the newest path
+                        waiting.path, waiting.root = cand.path, cand.root
+                        return
                     self._waiting[ident.inode] = cand
                     cand.waiting_on = ident.inode
                 waited = time.monotonic() - cand.since
@@ -201,6 +232,7 @@ class Scheduler:
                                                                          if self._once() else ""))
                     with self.lock:
                         self._waiting.pop(ident.inode, None)
+                    cand.waiting_on = None
                     self.submit(cand, ident)
                     return
                 cand.attempts += 1
@@ -218,6 +250,52 @@ class Scheduler:
                     self._park(cand, settle)
                     return
         self.submit(cand, ident)
+
+    def _resolve(self, cand: Candidate, baseline: Baseline) -> tuple[Candidate, os.stat_result] | None:
+        """The candidate for what a link (or a path through a linked directory) leads to now."""
+        target = os.path.realpath(cand.path)
+        try:
+            tst = os.stat(target)
+        except OSError:
+            return None  # dangling: nothing to scan
+        if not stat.S_ISREG(tst.st_mode):
+            return None
+        troot = self.roots.root_for(target)
+        via = cand.via or cand.path
+        if troot is None:
+            return self._outside(cand, target, tst, baseline)
+        row = baseline.lookup(Identity.of(tst))
+        if row is not None:
+            if hfcache.snapshot_link(via):
+                self.log.info("hf.snapshot", path=via, blob=target, verdict=row.verdict, severity=row.severity,
+                              sha256=row.sha256, rule_ids=list(row.rule_ids), hf=hfcache.describe(via))
+            return None
+        if hfcache.snapshot_link(via) and (tst.st_dev, tst.st_ino) in self.inflight:
+            self._park(cand, float(self._config().watch["settle_time"]) or 0.1)  # name it once it has a verdict
+            return None
+        return Candidate(target, (tst.st_dev, tst.st_ino), cand.reason, troot.path, cand.since, cand.wall,
+                         via=via), tst
+
+    def _outside(self, cand: Candidate, target: str, tst: os.stat_result,
+                 baseline: Baseline) -> tuple[Candidate, os.stat_result] | None:
+        """A link in a root whose target is outside every root: warn, and scan the target
+        read-only when the link's owner could read it (a verdict the operator can act on)."""
+        via = cand.via or cand.path
+        row = baseline.lookup(Identity.of(tst))
+        try:
+            owner = os.lstat(via).st_uid
+        except OSError:
+            owner = None
+        readable = owner is not None and owner_can_read(owner, target)
+        self.log.warning("link.outside_roots", path=via, target=target, owner=owner,
+                         verdict=row.verdict if row is not None else None,
+                         answer=("verdict already known" if row is not None else
+                                 "scanning the target read-only" if readable else
+                                 "not scanned: the link's owner cannot read the target"))
+        if row is not None or not readable:
+            return None
+        return Candidate(target, (tst.st_dev, tst.st_ino), cand.reason, os.path.dirname(target), cand.since,
+                         cand.wall, via=via, outside=True), tst
 
     # ------------------------------------------------------------------ jobs
     def code_rule(self, path: str, root: Root | None) -> tuple[str, str] | None:
@@ -248,12 +326,14 @@ class Scheduler:
 
     def submit(self, cand: Candidate, ident: Identity) -> None:
         with self.lock:
-            self.inflight[ident.inode] = (cand, ident)
+            self.inflight[ident.inode] = Track(cand, ident)
         future = self._pool().submit(self.job_for(cand, ident))
         future.add_done_callback(lambda f: self._done(cand, ident, f.result()))
 
     def _done(self, cand: Candidate, ident: Identity, reply: ScanReply) -> None:
-        """In the worker slot's thread: hand the reply to results, then free the inode."""
+        """In the worker slot's thread: hand the reply to results, free the inode, and offer
+        again every path the file had meanwhile (a rename while it was scanned) - and its
+        own path when the reply is no verdict (gone, changed, replaced, escaped)."""
         try:
             self._on_reply(cand, ident, reply)
         except Exception as exc:
@@ -261,9 +341,11 @@ class Scheduler:
                            error=f"{type(exc).__name__}: {exc}")
         finally:
             with self.lock:
-                self.inflight.pop(ident.inode, None)
-                dirty = ident.inode in self.dirty
-                self.dirty.discard(ident.inode)
-            if dirty:
-                self._reoffer(cand, "closed")
+                track = self.inflight.pop(ident.inode, None)
+            again = dict(track.also) if track is not None else {}
+            if reply.verdict is None:  # bytes changed under the scan: probe the writer again
+                reason = "created" if reply.status in ("changed", "replaced") else cand.reason
+                again.setdefault(cand.via or cand.path, (reason, cand.root))
+            for path, (reason, root) in again.items():
+                self._reoffer(path, reason, root)
             self.activity.changed()

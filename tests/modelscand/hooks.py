@@ -26,3 +26,10 @@ def liar(job, settings, report):
                        "findings": [{"rule_id": "x", "severity": "EXEC", "description": "", "source": "",
                                      "scanner": "", "module": "", "operator": "", "offset": None, "call": None}]}})
     return {"status": "ok"}
+
+
+def slow(job, settings, report):
+    """Hold every job whose path mentions "slow" in flight for a second before opening."""
+    if "slow" in job.path:
+        time.sleep(1.0)
+    return scan_job(job, settings, report)

@@ -158,7 +158,8 @@ def test_directory_swapped_for_a_symlink_out_of_the_root_is_an_error_never_a_rea
         assert scanned == []  # nothing was read
 
 
-def test_swapped_parent_directory_in_a_running_daemon_logs_an_error_verdict(running, root, tmp_path):
+def test_swapped_parent_directory_leading_out_of_the_root_is_a_warning_and_a_verdict_for_the_target(
+        running, root, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.pkl").write_bytes(EVIL)
@@ -168,8 +169,10 @@ def test_swapped_parent_directory_in_a_running_daemon_logs_an_error_verdict(runn
         os.rename(d, root / "d.old")
         os.symlink(outside, d)
         h.daemon.offer(str(d / "secret.pkl"), "renamed", h.daemon.roots.get(str(root)))  # the late event
-        ev = h.wait_scan(str(d / "secret.pkl"))
-        assert ev["event"] == "scan.error" and "escapes the watched root" in ev["error"] and ev["sha256"] is None
+        warn = h.wait_event("link.outside_roots", path=str(d / "secret.pkl"))
+        assert warn["level"] == "warning" and warn["target"] == str(outside / "secret.pkl")
+        ev = h.wait_scan(str(outside / "secret.pkl"))  # read through a verified fd, never via the link
+        assert ev["event"] == "scan.finding" and ev["via"] == str(d / "secret.pkl") and ev["outside_roots"] is True
 
 
 def test_stale_temp_named_files_are_scanned_by_the_reconciliation_walk(tmp_path):

@@ -100,3 +100,88 @@ def test_a_finding_survives_a_hash_phase_that_runs_out(running, root, tmp_path):
         assert took < 15, took  # bounded by the hash phase's limit, not by 50 GB
         (root / "after.pkl").write_bytes(BENIGN)
         assert h.wait_scan(str(root / "after.pkl"))["event"] == "scan.clean"
+
+
+# -- renames while a file is queued or being scanned -----------------------------------
+
+SLOW = "tests.modelscand.hooks:slow"
+
+
+def _in_flight(h, n=1):
+    h.wait_for(lambda h: h.daemon.scheduler.in_flight() >= n, 10, "a scan in flight")
+
+
+def test_rename_of_a_file_being_scanned_scans_the_destination(running, root):
+    with running(str(root), scan_function=SLOW) as h:
+        tmp = root / ".slow_tmp_x"  # no writer rule knows this name as temporary
+        tmp.write_bytes(EVIL)
+        _in_flight(h)
+        os.rename(tmp, root / "final.pkl")
+        ev = h.wait_scan(str(root / "final.pkl"), timeout=15)
+        assert ev["event"] == "scan.finding"
+
+
+def test_rename_of_a_directory_holding_queued_files_scans_them_all(running, root):
+    with running(str(root), scan_function=SLOW) as h:
+        d = root / "slowtmpx"  # torch.hub: extract into a temp dir, then move it into place
+        d.mkdir()
+        for i in range(4):
+            (d / f"m{i}.pkl").write_bytes(EVIL if i == 2 else BENIGN)
+        _in_flight(h)
+        os.rename(d, root / "final_a")
+        for i in range(4):
+            ev = h.wait_scan(str(root / "final_a" / f"m{i}.pkl"), timeout=20)
+            assert ev["event"] == ("scan.finding" if i == 2 else "scan.clean")
+
+
+def test_directory_swapped_for_a_symlink_during_the_scan_rescans_the_real_file(running, root):
+    with running(str(root), scan_function=SLOW) as h:
+        d = root / "slowd"
+        d.mkdir()
+        (d / "model.pkl").write_bytes(EVIL)
+        _in_flight(h)
+        os.rename(d, root / "real")
+        os.symlink("real", d)  # the old path now leads through a link
+        ev = h.wait_scan(str(root / "real" / "model.pkl"), timeout=15)
+        assert ev["event"] == "scan.finding"
+        h.settle()
+        st = os.stat(root / "real" / "model.pkl")
+        rows = {(r.identity.dev, r.identity.ino): r.verdict for r in h.daemon.baseline.all_rows()}
+        assert rows[(st.st_dev, st.st_ino)] == "issues"
+        assert not [e for e in h.scans() if e["event"] == "scan.error"]
+
+
+# -- links that leave every root ------------------------------------------------------
+
+def test_a_link_to_a_model_outside_the_roots_is_a_warning_and_the_target_gets_a_verdict(running, root, tmp_path):
+    elsewhere = tmp_path / "blobs-on-another-disk"
+    elsewhere.mkdir()
+    (elsewhere / "ab12").write_bytes(EVIL)
+    (elsewhere / "cd34").write_bytes(BENIGN)
+    snap = root / "models--org--m" / "snapshots" / "c0ffee"
+    snap.mkdir(parents=True)
+    os.symlink(elsewhere / "cd34", snap / "config.pkl")  # there before the start: the walk finds it
+    with running(str(root)) as h:
+        ev = h.wait_scan(str(elsewhere / "cd34"))
+        assert ev["event"] == "scan.clean" and ev["via"] == str(snap / "config.pkl")
+        os.symlink(elsewhere / "ab12", snap / "pytorch_model.bin")
+        warn = h.wait_event("link.outside_roots", path=str(snap / "pytorch_model.bin"))
+        assert warn["level"] == "warning" and warn["target"] == str(elsewhere / "ab12")
+        ev = h.wait_scan(str(elsewhere / "ab12"))
+        assert ev["event"] == "scan.finding" and ev["outside_roots"] is True
+        h.wait_event("action.detect", path=str(elsewhere / "ab12"))
+
+
+def test_a_link_to_a_file_its_owner_cannot_read_is_reported_not_read(running, root, tmp_path):
+    secret = tmp_path / "root-only.pkl"
+    secret.write_bytes(EVIL)
+    os.chmod(secret, 0o600)
+    os.chmod(tmp_path, 0o755)
+    with running(str(root)) as h:
+        link = root / "model.pkl"
+        os.symlink(secret, link)
+        os.lchown(link, 65534, 65534)  # a user's link to root's file: the daemon must not read it for them
+        warn = h.wait_event("link.outside_roots", path=str(link))
+        assert warn["level"] == "warning" and "cannot read" in warn["answer"]
+        h.settle()
+        assert h.scans() == []
