@@ -86,15 +86,34 @@ hash_in_doubt(PyObject *key, PyObject *pdict)
     return PyList_CheckExact(key) || (PyObject *)Py_TYPE(key) == pdict || PyTuple_CheckExact(key);
 }
 
-/* vm.py's _set_items for one pair: the first `cap` pairs, and every pair whose key is a
- * dunder name (those change what the loader does, e.g. a planted __setstate__). */
+/* A key BUILD can plant as something the loader calls later (vm.py's _LATE_CALLED). */
+static int
+late_key(PyObject *key)
+{
+    if (!PyUnicode_CheckExact(key)) return 0;
+    return PyUnicode_CompareWithASCIIString(key, "__setstate__") == 0 ||
+           PyUnicode_CompareWithASCIIString(key, "append") == 0 ||
+           PyUnicode_CompareWithASCIIString(key, "extend") == 0 ||
+           PyUnicode_CompareWithASCIIString(key, "add") == 0 ||
+           PyUnicode_CompareWithASCIIString(key, "__class__") == 0;
+}
+
+/* vm.py's _set_items for one pair: the first `cap` pairs, then only late-called keys, the
+ * last value of each. */
 static int
 keep_pair(PyObject *target, PyObject *key, PyObject *value, Py_ssize_t cap)
 {
-    if (PyList_GET_SIZE(target) >= cap) {
-        if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) < 2 ||
-            PyUnicode_READ_CHAR(key, 0) != '_' || PyUnicode_READ_CHAR(key, 1) != '_')
-            return 0;
+    Py_ssize_t n = PyList_GET_SIZE(target);
+    if (n >= cap) {
+        if (!late_key(key)) return 0;
+        for (Py_ssize_t j = cap; j < n; j++) {
+            PyObject *old = PyTuple_GET_ITEM(PyList_GET_ITEM(target, j), 0);
+            if (PyUnicode_CheckExact(old) && PyUnicode_Compare(old, key) == 0) {
+                PyObject *pair = PyTuple_Pack(2, key, value);
+                if (pair == NULL) return -1;
+                return PyList_SetItem(target, j, pair);
+            }
+        }
     }
     PyObject *pair = PyTuple_Pack(2, key, value);
     if (pair == NULL) return -1;

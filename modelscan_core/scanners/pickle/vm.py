@@ -416,7 +416,9 @@ class PickleVM:
                             room = DISPLAY_ITEMS - len(target)
                             if room > 0:
                                 target.extend(stack[k : k + room])
-                        elif not isinstance(target, (Call, GlobalRef, Unknown)):
+                        elif isinstance(target, (Call, GlobalRef, Unknown)):
+                            _mark_built(target)  # its own extend/append gets the items
+                        else:
                             raise err(f"APPENDS to {type(target).__name__}", base + pos - 1)
                         del stack[k:]
                     continue
@@ -455,7 +457,9 @@ class PickleVM:
                         target = stack[k - 1]
                         if type(target) is PDict:
                             _set_items(target, stack, k, at)
-                        elif not isinstance(target, (Call, GlobalRef, Unknown)):
+                        elif isinstance(target, (Call, GlobalRef, Unknown)):
+                            _mark_built(target)  # its own __setitem__ gets the items
+                        else:
                             raise err(f"SETITEMS on {type(target).__name__}", at)
                         del stack[k:]
                     continue
@@ -501,7 +505,9 @@ class PickleVM:
                     if type(target) is list:
                         if len(target) < DISPLAY_ITEMS:
                             target.append(value)
-                    elif not isinstance(target, (Call, GlobalRef, Unknown)):
+                    elif isinstance(target, (Call, GlobalRef, Unknown)):
+                        _mark_built(target)  # its own extend/append gets the item
+                    else:
                         raise err(f"APPEND to {type(target).__name__}", base + pos - 1)
                     continue
                 if op == 0x74:  # t TUPLE
@@ -541,9 +547,13 @@ class PickleVM:
                     state = stack.pop()
                     target = stack[-1]
                     _mark_built(target)
-                    for planted in _planted_setstate(state):
-                        # BUILD puts it in the instance dict; the next BUILD on the object calls it
-                        note_call(planted, Call(planted, Unknown("object state"), "setstate", at), CALLED)
+                    planted, missing = _planted(target, state)
+                    for value in planted:
+                        # stored where the loader (or the interpreter) calls it later
+                        note_call(value, Call(value, Unknown("object state"), "setstate", at), CALLED)
+                    if missing and len(facts.unresolved) < KEEP_EVENTS:
+                        facts.unresolved.append((at, "BUILD sets more class attributes than the scanner keeps; "
+                                                     "any of them may be called later"))
                     if self.build_hook is not None:
                         replacement = self.build_hook(self, target, state, at)
                         if replacement is not None:
@@ -672,7 +682,9 @@ class PickleVM:
                     if items and type(target) is PSet:
                         _check_hashable(items, 0, 1, at)
                         target.extend(items[: max(0, DISPLAY_ITEMS - len(target))])
-                    elif items and not isinstance(target, (Call, GlobalRef, Unknown)):
+                    elif items and isinstance(target, (Call, GlobalRef, Unknown)):
+                        _mark_built(target)  # its own add gets the items
+                    elif items:
                         raise err(f"ADDITEMS on {type(target).__name__}", at)
                 elif op == 0x91:  # FROZENSET
                     items = pop_mark(at)
@@ -727,13 +739,21 @@ ACCELERATED = _fast_run is not None
 
 
 def _set_items(target: PDict, items: list, start: int, at: int) -> None:
-    """Key/value pairs into a dict value: the first DISPLAY_ITEMS for people, and every pair
-    whose key is a dunder name, because those change what the loader does (`__setstate__`)."""
+    """Key/value pairs into a dict value: the first DISPLAY_ITEMS for people, and after them
+    every key BUILD can plant as something the loader calls later (`_LATE_CALLED`), the last
+    value of each (as in a real dict), so a hostile dict of any size costs bounded memory."""
     _check_hashable(items, start, 2, at)
     for i in range(start, len(items) - 1, 2):
         key = items[i]
-        if len(target) < DISPLAY_ITEMS or (type(key) is str and key[:2] == "__"):
+        if len(target) < DISPLAY_ITEMS:
             target.append((key, items[i + 1]))
+        elif type(key) is str and key in _LATE_CALLED:
+            for j in range(DISPLAY_ITEMS, len(target)):
+                if target[j][0] == key:
+                    target[j] = (key, items[i + 1])
+                    break
+            else:
+                target.append((key, items[i + 1]))
 
 
 def _check_hashable(items: list, start: int, step: int, at: int) -> None:
@@ -767,25 +787,49 @@ def _unhashable(value: object) -> bool:
 #: instance attributes the loader itself calls later: BUILD calls `__setstate__`, APPEND(S) on a
 #: non-list calls `append`/`extend`, ADDITEMS on a non-set calls `add`
 _CALLED_ATTRIBUTES = frozenset({"__setstate__", "append", "extend", "add"})
+#: ...and `__class__` set through slot state, which makes another class's methods run on the object
+_LATE_CALLED = _CALLED_ATTRIBUTES | {"__class__"}
 _DICT_BUILDERS = frozenset({("collections", "OrderedDict"), ("builtins", "dict"), ("__builtin__", "dict")})
 
 
-def _planted_setstate(state: object) -> list:
-    """Values BUILD stores in an instance under a name the loader calls later, from the dict
-    state or the slot state, given as a dict literal or as OrderedDict/dict of pairs."""
-    parts = list(state) if type(state) is tuple else [state]
-    planted = []
-    for part in parts:
-        if type(part) is PDict:
-            planted += [value for key, value in part if type(key) is str and key in _CALLED_ATTRIBUTES]
-        elif type(part) is Call and type(part.func) is GlobalRef and (part.func.module, part.func.name) in _DICT_BUILDERS:
-            pairs = part.args[0] if type(part.args) is tuple and part.args else ()
-            if type(pairs) is PDict:
-                planted += [value for key, value in pairs if type(key) is str and key in _CALLED_ATTRIBUTES]
-            elif isinstance(pairs, (list, tuple)):
-                planted += [p[1] for p in pairs if type(p) is tuple and len(p) == 2 and type(p[0]) is str
-                            and p[0] in _CALLED_ATTRIBUTES]
-    return planted
+def _planted(target: object, state: object) -> tuple[list, bool]:
+    """Values a BUILD of `state` into `target` makes the loader call later, and whether some
+    may be missing (a state too large to have been kept whole).
+
+    Into an object: what goes under a name the loader calls (`_CALLED_ATTRIBUTES`), from the
+    dict state or the slot state, given as a dict literal or OrderedDict/dict of pairs; and a
+    class set as `__class__` through the slot state (CPython's setattr), whose methods then run.
+    Into a class (the target is a global): every value of the slot state becomes a class
+    attribute (`__new__`, `__setstate__`, `__del__`, `__setitem__`...), which the loader and
+    the interpreter call later: each counts as called.
+    """
+    parts = list(state) if type(state) is tuple and len(state) == 2 else [state, None]
+    planted: list = []
+    missing = False
+    for i, part in enumerate(parts):
+        pairs = _pairs(part)
+        if pairs is None:
+            continue
+        if i == 1 and isinstance(target, GlobalRef):
+            planted += [value for _, value in pairs]
+            missing = missing or len(pairs) >= DISPLAY_ITEMS
+            continue
+        names = _LATE_CALLED if i == 1 else _CALLED_ATTRIBUTES
+        planted += [value for key, value in pairs if type(key) is str and key in names]
+    return planted, missing
+
+
+def _pairs(part: object) -> list | None:
+    """(key, value) pairs of a state given as a dict literal or as OrderedDict/dict of pairs."""
+    if type(part) is PDict:
+        return part
+    if type(part) is Call and type(part.func) is GlobalRef and (part.func.module, part.func.name) in _DICT_BUILDERS:
+        pairs = part.args[0] if type(part.args) is tuple and part.args else ()
+        if type(pairs) is PDict:
+            return pairs
+        if isinstance(pairs, (list, tuple)):
+            return [p for p in pairs if type(p) is tuple and len(p) == 2]
+    return None
 
 
 def _mark_built(target: object) -> None:
