@@ -2,10 +2,11 @@
 
 Data flows one way: event -> candidate -> scan -> `Outcome` -> `Action.handle()` -> ledger/log.
 Detect mode is `LogAction`: it logs ``action.detect`` for every outcome at or above the
-severity threshold and touches nothing. A quarantine action (its own package: mover,
-ledger, review) implements the same `Action` protocol and is chosen by `make_action()`.
+severity threshold and touches nothing. Quarantine mode is `modelscand.quarantine.action.
+QuarantineAction` (its own package: mover, ledger, review), chosen by `make_action()`.
 
-Scan errors are never detections: `Outcome.actionable` is False for them whatever the mode.
+Scan errors are never detections: `Outcome.actionable` is False for them whatever the mode
+(quarantine's ``fail_closed`` option is the one, explicit, exception).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Outcome:
     result: FileResult | None = None
     #: (dev, ino, size, mtime_ns, ctime_ns) of the file the worker opened: act only on this
     identity: Identity | None = None
+    #: the watched root the file was opened below (the quarantine opens it below the same root)
+    root: str | None = None
 
     def actionable(self, threshold: Severity) -> bool:
         return self.verdict == "issues" and self.severity is not None and self.severity >= threshold
@@ -73,7 +76,13 @@ class LogAction:
         return {"action": "detect"}
 
 
-def make_action(mode: str, threshold: Severity) -> Action:
+def make_action(mode: str, threshold: Severity, config=None, fingerprint: str | None = None) -> Action:
     if mode == "detect":
         return LogAction(threshold)
-    raise ValueError(f"mode {mode!r} has no action in this version")
+    if mode == "quarantine":
+        if config is None:
+            raise ValueError("quarantine mode needs the daemon's config")
+        from modelscand.quarantine.action import QuarantineAction
+
+        return QuarantineAction(config, fingerprint=fingerprint)
+    raise ValueError(f"mode {mode!r} has no action")

@@ -6,6 +6,7 @@ Exit codes:
                      2 a file could not be (fully) scanned, 78 config error
   check-config       0 valid, 78 invalid
   status             0 state found (daemon running or not), 3 no state directory
+  quarantine ...     0 ok, 1 verify mismatch, 2 refused/failed, 75 busy, 77 no permission (quarantine/cli.py)
   any                4 usage error, 141 stdout closed early (`| head`)
 """
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what the state directory says")
     common(status)
     status.add_argument("--json", action="store_true")
+    from modelscand.quarantine.cli import add_parser as add_quarantine
+
+    add_quarantine(sub, common)
     return p
 
 
@@ -85,11 +89,12 @@ def run(argv: list[str]) -> int:
     from modelscand import config as cfgmod
 
     try:
-        cfg = cfgmod.load(args.config)
+        cfg = cfgmod.load(getattr(args, "config", None))
         roots = getattr(args, "root", None)
         if args.command == "scan":
             roots = args.path
-        cfg = cfg.with_overrides(roots=roots, state_dir=args.state_dir, mode=getattr(args, "mode", None))
+        cfg = cfg.with_overrides(roots=roots, state_dir=getattr(args, "state_dir", None),
+                                 mode=getattr(args, "mode", None))
     except cfgmod.ConfigError as exc:
         print(f"modelscand: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -97,6 +102,10 @@ def run(argv: list[str]) -> int:
         return _check_config(cfg, args.json)
     if args.command == "status":
         return _status(cfg, args.json)
+    if args.command == "quarantine":
+        from modelscand.quarantine.cli import run as quarantine
+
+        return quarantine(cfg, args)
     return _run(cfg, args, roots)
 
 

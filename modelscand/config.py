@@ -70,7 +70,17 @@ def defaults() -> dict[str, Any]:
             "memory_limit_mb": 4096,
             "settings_file": "",
         },
-        "quarantine": {"dir": ""},
+        "quarantine": {
+            "dir": "",
+            "filesystem_dirs": [],
+            "per_filesystem": True,
+            "tombstones": True,
+            "fail_closed": False,
+            "hook": [],
+            "hook_timeout": 10.0,
+            "retention_days": 90,
+            "ledger_rotate_mb": 64,
+        },
         "state": {"dir": ""},
         "log": {"format": "json", "level": "info"},
         "daemon": {"drain_timeout": 20.0},
@@ -171,9 +181,6 @@ class Config:
         _int(w, "watch", "queue_size", minimum=16)
         if s["mode"] not in MODES:
             raise ConfigError(f"scan.mode must be one of {', '.join(MODES)}, not {s['mode']!r}")
-        if s["mode"] == "quarantine":
-            raise ConfigError("scan.mode = \"quarantine\" is not available in this version (detect only); "
-                              "use mode = \"detect\"")
         for key in ("severity_threshold", "code_severity"):
             try:
                 Severity.parse(str(s[key]))
@@ -190,6 +197,7 @@ class Config:
         for section in ("quarantine", "state"):
             if not isinstance(d[section]["dir"], str):
                 raise ConfigError(f"{section}.dir must be a path string")
+        _quarantine(d["quarantine"])
         if d["log"]["format"] not in LOG_FORMATS:
             raise ConfigError(f"log.format must be one of {', '.join(LOG_FORMATS)}")
         if str(d["log"]["level"]).lower() not in LOG_LEVELS:
@@ -308,6 +316,22 @@ def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str) -> None:
             _merge(base[key], value, name + ".")
         else:
             base[key] = value
+
+
+def _quarantine(q: dict) -> None:
+    _list_of_str(q, "quarantine", "filesystem_dirs")
+    for path in q["filesystem_dirs"]:
+        if not os.path.isabs(os.path.expanduser(path)):
+            raise ConfigError(f"quarantine.filesystem_dirs: {path!r} is not an absolute path")
+    for key in ("per_filesystem", "tombstones", "fail_closed"):
+        if not isinstance(q[key], bool):
+            raise ConfigError(f"quarantine.{key} must be true or false")
+    _list_of_str(q, "quarantine", "hook")
+    if q["hook"] and not os.path.isabs(q["hook"][0]):
+        raise ConfigError(f"quarantine.hook: the program {q['hook'][0]!r} must be an absolute path (no shell, no PATH)")
+    _number(q, "quarantine", "hook_timeout", minimum=0.1)
+    _number(q, "quarantine", "retention_days", minimum=0)
+    _number(q, "quarantine", "ledger_rotate_mb", minimum=0.001)
 
 
 def _list_of_str(table: dict, section: str, key: str) -> None:

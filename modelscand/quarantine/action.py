@@ -1,0 +1,207 @@
+"""Quarantine mode: the daemon's `Action` once a verdict has been logged.
+
+What is moved: a finding at or above ``scan.severity_threshold``; bytes already quarantined
+once (same sha256: a re-download) whatever the scan of the copy says, unless it now reads as
+clean; with ``quarantine.fail_closed`` also ``error``/``incomplete`` verdicts. Never: bytes
+whose hash a restore allowed, and our own tombstones (recognised by their exact sha256).
+
+The first quarantine of some bytes is the alert: a ``quarantine.moved`` warning and the
+configured hook. A repeat (a re-download of bytes already quarantined) is moved at once as
+well, logged as ``quarantine.repeat`` with the first id, and alerts no one again. With a
+tombstone in the file's place the downloader finds its file and the loader fails naming the
+quarantine, so there is no download loop to begin with.
+
+The ledger is the only state. The index here follows it (`Follower`), so a restore done by
+``modelscand quarantine restore`` in another process is seen before the next decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+
+from modelscan_core._version import __version__ as CORE_VERSION
+
+from modelscand import logging as mlog
+from modelscand.quarantine import QuarantineError, mover, tombstone
+from modelscand.quarantine.index import Index
+from modelscand.quarantine.ledger import Follower
+from modelscand.quarantine.store import Store
+
+_REPEATABLE = ("issues", "error", "incomplete")
+
+
+class QuarantineAction:
+    name = "quarantine"
+
+    def __init__(self, config, *, fingerprint: str | None = None):
+        q = config.data["quarantine"]
+        self.threshold = config.threshold
+        self.fail_closed = bool(q["fail_closed"])
+        self.store = Store.from_config(config)
+        self.scanner = {"version": CORE_VERSION, "fingerprint": fingerprint}
+        self.log = mlog.get()
+        self.index = Index(detail=False)
+        self._tombstones: set[str] = set()
+        self._follower = Follower(self.store.ledger)
+        self._lock = threading.Lock()
+        self.hook = Hook(list(q["hook"]), float(q["hook_timeout"])) if q["hook"] else None
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Before the daemon reports ready: finish whatever a kill interrupted, read the ledger."""
+        self.store.dirs.ensure_primary()
+        for rec in mover.recover(self.store):
+            level = "error" if rec.get("type") == "recovery.failed" else "warning"
+            getattr(self.log, level)("quarantine.recovered", id=rec.get("id"), record=rec.get("type"),
+                                     reason=rec.get("reason") or rec.get("error") or rec.get("note"))
+        with self._lock:
+            self._refresh()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.hook is not None:
+            self.hook.close(timeout)
+
+    def _refresh(self) -> None:
+        for rec in self._follower.poll():
+            self.index.add(rec)
+            if rec.get("type") == "quarantine.begin" and rec.get("id"):
+                for kind in (tombstone.PICKLE, tombstone.SAFETENSORS):
+                    self._tombstones.add(hashlib.sha256(tombstone.build(rec["id"], kind)).hexdigest())
+
+    # -- the decision ----------------------------------------------------------------------------
+    def is_tombstone(self, sha256: str | None) -> bool:
+        """One of our own tombstones (exact bytes of a ledger id): neither a finding nor a move."""
+        if not sha256:
+            return False
+        with self._lock:
+            self._refresh()
+            return sha256 in self._tombstones
+
+    def handle(self, outcome) -> dict | None:
+        started = time.monotonic()
+        sha = outcome.sha256
+        with self._lock:
+            self._refresh()
+            if sha in self._tombstones:
+                self.log.debug("quarantine.tombstone_seen", path=outcome.path)
+                return None
+            first = self.index.first_by_sha.get(sha) if sha else None
+            allowed = self.index.allowed_by(sha)
+        reason = self._reason(outcome, first)
+        if reason is None:
+            return None
+        if allowed:
+            self.log.info("quarantine.allowed", path=outcome.path, sha256=sha, restored_as=allowed,
+                          why="these bytes were restored by an operator; left in place")
+            return {"action": "allowed", "id": allowed}
+        subject = mover.Subject(outcome.root or _root_of(outcome.path), outcome.path, outcome.identity, sha)
+        meta = {
+            "reason": reason, "verdict": outcome.verdict,
+            "severity": outcome.severity.name.lower() if outcome.severity is not None else None,
+            "format": outcome.format, "rule_ids": list(outcome.rule_ids), "findings": list(outcome.findings),
+            "errors": list(outcome.errors), "scanner": self.scanner, "repeat_of": first,
+            "threshold": self.threshold.name.lower(),
+        }
+        try:
+            begin, done = mover.quarantine(self.store, subject, meta)
+        except mover.Changed as exc:
+            self.log.info("quarantine.not_moved", path=outcome.path, why=str(exc),
+                          answer="nothing moved; the file is scanned again as it is now")
+            return {"action": "changed"}
+        except (QuarantineError, OSError) as exc:
+            self.log.error("quarantine.failed", path=outcome.path, sha256=sha, reason=reason,
+                           error=str(exc) if isinstance(exc, QuarantineError) else f"{exc.strerror or exc}",
+                           answer="the file is still in place: act on it by hand")
+            return {"action": "failed"}
+        with self._lock:
+            self._refresh()
+            times = self.index.times_by_sha.get(sha, 1)
+        fields = dict(id=done["id"], path=outcome.path, sha256=sha, severity=meta["severity"], reason=reason,
+                      tombstone=done.get("tombstone"), other_links=done.get("other_links"),
+                      ms=round((time.monotonic() - started) * 1000, 2))
+        if done.get("changed_during_move"):
+            self.log.warning("quarantine.changed_during_move", id=done["id"], path=outcome.path,
+                             why="a writer still held the file open; the quarantined bytes differ from the scan")
+        if first:
+            self.log.info("quarantine.repeat", repeat_of=first, times=times,
+                          note="the same bytes again (a re-download?): moved at once, alerted before", **fields)
+            return {"action": "repeat", "id": done["id"]}
+        self.log.warning("quarantine.moved", show=f"modelscand quarantine show {done['id']}", **fields)
+        if self.hook is not None:
+            self.hook.submit(done["id"], {"event": "quarantine", "id": done["id"], "begin": begin, "done": done})
+        return {"action": "quarantine", "id": done["id"]}
+
+    def _reason(self, outcome, first: str | None) -> str | None:
+        if outcome.actionable(self.threshold):
+            return "repeat" if first else "finding"
+        if first and outcome.verdict in _REPEATABLE:
+            return "repeat"  # bytes known to be bad, whatever this scan could or could not read
+        if self.fail_closed and outcome.verdict in ("error", "incomplete"):
+            return "fail_closed"
+        return None
+
+
+def _root_of(path: str) -> str:
+    return os.path.dirname(path)
+
+
+class Hook:
+    """The operator's command per first quarantine (ClamAV's VirusEvent, without a shell):
+    argv as configured, the record as JSON on stdin, killed with its process group after
+    ``hook_timeout`` seconds, run on one thread so a slow hook never delays a move."""
+
+    def __init__(self, argv: list[str], timeout: float):
+        self.argv, self.timeout = argv, timeout
+        self.log = mlog.get()
+        self._jobs: queue.Queue = queue.Queue(maxsize=256)
+        self._thread = threading.Thread(target=self._run, name="modelscand-quarantine-hook", daemon=True)
+        self._thread.start()
+
+    def submit(self, qid: str, record: dict) -> None:
+        try:
+            self._jobs.put_nowait((qid, record))
+        except queue.Full:
+            self.log.error("quarantine.hook_failed", id=qid, error="256 hook runs already pending; this one dropped")
+
+    def close(self, timeout: float) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._one(*job)
+            except Exception as exc:  # the hook thread must outlive any one run
+                self.log.error("quarantine.hook_failed", id=job[0], error=f"{type(exc).__name__}: {exc}")
+
+    def _one(self, qid: str, record: dict) -> None:
+        data = json.dumps(record, default=str).encode()
+        try:
+            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self.log.warning("quarantine.hook_failed", id=qid, argv=self.argv, error=exc.strerror or str(exc))
+            return
+        try:
+            _out, err = proc.communicate(data, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            self.log.warning("quarantine.hook_failed", id=qid, argv=self.argv,
+                             error=f"did not finish within {self.timeout:g}s (quarantine.hook_timeout); killed")
+            return
+        if proc.returncode != 0:
+            self.log.warning("quarantine.hook_failed", id=qid, argv=self.argv, exit=proc.returncode,
+                             stderr=err.decode(errors="replace")[-500:])
+        else:
+            self.log.info("quarantine.hook_ran", id=qid)
