@@ -52,6 +52,11 @@ def fingerprint(config: Config) -> str:
     return f"{CORE_VERSION}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def build_action(config: Config):
+    """detect: log; quarantine: move (its `start()` recovers interrupted moves before use)."""
+    return make_action(config.mode, config.threshold, config, fingerprint(config))
+
+
 class Daemon:
     def __init__(self, config: Config, *, watch: bool = True, report_cached: bool = False,
                  notifier: Notifier | None = None, scan_function: str = DEFAULT_SCAN_FUNCTION):
@@ -62,7 +67,7 @@ class Daemon:
         self.scan_function = scan_function
         self.root_overrides: list[str] | None = None  # --root: kept across a SIGHUP reload
         self.log = mlog.get()
-        self.action = make_action(config.mode, config.threshold)
+        self.action = build_action(config)
         self.baseline: Baseline | None = None
         self.pool: WorkerPool | None = None
         self.handler_hook = None  # tests: called for each watchdog event before handling
@@ -136,6 +141,8 @@ class Daemon:
         self.baseline = Baseline(cfg.state_dir, fingerprint(cfg))
         self.baseline.set_meta(pid=os.getpid(), started_at=self.started_at, ready_at=None, mode=cfg.mode,
                                config=cfg.source, stopped_at=None)
+        if hasattr(self.action, "start"):
+            self.action.start()  # quarantine: finish moves a kill interrupted, before anything is scanned
         self.pool = WorkerPool(cfg.scan["workers"], timeout=float(cfg.scan["timeout"]),
                                hash_timeout=float(cfg.scan["hash_timeout"]),
                                memory_limit_mb=cfg.scan["memory_limit_mb"],
@@ -217,6 +224,8 @@ class Daemon:
         self.queue.close()
         if self.pool is not None:
             self.pool.stop()
+        if hasattr(self.action, "stop"):
+            self.action.stop()
         for t in self._threads:
             t.join(5)
         if self.baseline is not None:

@@ -14,7 +14,6 @@ import time
 from typing import TYPE_CHECKING
 
 from modelscand import logging as mlog
-from modelscand.actions import make_action
 from modelscand.intake import SUBWATCH_POLL_INTERVAL
 
 if TYPE_CHECKING:
@@ -105,6 +104,7 @@ class Maintenance:
 
     def reload(self) -> None:
         from modelscand import config as cfgmod
+        from modelscand.daemon import build_action
 
         d = self.d
         d.notifier.reloading()
@@ -112,13 +112,17 @@ class Maintenance:
             new = cfgmod.load(d.config.source)
             new = new.with_overrides(roots=d.root_overrides, state_dir=d.config.state_dir, mode=d.config.mode)
             new.roots()
-            action = make_action(new.mode, new.threshold)
+            action = build_action(new)
+            if hasattr(action, "start"):
+                action.start()
         except Exception as exc:
             d.log.error("daemon.reload_failed", error=str(exc), kept="previous config")
             d.notifier.ready(self.status_text())
             return
         old_roots = {r.path: r for r in d.config.roots()}
-        d.config, d.action = new, action
+        old_action, (d.config, d.action) = d.action, (new, action)
+        if hasattr(old_action, "stop"):
+            old_action.stop()
         mlog.configure(new.data["log"]["format"], new.data["log"]["level"])
         new_roots = {r.path: r for r in new.roots()}
         for path in set(old_roots) - set(new_roots):

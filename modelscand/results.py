@@ -69,6 +69,11 @@ class Results:
         errors = [{"category": e.category, "description": e.description[:300], "incomplete": e.incomplete}
                   for e in (result.all_errors()[:20] if result is not None else [])]
         sha = reply.sha256
+        action = self._action()
+        if getattr(action, "is_tombstone", None) is not None and action.is_tombstone(sha, ident.size):
+            baseline.record(ident, cand.path, sha, "skipped", None, [])  # our own: neither a finding nor a move
+            self.log.debug("quarantine.tombstone_seen", path=cand.path, sha256=sha)
+            return
         baseline.record(ident, cand.path, sha, verdict, sev_name, rule_ids)
         self.counts["scanned"] += 1
         self.counts[verdict] = self.counts.get(verdict, 0) + 1
@@ -106,9 +111,10 @@ class Results:
                 fields["seen_before"] = again[:3]
         getattr(self.log, level)(event, **fields)
         outcome = Outcome(cand.path, verdict, severity, sha, ident.size, ident.inode, tuple(rule_ids),
-                          tuple(findings), hf, extra={"via": cand.via, "outside_roots": True} if cand.outside else
-                          {"via": cand.via} if cand.via else {}, result=result, identity=ident)
-        action = self._action()
+                          tuple(findings), hf, result=result, identity=ident, root=cand.root,
+                          extra={"format": fields["format"], "errors": errors, "error": fields.get("error"),
+                                 **({"via": cand.via} if cand.via else {}),
+                                 **({"outside_roots": True} if cand.outside else {})})
         try:
             action.handle(outcome)
         except Exception as exc:

@@ -19,6 +19,7 @@ import threading
 from typing import Callable
 
 from modelscand.config import Config, Root
+from modelscand.quarantine.store import PER_FS_NAME
 from modelscand.watcher import RootWatch
 
 
@@ -165,6 +166,8 @@ class Roots:
         return best
 
     def excluded(self, path: str, root_path: str) -> bool:
+        if self._own(path):
+            return True
         rel = os.path.relpath(path, root_path) if path != root_path else os.path.basename(path)
         base = os.path.basename(path)
         w = self._config().watch
@@ -175,6 +178,14 @@ class Roots:
         if any(match(p) for p in w["exclude"]):
             return True
         return bool(w["include"]) and not any(match(p) for p in w["include"])
+
+    def _own(self, path: str) -> bool:
+        """The daemon's own state and quarantine dirs are never scanned (nor re-quarantined)."""
+        cfg = self._config()
+        if f"/{PER_FS_NAME}/" in path:
+            return True
+        own = (cfg.state_dir, cfg.quarantine_dir, *cfg.data["quarantine"]["filesystem_dirs"])
+        return any(path.startswith(d.rstrip("/") + "/") for d in own)
 
     def paths(self) -> list[str]:
         with self.lock:

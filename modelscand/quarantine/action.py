@@ -56,8 +56,14 @@ class QuarantineAction:
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
         """Before the daemon reports ready: finish whatever a kill interrupted, read the ledger."""
-        self.store.dirs.ensure_primary()
-        for rec in mover.recover(self.store):
+        from modelscand.config import ConfigError
+
+        try:
+            self.store.dirs.ensure_primary()
+            recovered = mover.recover(self.store)
+        except QuarantineError as exc:  # no usable quarantine: refuse to run rather than fail open
+            raise ConfigError(f"quarantine: {exc}") from None
+        for rec in recovered:
             level = "error" if rec.get("type") == "recovery.failed" else "warning"
             getattr(self.log, level)("quarantine.recovered", id=rec.get("id"), record=rec.get("type"),
                                      reason=rec.get("reason") or rec.get("error") or rec.get("note"))
@@ -76,9 +82,9 @@ class QuarantineAction:
                     self._tombstones.add(hashlib.sha256(tombstone.build(rec["id"], kind)).hexdigest())
 
     # -- the decision ----------------------------------------------------------------------------
-    def is_tombstone(self, sha256: str | None) -> bool:
+    def is_tombstone(self, sha256: str | None, size: int) -> bool:
         """One of our own tombstones (exact bytes of a ledger id): neither a finding nor a move."""
-        if not sha256:
+        if not sha256 or size > tombstone.MAX_SIZE:
             return False
         with self._lock:
             self._refresh()
@@ -101,13 +107,21 @@ class QuarantineAction:
             self.log.info("quarantine.allowed", path=outcome.path, sha256=sha, restored_as=allowed,
                           why="these bytes were restored by an operator; left in place")
             return {"action": "allowed", "id": allowed}
-        subject = mover.Subject(outcome.root or _root_of(outcome.path), outcome.path, outcome.identity, sha)
+        extra = outcome.extra or {}
+        if extra.get("outside_roots"):
+            self.log.error("quarantine.not_moved", path=outcome.path, via=extra.get("via"), sha256=sha, reason=reason,
+                           why="reached through a link, outside every watched root: the daemon moves nothing it "
+                               "does not watch", answer="act on it by hand (or remove the link)")
+            return {"action": "outside_roots"}
+        ident = outcome.identity
+        scanned = (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns) if ident is not None else None
+        subject = mover.Subject(outcome.root or os.path.dirname(outcome.path), outcome.path, scanned, sha)
         meta = {
             "reason": reason, "verdict": outcome.verdict,
             "severity": outcome.severity.name.lower() if outcome.severity is not None else None,
-            "format": outcome.format, "rule_ids": list(outcome.rule_ids), "findings": list(outcome.findings),
-            "errors": list(outcome.errors), "scanner": self.scanner, "repeat_of": first,
-            "threshold": self.threshold.name.lower(),
+            "format": extra.get("format"), "rule_ids": list(outcome.rule_ids), "findings": list(outcome.findings),
+            "errors": list(extra.get("errors") or []), "scan_error": extra.get("error"), "scanner": self.scanner,
+            "repeat_of": first, "threshold": self.threshold.name.lower(), "via": extra.get("via"),
         }
         try:
             begin, done = mover.quarantine(self.store, subject, meta)
@@ -148,10 +162,6 @@ class QuarantineAction:
         return None
 
 
-def _root_of(path: str) -> str:
-    return os.path.dirname(path)
-
-
 class Hook:
     """The operator's command per first quarantine (ClamAV's VirusEvent, without a shell):
     argv as configured, the record as JSON on stdin, killed with its process group after
@@ -162,17 +172,21 @@ class Hook:
         self.log = mlog.get()
         self._jobs: queue.Queue = queue.Queue(maxsize=256)
         self._thread = threading.Thread(target=self._run, name="modelscand-quarantine-hook", daemon=True)
-        self._thread.start()
+        self._start_lock = threading.Lock()
 
     def submit(self, qid: str, record: dict) -> None:
+        with self._start_lock:
+            if self._thread.ident is None:
+                self._thread.start()
         try:
             self._jobs.put_nowait((qid, record))
         except queue.Full:
             self.log.error("quarantine.hook_failed", id=qid, error="256 hook runs already pending; this one dropped")
 
     def close(self, timeout: float) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

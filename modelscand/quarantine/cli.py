@@ -73,9 +73,8 @@ def run(cfg, args) -> int:
         return _fail(f"config error: {exc}", EXIT_CONFIG)
     except QuarantineError as exc:
         return _fail(str(exc), EXIT_FAILED)
-    except BrokenPipeError:  # `list | head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except BrokenPipeError:  # `list | head`: modelscand.cli.main says so with 141
+        raise
     except PermissionError as exc:
         return _fail(f"permission denied: {exc.filename or exc} (the quarantine is root's: run it with sudo)",
                      EXIT_NOPERM)

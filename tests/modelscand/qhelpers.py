@@ -1,21 +1,16 @@
 """Helpers for the quarantine tests: stores on temp dirs, planted files, the invariant check,
-a real tmpfs mount where root may mount one, and the child process the kill tests SIGKILL.
-
-Run as a child: ``python -m tests.modelscand.qhelpers SPEC_JSON`` performs one operation with
-`mover.STEP_HOOK` set to SIGKILL the process right after the named step.
-"""
+a real tmpfs mount where root may mount one, and a forked child the kill tests SIGKILL right
+after a named step of a move, restore or purge (`mover.STEP_HOOK`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import pickle
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -95,10 +90,22 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
-def run_killed(spec: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run one operation in a child that SIGKILLs itself after spec['kill_at']."""
-    return subprocess.run([sys.executable, "-m", "tests.modelscand.qhelpers", json.dumps(spec)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def run_killed(spec: dict) -> int:
+    """Run one operation in a forked child that SIGKILLs itself right after spec['kill_at'];
+    the child's wait status (a real process, a real SIGKILL, nothing cleaned up)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            _child(spec)
+            code = 0  # the step was never reached: the caller's assertion says so
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+def killed(status: int) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
 def _child(spec: dict) -> None:
@@ -119,8 +126,3 @@ def _child(spec: dict) -> None:
         mover.restore(store, spec["id"])
     elif spec["op"] == "purge":
         mover.purge(store, spec["id"], reason="test")
-    print("finished without reaching", spec["kill_at"])
-
-
-if __name__ == "__main__":
-    _child(json.loads(sys.argv[1]))

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -40,13 +41,21 @@ def populated(tmp_path):
     return store, root, ids, {"plain": plain, "hf": blob, "restored": restored}
 
 
-def q(store, *args, **kw):
-    out = cli("quarantine", *args, "--state-dir", store.state_dir, **kw)
-    assert "Traceback" not in out.stderr, out.stderr
-    return out
+@pytest.fixture
+def q(capsys):
+    """The CLI in this process (what `modelscand quarantine ...` runs), its code and output."""
+    from modelscand import cli as cli_module
+
+    def run(store, *args):
+        capsys.readouterr()
+        code = cli_module.run(["quarantine", *args, "--state-dir", store.state_dir])
+        out = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
 
 
-def test_list_table_json_and_filters(populated):
+def test_list_table_json_and_filters(q, populated):
     store, root, ids, paths = populated
     out = q(store, "list")
     assert out.returncode == 0, out.stderr
@@ -71,7 +80,7 @@ def test_list_table_json_and_filters(populated):
     assert q(store, "list", "--state", "lost").returncode == 4
 
 
-def test_show_has_everything_and_findings_with_their_calls(populated):
+def test_show_has_everything_and_findings_with_their_calls(q, populated):
     store, root, ids, paths = populated
     out = q(store, "show", ids["hf"])
     assert out.returncode == 0, out.stderr
@@ -88,7 +97,7 @@ def test_show_has_everything_and_findings_with_their_calls(populated):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no quarantine entry" in missing.stderr
 
 
-def test_restore_conflict_force_and_allow(populated):
+def test_restore_conflict_force_and_allow(q, populated):
     store, root, ids, paths = populated
     os.unlink(paths["plain"])
     plant(root, "torch/evil.pt", BENIGN)
@@ -102,7 +111,7 @@ def test_restore_conflict_force_and_allow(populated):
     assert store.index().allowed_by(store.index().entries[ids["plain"]].sha256) == ids["plain"]
 
 
-def test_purge_by_id_by_age_and_dry_run(populated, tmp_path):
+def test_purge_by_id_by_age_and_dry_run(q, populated, tmp_path):
     store, root, ids, paths = populated
     held = lambda qid: os.path.exists(os.path.join(store.dirs.primary, qid))  # noqa: E731
     out = q(store, "purge")  # default retention (90 days): nothing that old
@@ -123,7 +132,7 @@ def test_purge_by_id_by_age_and_dry_run(populated, tmp_path):
     assert q(store, "purge", "--config", str(cfg)).returncode == 4
 
 
-def test_verify_ok_then_a_tampered_line_or_file_exits_1(populated):
+def test_verify_ok_then_a_tampered_line_or_file_exits_1(q, populated):
     store, root, ids, paths = populated
     out = q(store, "verify")
     assert out.returncode == 0 and out.stdout.startswith("ok:"), out.stdout + out.stderr
@@ -171,6 +180,9 @@ def test_errors_are_one_line_with_codes(tmp_path, populated):
 def test_a_non_root_operator_gets_permission_denied_not_a_traceback(populated):
     """Forked, not exec'd: the interpreter itself may not be executable by `nobody`."""
     store, root, ids, paths = populated
+    from modelscand import cli as cli_module
+
+    assert cli_module.run(["quarantine", "list", "--state-dir", store.state_dir]) == 0  # as root; warms imports
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: become nobody, run the CLI, report through stderr and the exit code
@@ -179,8 +191,6 @@ def test_a_non_root_operator_gets_permission_denied_not_a_traceback(populated):
             sys.stderr = open(write, "w", closefd=False)
             os.setgid(65534)
             os.setuid(65534)
-            from modelscand import cli as cli_module
-
             code = cli_module.run(["quarantine", "list", "--state-dir", store.state_dir])
         finally:
             sys.stderr.flush()

@@ -13,8 +13,8 @@ import pytest
 from modelscand.quarantine import QuarantineError, mover, review, tombstone
 from modelscand.quarantine.store import PER_FS_NAME
 from tests.modelscand.conftest import BENIGN, EVIL
-from tests.modelscand.qhelpers import (EVIL_BIG, accounted, make_store, no_rename_across, plant, run_killed, sha,
-                                       tmpfs)
+from tests.modelscand.qhelpers import (EVIL_BIG, accounted, killed, make_store, no_rename_across, plant, run_killed,
+                                       sha, tmpfs)
 
 __all__ = ["tmpfs"]  # a fixture, imported for pytest
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="ownership changes need root")
@@ -322,9 +322,8 @@ COPY_STEPS = ["begun", "copying", "copied", "copy_logged", "unlinked", "locked",
 def test_kill_during_a_move_then_recovery(tmp_path, root, method, step):
     store = make_store(tmp_path)
     path = plant(root, "d/evil.bin", EVIL_BIG)
-    out = run_killed({"op": "quarantine", "kill_at": step, "state": store.state_dir, "root": str(root),
-                      "path": path, "exdev": method == "copy"})
-    assert out.returncode == -9, (out.stdout, out.stderr[-2000:])
+    assert killed(run_killed({"op": "quarantine", "kill_at": step, "state": store.state_dir, "root": str(root),
+                              "path": path, "exdev": method == "copy"}))
     recovered = mover.recover(store)
     entries = store.index().entries
     if step == "opened":  # killed before anything was written: nothing to recover, file in place
@@ -344,8 +343,7 @@ def test_kill_during_restore_or_purge_then_recovery(tmp_path, root, step):
     path = plant(root, "evil.pkl")
     begin, _ = _q(store, root, path)
     op = "purge" if step.startswith("purge") else "restore"
-    out = run_killed({"op": op, "kill_at": step, "state": store.state_dir, "id": begin["id"]})
-    assert out.returncode == -9, (out.stdout, out.stderr[-2000:])
+    assert killed(run_killed({"op": op, "kill_at": step, "state": store.state_dir, "id": begin["id"]}))
     recovered = mover.recover(store)
     state = store.index().entries[begin["id"]].state
     expected = {"restore_begun": "quarantined", "restore_renamed": "restored", "purge_begun": "purged",
@@ -362,9 +360,8 @@ def test_kill_during_a_restore_across_filesystems(tmp_path, tmpfs, step):
     store = make_store(tmp_path, per_filesystem=False)
     path = plant(root, "evil.pkl")
     begin, _ = _q(store, root, path)
-    out = run_killed({"op": "restore", "kill_at": step, "state": store.state_dir, "id": begin["id"],
-                      "per_filesystem": False})
-    assert out.returncode == -9, (out.stdout, out.stderr[-2000:])
+    assert killed(run_killed({"op": "restore", "kill_at": step, "state": store.state_dir, "id": begin["id"],
+                              "per_filesystem": False}))
     mover.recover(store)
     state = store.index().entries[begin["id"]].state
     assert state == ("quarantined" if step == "restore_begun" else "restored")
@@ -375,9 +372,8 @@ def test_kill_during_a_restore_across_filesystems(tmp_path, tmpfs, step):
 def test_a_file_that_changed_while_the_move_was_interrupted_is_not_moved(tmp_path, root):
     store = make_store(tmp_path)
     path = plant(root, "evil.pkl")
-    out = run_killed({"op": "quarantine", "kill_at": "begun", "state": store.state_dir, "root": str(root),
-                      "path": path})
-    assert out.returncode == -9
+    assert killed(run_killed({"op": "quarantine", "kill_at": "begun", "state": store.state_dir, "root": str(root),
+                              "path": path}))
     with open(path, "ab") as fh:
         fh.write(b"changed")
     (rec,) = mover.recover(store)
