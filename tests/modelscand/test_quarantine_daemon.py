@@ -145,6 +145,22 @@ def test_the_daemon_never_scans_its_own_quarantine_inside_a_root(running, tmp_pa
     assert os.path.exists(top / "state" / "quarantine" / ev["id"])
 
 
+def test_a_malicious_target_of_a_link_out_of_the_roots_is_reported_never_moved(running, root, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "ab12"
+    target.write_bytes(EVIL)
+    with running(str(root), **Q) as h:
+        link = root / "pytorch_model.bin"
+        os.symlink(target, link)
+        ev = h.wait_event("quarantine.not_moved", path=str(target), timeout=20)
+        assert ev["level"] == "error" and ev["via"] == str(link) and "by hand" in ev["answer"]
+        h.settle()
+        assert not [e for e in h.named("quarantine.moved") if e["path"] == str(target)]
+    assert target.read_bytes() == EVIL and os.readlink(link) == str(target)
+    assert not (tmp_path / "state" / "ledger").exists() or not _store(tmp_path).index().entries
+
+
 def test_recovery_at_start_finishes_a_move_a_kill_interrupted(running, root, tmp_path):
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
