@@ -68,7 +68,7 @@ def scan_file(entry: FileEntry, settings: Settings) -> FileResult:
         st = os.fstat(raw.fileno())
         if not stat.S_ISREG(st.st_mode):
             return FileResult(entry.source, "unknown", errors=(ScanError("PATH", "not a regular file; not opened", entry.source),), scanned=False)
-        return scan_stream(raw, entry.source, settings, size=st.st_size, name=os.path.basename(entry.path))
+        return scan_stream(raw, entry.source, settings, size=st.st_size, name=os.path.basename(entry.path), path=entry.path)
 
 
 def scan_stream(
@@ -79,8 +79,12 @@ def scan_stream(
     size: int | None = None,
     name: str | None = None,
     compute_hash: bool = True,
+    path: str | None = None,
 ) -> FileResult:
-    """Scan one seekable stream (a file the caller opened, e.g. through a verified fd)."""
+    """Scan one seekable stream (a file the caller opened, e.g. through a verified fd).
+
+    `path`, when given, is where the stream's file lives: formats that name other files
+    (ONNX external data) check where those resolve."""
     settings = settings or Settings()
     if size is None:
         size = _stream_size(stream)
@@ -88,7 +92,7 @@ def scan_stream(
     try:
         if compute_hash and size <= HASH_LIMIT:
             sha256 = sha256_stream(stream)
-        return _Scan(settings).scan_item(stream, source, size, name or source, None, sha256=sha256)
+        return _Scan(settings).scan_item(stream, source, size, name or source, None, sha256=sha256, path=path)
     except OSError as exc:
         return FileResult(source, "unknown", size=size, errors=(ScanError("PATH", f"read failed: {exc.strerror or exc}", source),), scanned=False)
 
@@ -112,6 +116,7 @@ class _Scan:
         *,
         depth: int = 0,
         sha256: str | None = None,
+        path: str | None = None,
     ) -> FileResult:
         try:
             stream.seek(0)
@@ -146,7 +151,7 @@ class _Scan:
             return FileResult(source, fmt, size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", f"scanner {scanner.name} is disabled in settings", source), scanned=False)
         ctx = _Context(self, source, scanner.name, depth)
         try:
-            scanner.scan(Item(source, stream, size, fmt), ctx)
+            scanner.scan(Item(source, stream, size, fmt, path), ctx)
         except ScanFailed as exc:
             ctx.error(exc.description, exc.category, exc.incomplete)
         except (MemoryError, RecursionError) as exc:

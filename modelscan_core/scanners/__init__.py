@@ -34,6 +34,10 @@ MODULES = (
     "modelscan_core.scanners.keras_v3",
     "modelscan_core.scanners.savedmodel",
     "modelscan_core.scanners.archives",
+    "modelscan_core.scanners.gguf",
+    "modelscan_core.scanners.safetensors",
+    "modelscan_core.scanners.onnx",
+    "modelscan_core.scanners.nemo",
 )
 
 

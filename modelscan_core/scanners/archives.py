@@ -14,7 +14,9 @@ import tarfile
 from modelscan_core import detect
 from modelscan_core.detect import Rule
 from modelscan_core.scanners import Format, ScannerSettings
+from modelscan_core.model import Severity
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
+from modelscan_core.scanners.paths import escapes, link_escapes
 from modelscan_core.sources import spool, ziparchive
 from modelscan_core.sources.window import Window
 
@@ -163,6 +165,7 @@ class TarScanner(Scanner):
         legacy = LEGACY_TORCH_TAR <= names
         counts: dict[str, int] = {}
         for member in members:
+            _report_escape(member, ctx)
             if not member.isreg():
                 continue
             label = _distinct(member.name, counts)
@@ -178,6 +181,19 @@ class TarScanner(Scanner):
                 hint = {"storages": "pytorch_tar_storages", "tensors": "pytorch_tar_tensors", "pickle": "pickle",
                         "sys_info": "pickle"}.get(member.name)
             ctx.scan_member(label, lambda o=offset, n=available: Window(item.stream, o, n), available, hint)
+
+
+def _report_escape(member: tarfile.TarInfo, ctx: ScanContext) -> None:
+    """A member that extraction would write, or link, outside the target directory (what
+    tarfile's 'data' filter refuses and older extractors, `keras.utils.get_file` among them, did not)."""
+    why = escapes(member.name)
+    if why is None and member.issym():
+        why = link_escapes(member.name, member.linkname)
+    elif why is None and member.islnk():
+        why = escapes(member.linkname) and f"a hard link to {member.linkname!r}"
+    if why:
+        ctx.report("archive/path-escape", Severity.HIGH, f"tar member {member.name!r} is {why}: extracting the archive "
+                   "writes outside the target directory", module="tarfile", operator=member.name)
 
 
 # -- 7z ---------------------------------------------------------------------------

@@ -28,6 +28,9 @@ class Item:
     stream: BinaryIO  # seekable, positioned at 0
     size: int
     format: str  # what detection decided; a scanner may serve several formats
+    #: the file on disk, for a file given by path; None for archive members and bare streams.
+    #: Formats that name other files (ONNX external data) resolve them against its directory.
+    path: str | None = None
 
 
 class ScanFailed(Exception):

@@ -16,7 +16,9 @@ What is code, for a loader:
 - Keras APIs that are not modeling APIs (`keras.utils.get_file`,
   `keras.config.enable_unsafe_deserialization`, `load_model`, ...) and layers that load code or
   files by design (TorchModuleWrapper holds a `torch.save` pickle, TFSMLayer loads a
-  SavedModel from a path, lookup layers read a vocabulary file or URL).
+  SavedModel from a path, lookup layers read a vocabulary file or URL);
+- custom objects looked up by `registered_name` (`package>Name`) outside Keras's packages, and
+  layer names that are escaping paths (Keras 3 makes paths of them).
 """
 
 from __future__ import annotations
@@ -196,6 +198,11 @@ class ConfigWalker:
                 self._lambda_layer(class_name, config if isinstance(config, dict) else {}, label, where)
             if "module" in obj:
                 self._module(obj, class_name, config, label, where)
+            if isinstance(layer_name, str):
+                self._path_name(layer_name, label, where, obj)
+            registered = obj.get("registered_name")
+            if isinstance(registered, str) and ">" in registered:
+                self._registered(registered, label, where, obj)
             short = class_name.rsplit(".", 1)[-1]
             target = config if class_name == "function" and isinstance(config, str) else short
             if target in NON_MODELING:
@@ -212,11 +219,31 @@ class ConfigWalker:
                     remote = "://" in vocab
                     self._report(
                         "keras/vocabulary-file",
-                        Severity.HIGH if remote else Severity.MEDIUM,
+                        Severity.HIGH,
                         f"{where}: {label} reads its vocabulary from {'the URL' if remote else 'the file'} {vocab!r} at load time",
                         operator=short,
                         key=json_key(obj),
                     )
+
+    def _path_name(self, layer_name: str, label: str, where: str, obj: dict) -> None:
+        """Keras 3 turns layer names into paths (assets, weight groups): one that escapes is a file
+        write or read outside the archive's temporary directory."""
+        from modelscan_core.scanners.paths import escapes
+
+        why = escapes(layer_name)
+        if why:
+            self._report("keras/path-name", Severity.HIGH, f"{where}: {label} is named {layer_name!r}, {why}: Keras uses "
+                         "layer names as paths for assets and weights", operator="name", key=json_key(obj))
+
+    def _registered(self, registered: str, label: str, where: str, obj: dict) -> None:
+        """`package>Name` is a lookup in the process's registry of custom objects: whatever code
+        registered that name (any imported library) is instantiated with this config."""
+        package = registered.split(">", 1)[0]
+        if package in KERAS_PACKAGES:
+            return
+        self._report("keras/registered-name", Severity.HIGH, f"{where}: {label} names the custom object {registered!r}: "
+                     "the loader instantiates whatever the environment registered under that name, code outside Keras",
+                     module=package, operator=registered, key=json_key(obj))
 
     def _lambda_layer(self, class_name: str, config: dict, label: str, where: str) -> None:
         severity = self.unsafe_layers.get(class_name, self.unsafe_layers.get(class_name.rsplit(".", 1)[-1], Severity.MEDIUM))

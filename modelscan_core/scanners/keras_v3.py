@@ -66,6 +66,7 @@ class KerasV3Scanner(Scanner):
                         where += f" [copy {n + 1} of {len(copies)}]"
                     walker.walk(self._json(archive, info), where, "model")
             for info in infos:
+                _member_path(info, ctx)
                 if info.is_dir() or info.filename in (CONFIG, METADATA):
                     continue
                 if info.filename in KNOWN_DATA:  # weights: arrays, read by h5py/numpy as data
@@ -84,6 +85,20 @@ class KerasV3Scanner(Scanner):
             return json.loads(data)
         except (ValueError, RecursionError) as exc:
             raise ScanFailed(f"{info.filename} is not valid JSON: {exc}", "JSON_DECODE") from None
+
+
+def _member_path(info: zipfile.ZipInfo, ctx: ScanContext) -> None:
+    """Keras extracts asset members to a temporary directory; other tools unzip the whole
+    file: a member named outside it, or stored as a symbolic link, is a write elsewhere."""
+    from modelscan_core.model import Severity
+    from modelscan_core.scanners.paths import escapes
+
+    why = escapes(info.filename)
+    if why is None and (info.external_attr >> 16) & 0o170000 == 0o120000:
+        why = "a symbolic link"
+    if why:
+        ctx.report("keras/member-path", Severity.HIGH, f"zip member {info.filename!r} is {why}: extracting the archive "
+                   "writes or links outside its directory", module="zipfile", operator=info.filename)
 
 
 def _open(archive: zipfile.ZipFile, info: zipfile.ZipInfo):

@@ -1,17 +1,12 @@
 """TensorFlow SavedModels (`saved_model.pb`) and Keras's `keras_metadata.pb`, without TensorFlow.
 
-Both are protobuf messages, read here with our own minimal decoder (`protowire`) and the
-field numbers of TensorFlow's .proto files:
-
-    SavedModel        2: meta_graphs (MetaGraphDef)
-    MetaGraphDef      1: meta_info_def (5: tensorflow_version)  2: graph_def  7: object_graph_def
-    GraphDef          1: node (NodeDef)  2: library (FunctionDefLibrary)
-    NodeDef           1: name  2: op  5: attr (map: 1 key, 2 AttrValue)
-    FunctionDefLibrary 1: function (FunctionDef)  2: gradient (GradientDef 1: function_name)
-    FunctionDef       1: signature (OpDef 1: name)  3: node_def (NodeDef)
-    AttrValue         2: s
-    SavedObjectGraph  1: nodes (SavedObject 4: user_object (SavedUserObject 1: identifier 3: metadata))
-    SavedMetadata     1: nodes (SavedObject 3: node_path 4: identifier 5: metadata)   [keras_metadata.pb]
+Both are protobuf messages, parsed with the protobuf runtime and the minimal schema in
+`proto/tensorflow.proto` (TensorFlow's field numbers, only the fields read here). The
+repeated levels that hold the bulk of a file (meta graphs, graph nodes, library
+functions, metadata nodes) are split with the wire reader (`protowire.fields`) and each
+element is parsed on its own, so memory stays near the file's size: parsed whole, the
+runtime keeps every byte it reads and a 1.5 GB frozen graph would cost twice that
+(bench/bench_formats.py measures both).
 
 What runs when TensorFlow loads and calls the model is its ops: every node of every meta
 graph and of every library function is collected. Ops that touch files, call back into
@@ -33,7 +28,7 @@ from modelscan_core.detect import Rule
 from modelscan_core.model import Severity
 from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
-from modelscan_core.scanners.protowire import LEN, WireError, fields, looks_like_message, text
+from modelscan_core.scanners.protowire import looks_like_message
 
 #: TensorFlow ops that reach outside the graph: files, Python callbacks, the network, debug
 #: dumps. modelscan lists ReadFile and WriteFile; the rest are ours. PrintV2 and
@@ -45,7 +40,7 @@ UNSAFE_TF_OPERATORS = {
     "MatchingFiles": "HIGH",
     "MatchingFilesDataset": "HIGH",
     "ExperimentalMatchingFilesDataset": "HIGH",
-    "ImmutableConst": "MEDIUM",
+    "ImmutableConst": "HIGH",  # memory-maps the file its memory_region_name names
     "PrintV2": "HIGH",
     "DecodeProtoV2": "MEDIUM",
     "EncodeProto": "MEDIUM",
@@ -141,6 +136,8 @@ _CONDITIONAL = {
     "DecodeProtoV2": ("descriptor_source", frozenset({"local://", ""}), "reads proto descriptors from"),
     "EncodeProto": ("descriptor_source", frozenset({"local://", ""}), "reads proto descriptors from"),
 }
+#: ops whose string attribute names the file they touch, shown in the finding
+_SHOWN_ATTRS = {"ImmutableConst": "memory_region_name"}
 #: checkpoint ops: every SavedModel has them in its saver; anywhere else they write, delete or
 #: read files at an attacker's chosen prefix (a serving function that calls SaveV2)
 CHECKPOINT_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints", "Restore", "RestoreV2", "RestoreSlice"})
@@ -191,30 +188,20 @@ class _Op:
         self.attrs: list[dict[str, str]] = []
 
 
-def _node(buf: bytes, start: int, end: int) -> tuple[str, str, dict[str, str]]:
-    """(name, op, string attrs) of a NodeDef."""
-    name = op = ""
-    attrs: dict[str, str] = {}
-    for number, wire, value, stop in fields(buf, start, end):
-        if wire != LEN:
-            continue
-        if number == 1:
-            name = text(buf, value, stop)
-        elif number == 2:
-            op = text(buf, value, stop)
-        elif number == 5:
-            key = None
-            s = None
-            for n2, w2, v2, e2 in fields(buf, value, stop):
-                if n2 == 1 and w2 == LEN:
-                    key = text(buf, v2, e2)
-                elif n2 == 2 and w2 == LEN:
-                    for n3, w3, v3, e3 in fields(buf, v2, e2):
-                        if n3 == 2 and w3 == LEN:
-                            s = text(buf, v3, e3)
-            if key is not None and s is not None:
-                attrs[key] = s
-    return name, op, attrs
+def _message(name: str):
+    from modelscan_core.scanners.proto import message_class
+
+    return message_class("tensorflow.proto", name)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
+
+
+def _node(node) -> tuple[str, str, dict[str, str]]:
+    """(name, op, string attrs) of a NodeDef message."""
+    attrs = {_text(a.key): _text(a.value.s) for a in node.attr if a.value.HasField("s")}
+    return _text(node.name), _text(node.op), attrs
 
 
 class SavedModelScanner(Scanner):
@@ -222,6 +209,8 @@ class SavedModelScanner(Scanner):
     formats = ("tf_savedmodel", "tf_graphdef")
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
+        from modelscan_core.scanners.proto import MessageError
+
         buf = _read_all(item)
         try:
             if item.format == "tf_graphdef":
@@ -231,19 +220,20 @@ class SavedModelScanner(Scanner):
                 self._judge(ops, functions, ctx)
             else:
                 self._scan(buf, ctx)
-        except WireError as exc:
+        except MessageError as exc:
             what = "GraphDef" if item.format == "tf_graphdef" else "SavedModel"
             raise ScanFailed(f"not a well-formed {what} protobuf: {exc}") from None
 
     def _scan(self, buf: bytes, ctx: ScanContext) -> None:
+        from modelscan_core.scanners.proto import SPAN, parse_each
+
         ops: dict[str, _Op] = defaultdict(_Op)
         functions: set[str] = set()
         user_metadata: list[tuple[str, str]] = []
         graphs = 0
-        for number, wire, value, stop in fields(buf):
-            if number == 2 and wire == LEN:
-                graphs += 1
-                self._meta_graph(buf, value, stop, f"meta_graphs[{graphs - 1}]", ops, functions, user_metadata)
+        for _number, (start, end) in parse_each(buf, {2: SPAN}):
+            graphs += 1
+            self._meta_graph(buf, start, end, f"meta_graphs[{graphs - 1}]", ops, functions, user_metadata)
         if graphs == 0:
             raise ScanFailed("saved_model.pb holds no meta graph")
         self._judge(ops, functions, ctx)
@@ -255,58 +245,39 @@ class SavedModelScanner(Scanner):
                 _walk_json(walker, ctx, meta, where)
 
     def _meta_graph(self, buf, start, end, label, ops, functions, user_metadata) -> None:
-        for number, wire, value, stop in fields(buf, start, end):
-            if wire != LEN:
+        from modelscan_core.scanners.proto import SPAN, parse_each
+
+        for number, value in parse_each(buf, {2: SPAN, 7: _message("SavedObjectGraph")}, start, end):
+            if number == 2:
+                self._graph(buf, value[0], value[1], label, ops, functions)
                 continue
-            if number == 2:  # graph_def
-                self._graph(buf, value, stop, label, ops, functions)
-            elif number == 7:  # object_graph_def
-                for i, (n2, w2, v2, e2) in enumerate(fields(buf, value, stop)):
-                    if n2 != 1 or w2 != LEN:
-                        continue
-                    for n3, w3, v3, e3 in fields(buf, v2, e2):
-                        if n3 == 4 and w3 == LEN:  # user_object
-                            identifier = meta = ""
-                            for n4, w4, v4, e4 in fields(buf, v3, e3):
-                                if n4 == 1 and w4 == LEN:
-                                    identifier = text(buf, v4, e4)
-                                elif n4 == 3 and w4 == LEN:
-                                    meta = text(buf, v4, e4)
-                            if meta:
-                                user_metadata.append((f"saved_model.pb {label} object {i} ({identifier})", meta))
+            for i, obj in enumerate(value.nodes):
+                user = obj.user_object
+                if obj.HasField("user_object") and user.metadata:
+                    identifier = _text(user.identifier)
+                    user_metadata.append((f"saved_model.pb {label} object {i} ({identifier})", _text(user.metadata)))
 
     def _graph(self, buf, start, end, label, ops, functions) -> None:
-        for number, wire, value, stop in fields(buf, start, end):
-            if wire != LEN:
-                continue
+        from modelscan_core.scanners.proto import SPAN, parse_each
+
+        for number, value in parse_each(buf, {1: _message("NodeDef"), 2: SPAN}, start, end):
             if number == 1:
-                self._add(ops, _node(buf, value, stop), f"{label} graph".strip())
-            elif number == 2:
-                self._library(buf, value, stop, label, ops, functions)
+                self._add(ops, _node(value), f"{label} graph".strip())
+            else:
+                self._library(buf, value[0], value[1], label, ops, functions)
 
     def _library(self, buf, start, end, label, ops, functions) -> None:
-        for number, wire, value, stop in fields(buf, start, end):
-            if wire != LEN:
-                continue
-            if number == 1:  # FunctionDef
-                fname = ""
-                nodes = []
-                for n2, w2, v2, e2 in fields(buf, value, stop):
-                    if w2 != LEN:
-                        continue
-                    if n2 == 1:
-                        for n3, w3, v3, e3 in fields(buf, v2, e2):
-                            if n3 == 1 and w3 == LEN:
-                                fname = text(buf, v3, e3)
-                    elif n2 == 3:
-                        nodes.append((v2, e2))
+        from modelscan_core.scanners.proto import parse_each
+
+        for number, value in parse_each(buf, {1: _message("FunctionDef"), 2: _message("GradientDef")}, start, end):
+            if number == 1:
+                fname = _text(value.signature.name)
                 functions.add(fname)
-                for v2, e2 in nodes:
-                    self._add(ops, _node(buf, v2, e2), f"{label} function {fname}", saver=bool(_SAVER_FUNCTION.match(fname)))
-            elif number == 2:  # GradientDef: its function_name is a library function too
-                for n2, w2, v2, e2 in fields(buf, value, stop):
-                    if n2 == 2 and w2 == LEN:
-                        functions.add(text(buf, v2, e2))
+                saver = bool(_SAVER_FUNCTION.match(fname))
+                for node in value.node_def:
+                    self._add(ops, _node(node), f"{label} function {fname}", saver=saver)
+            else:  # GradientDef: its gradient_func is a library function too
+                functions.add(_text(value.gradient_func))
 
     @staticmethod
     def _add(ops, node, where, saver: bool = False) -> None:
@@ -317,7 +288,7 @@ class SavedModelScanner(Scanner):
         entry.count += 1
         if len(entry.where) < 5 and where not in entry.where:
             entry.where.append(where)
-        if op in _CONDITIONAL:
+        if op in _CONDITIONAL or op in _SHOWN_ATTRS:
             entry.attrs.append(attrs)
 
     def _judge(self, ops: dict[str, _Op], functions: set[str], ctx: ScanContext) -> None:
@@ -344,10 +315,14 @@ class SavedModelScanner(Scanner):
                     )
                 continue
             if op in table:
+                shown = ""
+                if op in _SHOWN_ATTRS:
+                    names = sorted({a.get(_SHOWN_ATTRS[op], "") for a in entry.attrs})
+                    shown = f" ({_SHOWN_ATTRS[op]}: {', '.join(map(repr, names[:5]))})"
                 ctx.report(
                     "tf/unsafe-op",
                     table[op],
-                    f"Use of unsafe operator '{op}' from module 'Tensorflow': {entry.count} node(s) in {where}",
+                    f"Use of unsafe operator '{op}' from module 'Tensorflow': {entry.count} node(s) in {where}{shown}",
                     module="Tensorflow",
                     operator=op,
                 )
@@ -404,25 +379,14 @@ class KerasMetadataScanner(Scanner):
     def scan(self, item: Item, ctx: ScanContext) -> None:
         from modelscan_core.scanners.keras_common import ConfigWalker
 
+        from modelscan_core.scanners.proto import MessageError, parse_each
+
         buf = _read_all(item)
         walker = ConfigWalker(ctx, "savedmodel_lambda")
         try:
-            nodes = []
-            for number, wire, value, stop in fields(buf):
-                if number != 1 or wire != LEN:
-                    continue
-                path = identifier = meta = ""
-                for n2, w2, v2, e2 in fields(buf, value, stop):
-                    if w2 != LEN:
-                        continue
-                    if n2 == 3:
-                        path = text(buf, v2, e2)
-                    elif n2 == 4:
-                        identifier = text(buf, v2, e2)
-                    elif n2 == 5:
-                        meta = text(buf, v2, e2)
-                nodes.append((path, identifier, meta))
-        except WireError as exc:
+            nodes = [(_text(n.node_path), _text(n.identifier), _text(n.metadata))
+                     for _number, n in parse_each(buf, {1: _message("SavedMetadataObject")})]
+        except MessageError as exc:
             raise ScanFailed(f"keras_metadata.pb is not a well-formed protobuf: {exc}") from None
         for path, identifier, meta in nodes:
             if meta:
@@ -439,11 +403,12 @@ class FingerprintScanner(Scanner):
     formats = ("tf_fingerprint",)
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
+        from google.protobuf.message import DecodeError
+
         buf = _read_all(item)
         try:
-            for _field in fields(buf):
-                pass
-        except WireError as exc:
+            _message("FingerprintDef")().ParseFromString(buf)
+        except DecodeError as exc:
             raise ScanFailed(f"fingerprint.pb is not a well-formed FingerprintDef: {exc}") from None
 
 

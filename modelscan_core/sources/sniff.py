@@ -128,7 +128,8 @@ def joblib_zfile(head: bytes, name: str, stream: BinaryIO) -> bool:
     if not head.startswith(b"ZF") or len(head) < 23:
         return False
     try:
-        int(head[2:21].decode("ascii").strip(), 16)
+        # hex(length), padded with spaces; Python 2's joblib wrote a long with an L suffix
+        int(head[2:21].decode("ascii").strip().rstrip("Ll"), 16)
     except ValueError:
         return False
     return True

@@ -18,7 +18,6 @@ caller records an explicit incomplete error naming the limit.
 from __future__ import annotations
 
 import bz2
-import importlib.util
 import lzma
 import tempfile
 import zlib
@@ -92,14 +91,10 @@ def spool_codec(raw: BinaryIO, codec: str, ctx: ScanContext) -> Spooled:
     """Decompress `raw` (positioned at the start of the compressed data) with `codec`.
 
     Codecs: zlib, deflate (raw, as in zip), gzip (all members, as gzip.open reads them),
-    bz2 (all streams), xz, lzma (FORMAT_ALONE), lz4 (frame; when the package is installed).
+    bz2 (all streams), xz, lzma (FORMAT_ALONE), lz4 (all frames, as lz4.frame.open reads them).
     """
     counted = _Counted(raw)
     sink = _Sink(ctx, counted, None)
-    if codec == "lz4" and importlib.util.find_spec("lz4") is None:
-        # not corrupt, just unreadable here: an incomplete verdict, never clean
-        sink.limit = "the missing lz4 package (`pip install lz4` to scan lz4-compressed files)"
-        return sink.finish()
     try:
         if codec == "lz4":
             _lz4(counted, sink)
@@ -183,19 +178,27 @@ def _unused(dec) -> bytes:
 
 
 def _lz4(counted: _Counted, sink: _Sink) -> None:
-    try:
-        import lz4.frame  # type: ignore[import-not-found]
-    except ImportError:
-        raise OSError("lz4 data, but the lz4 package is not installed: cannot read it") from None
-    dec = lz4.frame.LZ4FrameDecompressor()
-    while not dec.eof:
-        data = counted.read(CHUNK)
+    """Every concatenated frame: joblib reads through `lz4.frame.open`, which goes on after each
+    frame's end marker the way gzip.open goes on after each member."""
+    import lz4.frame
+
+    pending = b""
+    while True:
+        data = pending or counted.read(CHUNK)
         if not data:
-            raise EOFError("lz4 frame ends early")
-        out = dec.decompress(data, max_length=CHUNK)
-        while True:
-            if out and not sink.write(out):
-                return
-            if dec.needs_input or dec.eof:
-                break
-            out = dec.decompress(b"", max_length=CHUNK)
+            return
+        dec = lz4.frame.LZ4FrameDecompressor()
+        while not dec.eof:
+            if not data:
+                data = counted.read(CHUNK)
+                if not data:
+                    raise EOFError("lz4 frame ends early")
+            out = dec.decompress(data, max_length=CHUNK)
+            data = b""
+            while True:
+                if out and not sink.write(out):
+                    return
+                if dec.needs_input or dec.eof:
+                    break
+                out = dec.decompress(b"", max_length=CHUNK)
+        pending = dec.unused_data

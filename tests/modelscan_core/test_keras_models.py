@@ -245,7 +245,9 @@ def test_layers_that_load_code_or_files_even_in_safe_mode(models, tmp_path):
     got = {(f.rule_id, f.severity) for f in report.findings()}
     assert ("keras/torch-module", HIGH) in got
     assert ("keras/tfsm-layer", HIGH) in got
-    assert ("keras/vocabulary-file", HIGH) in got and ("keras/vocabulary-file", MEDIUM) in got
+    vocab = [f for f in report.findings() if f.rule_id == "keras/vocabulary-file"]
+    assert sorted(f.operator for f in vocab) == ["IntegerLookup", "StringLookup"]  # a file and a URL
+    assert all(f.severity == HIGH for f in vocab)
     # the torch.save payload itself went through the pickle scanner
     inner = [f for f in report.findings() if f.severity == CRITICAL]
     assert inner and inner[0].module in ("posix", "os") and inner[0].source.startswith("loaders.keras:")
@@ -326,3 +328,81 @@ def test_duplicated_config_json_every_copy_is_walked(models, tmp_path, evil_firs
         z.writestr("model.weights.h5", weights)
     found = [f for f in scan_path(path).findings() if f.operator == "Lambda"]
     assert len(found) == 3 and all(("copy 1 of 2" if evil_first else "copy 2 of 2") in f.description for f in found)
+
+
+# -- names that are paths, custom-object lookups, archive members ---------------------------------
+
+
+def test_registered_name_outside_keras_packages_is_high(models, tmp_path):
+    def mutate(config):
+        layer = first_layer_dict(config, "Dense")
+        layer["registered_name"] = "mylib>Backdoor"
+        layer["module"] = None
+        return config
+
+    found = by_rule(scan_path(rewrite_keras(models["benign.keras"], tmp_path / "reg.keras", mutate)).findings(), "keras/registered-name")
+    assert [(f.severity, f.operator) for f in found] == [(HIGH, "mylib>Backdoor")]
+
+
+def test_registered_name_of_keras_hub_is_clean(models, tmp_path):
+    mutate = lambda c: (first_layer_dict(c, "Dense").__setitem__("registered_name", "keras_hub>GemmaBackbone"), c)[1]  # noqa: E731
+    assert scan_path(rewrite_keras(models["benign.keras"], tmp_path / "hub.keras", mutate)).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["../../../../tmp/escape", "/etc/cron.d/x", "assets/../../x"])
+def test_layer_names_that_escape_as_paths_are_high(models, tmp_path, name):
+    mutate = lambda c: (first_layer_dict(c, "Dense")["config"].__setitem__("name", name), c)[1]  # noqa: E731
+    found = by_rule(scan_path(rewrite_keras(models["benign.keras"], tmp_path / "n.keras", mutate)).findings(), "keras/path-name")
+    assert [f.severity for f in found] == [HIGH]
+
+
+@pytest.mark.parametrize("member", ["assets/../../../home/user/.bashrc", "/tmp/modelscand-abs", "assets/../../x.txt"])
+def test_keras_zip_members_that_escape_are_high(models, tmp_path, member):
+    import warnings
+    import zipfile
+
+    path = tmp_path / "m.keras"
+    shutil.copy(models["benign.keras"], path)
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "a") as z:
+        warnings.simplefilter("ignore")
+        z.writestr(member, b"payload")
+    found = by_rule(scan_path(path).findings(), "keras/member-path")
+    assert [(f.severity, f.operator) for f in found] == [(HIGH, member)]
+
+
+def test_keras_zip_symlink_member_is_high(models, tmp_path):
+    import zipfile
+
+    path = tmp_path / "m.keras"
+    shutil.copy(models["benign.keras"], path)
+    info = zipfile.ZipInfo("assets/vocab.txt")
+    info.external_attr = (0o120777 << 16)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(info, "/etc/passwd")
+    found = by_rule(scan_path(path).findings(), "keras/member-path")
+    assert [f.severity for f in found] == [HIGH] and "symbolic link" in found[0].description
+
+
+def test_keras_model_in_a_tar_with_escaping_members(models, tmp_path):
+    import io
+    import tarfile
+
+    path = tmp_path / "model.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(models["benign.keras"], arcname="model/benign.keras")
+        for name, kind, target in (("model/../../escape.txt", tarfile.REGTYPE, ""), ("model/link", tarfile.SYMTYPE, "../../../etc"),
+                                   ("model/hard", tarfile.LNKTYPE, "/etc/passwd")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    report = scan_path(path)
+    found = by_rule(report.findings(), "archive/path-escape")
+    assert sorted(f.operator for f in found) == ["model/../../escape.txt", "model/hard", "model/link"]
+    assert all(f.severity == HIGH for f in found)
+    safe = tmp_path / "safe.tar"
+    with tarfile.open(safe, "w") as tar:
+        tar.add(models["benign.keras"], arcname="model/benign.keras")
+        info = tarfile.TarInfo("model/alias.keras")
+        info.type, info.linkname = tarfile.SYMTYPE, "benign.keras"
+        tar.addfile(info)
+    assert scan_path(safe).exit_code == 0

@@ -212,3 +212,37 @@ def test_frozen_graphdef_pb_is_read_for_ops(tmp_path):
         "frozen_graph.pb": ("tf_graphdef", "clean"),
     }
     assert _ops(report) == {"ReadFile": ("tf/unsafe-op", HIGH)}
+
+
+def test_immutable_const_memory_maps_a_file_and_is_high(tmp_path):
+    fn = tf.function(lambda: tf.raw_ops.ImmutableConst(dtype=tf.float32, shape=[2], memory_region_name="/etc/shadow"))
+    (tmp_path / "mapped.pb").write_bytes(fn.get_concrete_function().graph.as_graph_def().SerializeToString())
+    found = scan_path(tmp_path / "mapped.pb").findings()
+    assert [(f.operator, f.severity) for f in found] == [("ImmutableConst", HIGH)]
+    assert "'/etc/shadow'" in found[0].description
+
+
+def test_minimal_tensorflow_proto_agrees_with_tensorflow():
+    from google.protobuf.descriptor import FieldDescriptor
+    from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2, op_def_pb2
+    from tensorflow.core.protobuf import fingerprint_pb2, meta_graph_pb2, saved_model_pb2, saved_object_graph_pb2
+
+    from modelscan_core.scanners.proto import message_class
+
+    upstream = {
+        "SavedModel": saved_model_pb2.SavedModel, "MetaGraphDef": meta_graph_pb2.MetaGraphDef,
+        "MetaInfoDef": meta_graph_pb2.MetaGraphDef.MetaInfoDef, "GraphDef": graph_pb2.GraphDef,
+        "NodeDef": node_def_pb2.NodeDef, "AttrEntry": node_def_pb2.NodeDef.AttrEntry, "AttrValue": attr_value_pb2.AttrValue,
+        "FunctionDefLibrary": function_pb2.FunctionDefLibrary, "FunctionDef": function_pb2.FunctionDef,
+        "GradientDef": function_pb2.GradientDef, "OpDef": op_def_pb2.OpDef,
+        "SavedObjectGraph": saved_object_graph_pb2.SavedObjectGraph, "SavedObject": saved_object_graph_pb2.SavedObject,
+        "SavedUserObject": saved_object_graph_pb2.SavedUserObject, "FingerprintDef": fingerprint_pb2.FingerprintDef,
+    }
+    kinds = {v: k for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}
+    for name, real_cls in upstream.items():
+        for field in message_class("tensorflow.proto", name).DESCRIPTOR.fields:
+            real = real_cls.DESCRIPTOR.fields_by_name[field.name]
+            pair = (kinds[field.type], kinds[real.type])
+            assert real.number == field.number, (name, field.name)
+            assert pair[0] == pair[1] or pair == ("TYPE_BYTES", "TYPE_STRING"), (name, field.name, pair)
+            assert field.is_repeated == real.is_repeated, (name, field.name)

@@ -1,0 +1,294 @@
+"""GGUF (llama.cpp, Ollama, llama-cpp-python): the header and metadata, read with strict bounds.
+
+Layout (v1-v3): `GGUF`, version (u32), tensor count, metadata count, then metadata
+(key string, value type u32, value) and tensor infos (name, dims, type, offset), then the
+aligned tensor data. v1 uses 32-bit counts and lengths, v2 and v3 64-bit; v3 files may be
+big-endian (after the magic everything is byte-swapped, which the version shows).
+
+What runs at load time is the chat template: llama-cpp-python renders
+`tokenizer.chat_template` (and the named `tokenizer.chat_template.<name>`) with Jinja2, and
+before 0.2.72 in an unsandboxed environment (CVE-2024-34359). Every template is analysed
+by `jinja_template` with Jinja2's parser, never rendered. Tensor data is never read: tensor
+infos are checked against the file size arithmetically, so a 10 GB file costs a few reads.
+
+Every count and length is checked against the bytes that remain before it is used, arrays
+nest at most `MAX_DEPTH` deep, and metadata beyond `MAX_METADATA` bytes is not read.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from modelscan_core.detect import Rule
+from modelscan_core.scanners import Format, ScannerSettings
+from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
+
+MAGIC = b"GGUF"
+MAX_DEPTH = 4  # arrays of arrays (llama.cpp itself refuses nesting)
+MAX_METADATA = 512 * 1024 * 1024
+MAX_KEY = 64 * 1024
+MAX_TEMPLATE = 4 * 1024 * 1024  # a chat template longer than this is not analysed (incomplete)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+DEFAULT_ALIGNMENT = 32
+
+TEMPLATE_KEY = "tokenizer.chat_template"
+
+# value types
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+_SCALAR_SIZE = {UINT8: 1, INT8: 1, UINT16: 2, INT16: 2, UINT32: 4, INT32: 4, FLOAT32: 4, BOOL: 1, UINT64: 8, INT64: 8,
+                FLOAT64: 8}
+#: ggml tensor types: (elements per block, bytes per block), as ggml defines them
+GGML_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40), 10: (256, 84),
+    11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74),
+    18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2),
+    26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+    40: (64, 36), 41: (128, 18),
+}
+
+
+class GgufError(ValueError):
+    """The bytes are not a GGUF file llama.cpp would read; `incomplete` when a limit stopped us."""
+
+    def __init__(self, message: str, incomplete: bool = False):
+        super().__init__(message)
+        self.incomplete = incomplete
+
+
+def sniff_gguf(head: bytes, name: str, stream: BinaryIO) -> bool:
+    return head.startswith(MAGIC) and len(head) >= 8
+
+
+@dataclass
+class Template:
+    key: str
+    offset: int
+    text: str
+
+
+@dataclass
+class GgufHeader:
+    version: int
+    byteorder: str
+    tensor_count: int
+    kv_count: int
+    templates: list[Template] = field(default_factory=list)
+    alignment: int = DEFAULT_ALIGNMENT
+    data_start: int = 0
+
+
+class _Reader:
+    """Sequential reads over a seekable stream in 1 MiB windows, never past `size`."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, stream: BinaryIO, size: int):
+        self.stream, self.size = stream, size
+        self.pos = 0
+        self.buf = b""
+        self.base = 0
+
+    def _fill(self, n: int) -> int:
+        if self.pos + n > self.size:
+            raise GgufError(f"truncated: {n} bytes needed at offset {self.pos}, the file ends at {self.size}")
+        off = self.pos - self.base
+        if off < 0 or off + n > len(self.buf):
+            self.stream.seek(self.pos)
+            self.buf = self.stream.read(min(max(n, self.CHUNK), self.size - self.pos))
+            self.base = self.pos
+            if len(self.buf) < n:
+                raise GgufError(f"short read at offset {self.pos}")
+            off = 0
+        return off
+
+    def unpack(self, st: struct.Struct) -> int:
+        off = self._fill(st.size)
+        self.pos += st.size
+        return st.unpack_from(self.buf, off)[0]
+
+    def read(self, n: int) -> bytes:
+        off = self._fill(n)
+        self.pos += n
+        return self.buf[off : off + n]
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise GgufError(f"a value of {n} bytes at offset {self.pos} runs past the end of the file ({self.size})")
+        self.pos += n
+
+    def skip_strings(self, count: int, length: struct.Struct) -> None:
+        """Step over `count` length-prefixed strings (a vocabulary: 100k+ of them) in one loop."""
+        width, unpack_from, size = length.size, length.unpack_from, self.size
+        while count:
+            off = self._fill(width)
+            buf, end = self.buf, len(self.buf)
+            while count and off + width <= end:
+                n = unpack_from(buf, off)[0]
+                if n > size:
+                    raise GgufError(f"string of {n} bytes at offset {self.base + off} is longer than the file")
+                off += width + n
+                count -= 1
+            self.pos = self.base + off
+            if self.pos > size:
+                raise GgufError(f"a string array runs past the end of the file ({size})")
+
+
+def read_header(stream: BinaryIO, size: int, header: GgufHeader | None = None) -> GgufHeader:
+    """Parse the header, metadata and tensor infos. Templates found before an error are kept
+    in `header.templates` (pass a header in to see them when this raises)."""
+    r = _Reader(stream, size)
+    if r.read(4) != MAGIC:
+        raise GgufError("no GGUF magic")
+    raw_version = r.read(4)
+    version = int.from_bytes(raw_version, "little")
+    order = "<"
+    if version not in (1, 2, 3):
+        if int.from_bytes(raw_version, "big") in (2, 3):
+            order, version = ">", int.from_bytes(raw_version, "big")
+        else:
+            raise GgufError(f"GGUF version {version} is not one llama.cpp reads (1-3)")
+    count = struct.Struct(order + ("I" if version == 1 else "Q"))
+    u32 = struct.Struct(order + "I")
+    if header is None:
+        header = GgufHeader(version, "little" if order == "<" else "big", 0, 0)
+    header.version, header.byteorder = version, "little" if order == "<" else "big"
+    header.tensor_count = r.unpack(count)
+    header.kv_count = r.unpack(count)
+    # every entry takes some bytes: a count larger than the file can hold is a lie
+    if header.kv_count > (size - r.pos) // (count.size + 4 + 1):
+        raise GgufError(f"{header.kv_count} metadata entries cannot fit in {size} bytes")
+    if header.tensor_count > (size - r.pos) // (count.size + 4 + 4 + 8):
+        raise GgufError(f"{header.tensor_count} tensors cannot fit in {size} bytes")
+    for _ in range(header.kv_count):
+        key = _key(r, count)
+        vtype = r.unpack(u32)
+        if key == TEMPLATE_KEY or key.startswith(TEMPLATE_KEY + "."):
+            if vtype == STRING:
+                _template(r, count, key, header)
+                continue
+        if key == "general.alignment" and vtype == UINT32:
+            header.alignment = r.unpack(u32)
+            if header.alignment == 0 or header.alignment & (header.alignment - 1):
+                raise GgufError(f"general.alignment {header.alignment} is not a power of two")
+            continue
+        _skip_value(r, vtype, count, u32, 0)
+        if r.pos > MAX_METADATA:
+            raise GgufError(f"metadata larger than {MAX_METADATA} bytes; the rest was not read", incomplete=True)
+    _tensors(r, header, count, u32, order)
+    return header
+
+
+def _key(r: _Reader, count: struct.Struct) -> str:
+    n = r.unpack(count)
+    if n > MAX_KEY:
+        raise GgufError(f"metadata key of {n} bytes at offset {r.pos}")
+    return r.read(n).decode("utf-8", "replace")
+
+
+def _template(r: _Reader, count: struct.Struct, key: str, header: GgufHeader) -> None:
+    n = r.unpack(count)
+    offset = r.pos
+    if n > MAX_TEMPLATE:
+        r.skip(n)
+        raise GgufError(f"{key} is {n} bytes long, more than the {MAX_TEMPLATE} analysed", incomplete=True)
+    header.templates.append(Template(key, offset, r.read(n).decode("utf-8", "replace")))
+
+
+def _skip_value(r: _Reader, vtype: int, count: struct.Struct, u32: struct.Struct, depth: int) -> None:
+    if vtype in _SCALAR_SIZE:
+        r.skip(_SCALAR_SIZE[vtype])
+    elif vtype == STRING:
+        r.skip(r.unpack(count))
+    elif vtype == ARRAY:
+        if depth >= MAX_DEPTH:
+            raise GgufError(f"arrays nested deeper than {MAX_DEPTH} at offset {r.pos}")
+        itype = r.unpack(u32)
+        n = r.unpack(count)
+        minimum = _SCALAR_SIZE.get(itype, count.size if itype == STRING else 4 + count.size)
+        if itype not in _SCALAR_SIZE and itype not in (STRING, ARRAY):
+            raise GgufError(f"array of unknown value type {itype} at offset {r.pos}")
+        if n > (r.size - r.pos) // minimum:
+            raise GgufError(f"array of {n} items at offset {r.pos} cannot fit in the file")
+        if itype in _SCALAR_SIZE:
+            r.skip(n * minimum)
+        elif itype == STRING:
+            r.skip_strings(n, count)
+        else:
+            for _ in range(n):
+                _skip_value(r, ARRAY, count, u32, depth + 1)
+    else:
+        raise GgufError(f"unknown metadata value type {vtype} at offset {r.pos}")
+
+
+def _tensors(r: _Reader, header: GgufHeader, count: struct.Struct, u32: struct.Struct, order: str) -> None:
+    infos = []
+    for _ in range(header.tensor_count):
+        n = r.unpack(count)
+        if n > MAX_KEY:
+            raise GgufError(f"tensor name of {n} bytes at offset {r.pos}")
+        name = r.read(n).decode("utf-8", "replace")
+        n_dims = r.unpack(u32)
+        if n_dims > MAX_DIMS:
+            raise GgufError(f"tensor {name!r} has {n_dims} dimensions (ggml allows {MAX_DIMS})")
+        dims = [r.unpack(count) for _ in range(n_dims)]
+        ggml_type = r.unpack(u32)
+        offset = r.unpack(struct.Struct(order + "Q"))
+        infos.append((name, dims, ggml_type, offset))
+    align = header.alignment
+    header.data_start = -(-r.pos // align) * align
+    room = r.size - header.data_start
+    for name, dims, ggml_type, offset in infos:
+        block = GGML_BLOCKS.get(ggml_type)
+        if block is None:
+            continue  # a newer ggml type: its size is unknown here, and its bytes are data anyway
+        elements = 1
+        for d in dims:
+            elements *= d
+        nbytes = elements // block[0] * block[1]
+        if offset + nbytes > room:
+            raise GgufError(f"tensor {name!r} ({nbytes} bytes at data offset {offset}) runs past the end of the file: "
+                            "truncated or corrupt")
+
+
+class GgufScanner(Scanner):
+    name = "modelscan.scanners.GgufScan"
+    formats = ("gguf",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        header = GgufHeader(0, "little", 0, 0)
+        failure: GgufError | None = None
+        try:
+            read_header(item.stream, item.size, header)
+        except GgufError as exc:
+            failure = exc
+        for template in header.templates:  # those read before a failure count too
+            self._template(template, ctx)
+        if failure is not None:
+            raise ScanFailed(f"GGUF: {failure}", incomplete=failure.incomplete)
+
+    def _template(self, template: Template, ctx: ScanContext) -> None:
+        from modelscan_core.scanners.jinja_template import TemplateUnreadable, analyse
+
+        try:
+            issues = analyse(template.text)
+        except TemplateUnreadable as exc:
+            ctx.error(f"{template.key} is not a template Jinja2 can parse ({exc}); it was not analysed")
+            return
+        for issue in issues:
+            ctx.report(
+                "gguf/chat-template-" + issue.rule_id.split("/", 1)[1],
+                issue.severity,
+                f"{template.key} {issue.description}; a loader that renders it outside a sandbox runs it",
+                module="jinja2",
+                operator=issue.what,
+                offset=template.offset,
+            )
+
+
+FORMATS = (
+    Format("gguf", "GgufScanner", "gguf", rules=(Rule(priority=40, magics=(MAGIC,), sniff=sniff_gguf),), extensions=(".gguf",)),
+)
+
+SETTINGS = (ScannerSettings("gguf", "modelscan.scanners.GgufScan", {"enabled": True, "supported_extensions": [".gguf"]}),)

@@ -1,0 +1,230 @@
+"""GGUF: chat templates analysed with Jinja2's parser, metadata read with strict bounds.
+
+Benign files are written by the real `gguf` package with the chat templates real models
+publish (tests/modelscan_core/data/chat_templates.json); malicious ones carry the template
+payloads of CVE-2024-34359 and the ways of spelling them. Nothing is ever rendered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelscan_core import scan_path
+from modelscan_core.model import Severity
+
+gguf = pytest.importorskip("gguf")
+logging.getLogger("gguf").setLevel(logging.ERROR)
+
+TEMPLATES = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "chat_templates.json").read_text()).items()
+             if not k.startswith("_")}
+
+
+def write_gguf(path: Path, template: str | None = None, *, named: dict[str, str] | None = None, big_endian: bool = False,
+               vocab: int = 64) -> Path:
+    endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
+    w = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+    w.add_name("test model")
+    w.add_context_length(4096)
+    w.add_token_list([f"tok{i}" for i in range(vocab)])
+    w.add_token_scores([0.0] * vocab)
+    if named:
+        choices = [{"name": n, "template": t} for n, t in named.items()]
+        if template is not None:
+            choices.append({"name": "default", "template": template})
+        w.add_chat_template(choices)
+    elif template is not None:
+        w.add_chat_template(template)
+    w.add_tensor("token_embd.weight", np.ones((vocab, 8), dtype=np.float32))
+    w.add_tensor("output.weight", np.ones((vocab, 8), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _string(s: bytes, width: str) -> bytes:
+    return struct.pack("<" + width, len(s)) + s
+
+
+def write_old_gguf(path: Path, version: int, template: str, extra: bytes = b"") -> Path:
+    """GGUF v1 (32-bit counts and lengths) or v2, which the gguf package no longer writes."""
+    width = "I" if version == 1 else "Q"
+    kv = [(b"general.architecture", 8, _string(b"llama", width)), (b"tokenizer.chat_template", 8, _string(template.encode(), width))]
+    out = b"GGUF" + struct.pack("<I", version) + struct.pack("<" + width * 2, 0, len(kv))
+    for key, vtype, value in kv:
+        out += _string(key, width) + struct.pack("<I", vtype) + value
+    path.write_bytes(out + extra)
+    return path
+
+
+# -- benign --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_published_chat_templates_are_clean(tmp_path, name):
+    report = scan_path(write_gguf(tmp_path / f"{name}.gguf", TEMPLATES[name]))
+    assert report.files[0].format == "gguf"
+    assert report.exit_code == 0, [(f.severity.name, f.description) for f in report.findings()] or report.all_errors()
+
+
+def test_big_endian_file_with_named_templates_and_a_vocabulary_is_clean(tmp_path):
+    path = write_gguf(tmp_path / "be.gguf", TEMPLATES["llama-3.1-8b-instruct"], big_endian=True, vocab=5000,
+                      named={"tool_use": TEMPLATES["command-r-plus-tool-use"], "rag": TEMPLATES["qwen2.5-instruct-tools"]})
+    report = scan_path(path)
+    assert report.exit_code == 0 and report.files[0].verdict.value == "clean"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_versions_are_read(tmp_path, version):
+    clean = scan_path(write_old_gguf(tmp_path / f"v{version}.gguf", version, TEMPLATES["chatml-openhermes-2.5"]))
+    assert clean.exit_code == 0
+    evil = scan_path(write_old_gguf(tmp_path / f"v{version}e.gguf", version, "{{ lipsum.__globals__.os.popen('id').read() }}"))
+    assert evil.files[0].max_severity == Severity.CRITICAL
+
+
+def test_gguf_is_recognised_by_content(tmp_path):
+    path = write_gguf(tmp_path / "blob", "{{ cycler.__init__.__globals__.os.popen('id').read() }}")
+    report = scan_path(path)
+    assert report.files[0].format == "gguf" and report.exit_code == 1
+
+
+# -- malicious templates ---------------------------------------------------------------------
+
+ATTACKS = {
+    "cve-2024-34359": "{% for x in ().__class__.__base__.__subclasses__() %}{% if 'warning' in x.__name__ %}"
+                      "{{ x()._module.__builtins__['__import__']('os').popen('touch /tmp/pwned') }}{% endif %}{% endfor %}",
+    "cycler-globals": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "joiner": "{{ joiner.__init__.__globals__.os.popen('id') }}",
+    "namespace": "{{ namespace.__init__.__globals__['os'].system('id') }}",
+    "lipsum": "{{ lipsum.__globals__['os'].popen('id').read() }}",
+    "lipsum-as-value": "{% set f = lipsum %}{{ f|attr('x') }}",
+    "self-context": "{{ self._TemplateReference__context.cycler.__init__.__globals__.os }}",
+    "request-flask": "{{ request.application.__self__._get_data_for_json.__globals__['json'] }}",
+    "config-flask": "{{ config.__class__.__init__.__globals__['os'].popen('id') }}",
+    "raise-exception-globals": "{{ raise_exception.__globals__['__builtins__']['exec']('import os') }}",
+    "attr-filter": "{{ ()|attr('__class__')|attr('__base__')|attr('__subclasses__')() }}",
+    "getitem": "{{ ()['__class__']['__base__'] }}",
+    "tilde": "{{ ()|attr('__cla' ~ 'ss__') }}",
+    "plus": "{% set a = '__glob' + 'als__' %}{{ cycler.__init__[a] }}",
+    "join": "{{ x|attr(['_', '_', 'class', '_', '_']|join) }}",
+    "join-method": "{{ x|attr(''.join(['__', 'class', '__'])) }}",
+    "format-filter": "{{ x|attr('%c%cclass%c%c'|format(95, 95, 95, 95)) }}",
+    "format-method": "{{ x|attr('{0}{0}class{0}{0}'.format('_')) }}",
+    "percent": "{{ x|attr('%s%sclass%s%s' % ('_', '_', '_', '_')) }}",
+    "replace": "{{ x|attr('xxclassxx'|replace('x', '_')) }}",
+    "reverse": "{{ x|attr('__ssalc__'|reverse) }}",
+    "slice-reverse": "{{ x|attr('__ssalc__'[::-1]) }}",
+    "lower": "{{ x|attr('__CLASS__'|lower) }}",
+    "multiply": "{{ x|attr('_' * 2 ~ 'class' ~ '_' * 2) }}",
+    "hex-escape": "{{ x['\\x5f\\x5fclass\\x5f\\x5f'] }}",
+    "unicode-escape": "{{ x['\\u005f\\u005fglobals\\u005f\\u005f'] }}",
+    "dict-key": "{{ x|attr(dict(__class__=1)|first) }}",
+    "dict-literal-key": "{{ x|attr({'__subclasses__': 0}|list|first) }}",
+    "dict-items": "{% for k, v in {'a': '__mro__'}.items() %}{{ x[v] }}{% endfor %}",
+    "split": "{{ x|attr('a,__class__'.split(',')[1]) }}",
+    "set-block": "{% set k %}__glo{{ 'bals' }}__{% endset %}{{ x[k] }}",
+    "macro-argument": "{% macro g(o, a) %}{{ o[a] }}{% endmacro %}{{ g(cycler, '__init__') }}",
+    "caller-argument": "{% macro m() %}{{ caller('__class__') }}{% endmacro %}{% call(a) m() %}{{ x[a] }}{% endcall %}",
+    "loop-variable": "{% for k in ['__subclasses__'] %}{{ x[k] }}{% endfor %}",
+    "namespace-attribute": "{% set ns = namespace() %}{% set ns.k = '__import__' %}{{ x[ns.k] }}",
+    "with-block": "{% with k = '__class__' %}{{ x[k] }}{% endwith %}",
+    "map-attribute": "{{ messages|map(attribute='__class__')|list }}",
+    "map-attr-filter": "{{ messages|map('attr', '__class__')|list }}",
+    "selectattr": "{{ messages|selectattr('__class__.__name__')|list }}",
+    "str-format-fields": "{{ '{0.__class__.__mro__}'.format(messages) }}",
+    "generator-frame": "{{ (messages|map('upper')).gi_frame.f_back.f_globals }}",
+    "builtins-name": "{{ __builtins__.__import__('os') }}",
+    "harvested-underscores": "{% set u = (messages|string)[5] %}{{ x|attr(u ~ u ~ 'class' ~ u ~ u) }}",
+    "include": "{% include '/etc/passwd' %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_template_payloads_are_reported(tmp_path, name):
+    report = scan_path(write_gguf(tmp_path / f"{name}.gguf", ATTACKS[name]))
+    expected = Severity.HIGH if name in ("harvested-underscores", "include") else Severity.CRITICAL
+    assert report.files[0].max_severity == expected, [(f.severity.name, f.description) for f in report.findings()]
+    assert report.exit_code == 1
+    assert all(f.rule_id.startswith("gguf/chat-template") for f in report.findings())
+
+
+def test_a_payload_in_a_named_template_of_a_big_endian_file(tmp_path):
+    path = write_gguf(tmp_path / "named.gguf", TEMPLATES["qwen2-instruct"], big_endian=True,
+                      named={"tool_use": ATTACKS["cycler-globals"]})
+    found = scan_path(path).findings()
+    assert found and max(f.severity for f in found) == Severity.CRITICAL
+    assert all("tokenizer.chat_template.tool_use" in f.description for f in found)
+
+
+def test_the_payload_is_hidden_inside_a_real_template(tmp_path):
+    template = TEMPLATES["llama-3.2-3b-instruct"].replace("{{- system_message }}", "{{- system_message }}"
+                                                          "{{ raise_exception.__globals__ }}")
+    assert scan_path(write_gguf(tmp_path / "mixed.gguf", template)).files[0].max_severity == Severity.CRITICAL
+
+
+# -- strict bounds -----------------------------------------------------------------------------
+
+
+def test_a_template_jinja_cannot_parse_is_an_error_not_clean(tmp_path):
+    report = scan_path(write_gguf(tmp_path / "bad.gguf", "{% for x in %}"))
+    assert report.files[0].verdict.value == "error" and report.exit_code == 2
+
+
+def test_truncated_tensor_data_is_an_error(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", TEMPLATES["phi-3-mini"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    report = scan_path(path)
+    assert report.files[0].verdict.value == "error"
+    assert "runs past the end" in report.all_errors()[0].description
+
+
+@pytest.mark.parametrize("cut", [6, 20, 60])
+def test_truncated_metadata_is_an_error(tmp_path, cut):
+    path = write_gguf(tmp_path / "t.gguf", TEMPLATES["phi-3-mini"])
+    path.write_bytes(path.read_bytes()[:cut])
+    assert scan_path(path).files[0].verdict.value == "error"
+
+
+def test_a_finding_before_broken_metadata_is_kept(tmp_path):
+    path = write_old_gguf(tmp_path / "k.gguf", 2, ATTACKS["cycler-globals"], extra=b"")
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack("<Q", 3)  # claims a third entry that is not there
+    path.write_bytes(bytes(data))
+    report = scan_path(path)
+    assert report.files[0].max_severity == Severity.CRITICAL and report.all_errors()
+
+
+@pytest.mark.parametrize("field,value", [("kv_count", 2**40), ("tensor_count", 2**50)])
+def test_counts_larger_than_the_file_are_refused_before_use(tmp_path, field, value):
+    path = write_old_gguf(tmp_path / "c.gguf", 3, "hi")
+    data = bytearray(path.read_bytes())
+    offset = 16 if field == "kv_count" else 8
+    data[offset : offset + 8] = struct.pack("<Q", value)
+    path.write_bytes(bytes(data))
+    report = scan_path(path)
+    assert report.files[0].verdict.value == "error"
+    assert "cannot fit" in report.all_errors()[0].description
+
+
+def test_string_longer_than_the_file_and_deep_arrays_are_errors(tmp_path):
+    long_string = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _string(b"k", "Q") + struct.pack("<IQ", 8, 2**60)
+    (tmp_path / "s.gguf").write_bytes(long_string)
+    assert scan_path(tmp_path / "s.gguf").files[0].verdict.value == "error"
+    nested = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _string(b"k", "Q") + struct.pack("<I", 9)
+    nested += (struct.pack("<IQ", 9, 1)) * 8 + struct.pack("<IQ", 4, 0)
+    (tmp_path / "n.gguf").write_bytes(nested)
+    report = scan_path(tmp_path / "n.gguf")
+    assert report.files[0].verdict.value == "error" and "nested" in report.all_errors()[0].description
+
+
+def test_unknown_version_is_an_error(tmp_path):
+    (tmp_path / "v.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 7, 0, 0))
+    assert scan_path(tmp_path / "v.gguf").files[0].verdict.value == "error"
