@@ -113,10 +113,10 @@ class Daemon:
         if root is not None:
             self.offer(path, reason, root)
 
-    def _on_root_gone(self, root: Root) -> None:
-        self.roots.lost(root)
-        self.publish_roots()
-        self.maintenance.wake()
+    def _on_root_gone(self, root: Root, why: str = "deleted or moved away") -> None:
+        if self.roots.lost(root, why):
+            self.publish_roots()
+            self.maintenance.retry_soon()
 
     def publish_roots(self) -> None:
         """What `modelscand status` shows: the roots as they are now (after a reload, a loss)."""

@@ -26,9 +26,15 @@ class Maintenance:
     def __init__(self, daemon: "Daemon"):
         self.d = daemon
         self.wake_event = threading.Event()
+        self._retry_now = False
         self.reload_event = threading.Event()
 
     def wake(self) -> None:
+        self.wake_event.set()
+
+    def retry_soon(self) -> None:
+        """A root was lost: look for its replacement at once, not a retry interval later."""
+        self._retry_now = True
         self.wake_event.set()
 
     def request_reload(self) -> None:
@@ -41,6 +47,7 @@ class Maintenance:
         now = time.monotonic()
         next_reconcile = now + cfg.watch["reconcile_interval"] if cfg.watch["reconcile_interval"] else None
         next_retry = now + cfg.watch["root_retry_interval"]
+        next_root_check = next_retry
         next_poll = now + SUBWATCH_POLL_INTERVAL
         next_health = now
         wd_interval = d.notifier.watchdog_interval
@@ -51,6 +58,13 @@ class Maintenance:
                 self.reload_event.clear()
                 self.reload()
                 cfg = d.config
+            if now >= next_root_check:  # a root renamed away and recreated keeps no event to tell
+                for root in d.roots.replaced():
+                    d._on_root_gone(root, "its directory is another inode now")
+                next_root_check = now + cfg.watch["root_retry_interval"]
+            if self._retry_now:
+                self._retry_now = False
+                next_retry = now
             if d.roots.missing and now >= next_retry:
                 appeared = d.roots.retry_missing()
                 for root in appeared:
@@ -75,7 +89,7 @@ class Maintenance:
                     d.notifier.status(text)
                     last_status = text
                 next_health = now + min(HEALTH_INTERVAL, wd_interval or HEALTH_INTERVAL)
-            deadlines = [next_health]
+            deadlines = [next_health, next_root_check]
             if d.roots.missing:
                 deadlines.append(next_retry)
             if d.roots.polled:

@@ -35,6 +35,7 @@ class Roots:
         self.missing: dict[str, Root] = {}  # by configured path
         self.watches: dict[str, RootWatch] = {}
         self.polled: dict[str, Root] = {}  # sub-directories whose watch failed
+        self._inode: dict[str, tuple[int, int]] = {}  # root path -> (dev, ino) when it was added
 
     # ------------------------------------------------------------------ add / lose
     def add(self, root: Root) -> bool:
@@ -58,6 +59,10 @@ class Roots:
                 self.log.warning("watch.root_missing", root=root.path, configured=root.configured, origin=root.origin,
                                  retry_s=cfg.watch["root_retry_interval"])
             return False
+        try:
+            st = os.stat(root.path)
+        except OSError:
+            return self.add(root)  # gone since isdir(): missing
         if self.watch_enabled and self._make_watch is not None:
             w = self._make_watch(root)
             try:
@@ -72,6 +77,7 @@ class Roots:
         with self.lock:
             self.active[root.path] = root
             self.missing.pop(root.configured, None)
+            self._inode[root.path] = (st.st_dev, st.st_ino)
         self.log.info("watch.start", root=root.path, configured=root.configured, kind=root.kind, origin=root.origin,
                       symlinked=os.path.abspath(os.path.expanduser(root.configured)) != root.path)
         return True
@@ -101,15 +107,38 @@ class Roots:
                         appeared.append(r)
         return appeared
 
-    def lost(self, root: Root) -> None:
-        """The root went away while watched: back to `missing`, its watch stopped."""
-        self.log.warning("watch.root_lost", root=root.path)
+    def replaced(self) -> list[Root]:
+        """Active directory roots that are gone or are another directory now (renamed away
+        and recreated: the watch follows the old inode). The maintenance timer asks."""
+        out = []
         with self.lock:
+            items = [(r, self._inode.get(p)) for p, r in self.active.items()]
+        for root, inode in items:
+            if inode is None:
+                continue
+            try:
+                st = os.stat(root.path)
+                now = (st.st_dev, st.st_ino)
+            except OSError:
+                now = None
+            if now != inode:
+                out.append(root)
+        return out
+
+    def lost(self, root: Root, why: str = "gone") -> bool:
+        """The root went away while watched: back to `missing`, its watch stopped. False if
+        it was not active (reported twice: the event and the inode check)."""
+        with self.lock:
+            if self.active.get(root.path) is not root:
+                return False
             self.active.pop(root.path, None)
+            self._inode.pop(root.path, None)
             self.missing[root.configured] = root
+        self.log.warning("watch.root_lost", root=root.path, why=why, answer="re-watched and walked when it is back")
         w = self.watches.pop(root.path, None)
         if w is not None:
             threading.Thread(target=w.stop, daemon=True).start()  # not from its own dispatcher thread
+        return True
 
     def remove(self, root: Root) -> None:
         """Stop watching a root the configuration no longer lists."""

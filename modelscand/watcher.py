@@ -27,7 +27,7 @@ from typing import Callable
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyFD
+from watchdog.observers.inotify_c import WATCHDOG_ALL_EVENTS, InotifyConstants, InotifyFD
 
 from modelscand import logging as mlog
 
@@ -40,9 +40,19 @@ REASONS = {"moved": "renamed", "closed": "closed", "created": "created", "modifi
 
 
 class _LoudWatchGroup(InotifyWatchGroup):
-    """watchdog's watch group, except that a failed sub-watch is reported, not swallowed."""
+    """watchdog's watch group, except that a failed sub-watch is reported, not swallowed,
+    and the root moving away (IN_MOVE_SELF, which watchdog ignores) is reported too."""
 
     report_failure: Callable[[bytes, OSError], None] = staticmethod(lambda path, exc: None)
+    report_root_moved: Callable[[], None] = staticmethod(lambda: None)
+
+    def on_event(self, event) -> None:
+        if event.is_move_self and self._active_callbacks_by_watch.get(event.wd) == self.path:
+            try:
+                type(self).report_root_moved()
+            except Exception:  # noqa: BLE001 - never into watchdog's reader thread
+                pass
+        super().on_event(event)
 
     def _add_callback(self, path: bytes) -> None:
         if path in self._active_callbacks_by_path and path != self.path:
@@ -61,6 +71,11 @@ class _LoudWatchGroup(InotifyWatchGroup):
         self._active_callbacks_by_watch[wd] = path
 
 
+#: what the kernel queues for us: watchdog's default mask minus IN_OPEN and IN_CLOSE_NOWRITE,
+#: plus IN_MOVE_SELF (the root renamed away)
+EVENT_MASK = (WATCHDOG_ALL_EVENTS | InotifyConstants.IN_MOVE_SELF)
+
+
 class _Emitter(InotifyEmitter):
     def __init__(self, *args, group_class=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -71,7 +86,7 @@ class _Emitter(InotifyEmitter):
             self._inotify_fd,
             os.fsencode(self.watch.path),
             is_recursive=self.watch.is_recursive,
-            event_mask=self.get_event_mask_from_filter(),
+            event_mask=EVENT_MASK,
             follow_symlink=self.watch.follow_symlink,
         )
 
@@ -114,6 +129,7 @@ class RootWatch:
         self.hook = hook  # tests: called with every event before it is handled
         group = type("_RootGroup", (_LoudWatchGroup,), {
             "report_failure": staticmethod(lambda p, exc: on_subwatch_failed(root, os.fsdecode(p), exc)),
+            "report_root_moved": staticmethod(lambda: self._on_root_gone(root)),
         })
         self.observer = _Observer(group)
         self.observer.name = f"modelscand-dispatch:{root.path}"

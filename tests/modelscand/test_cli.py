@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from modelscand import config as cfgmod
@@ -82,11 +83,15 @@ def test_sd_notify_ready_reload_watchdog_and_clean_stop(tmp_path):
                              str(tmp_path / "state")], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     env_pid = proc.pid  # WATCHDOG_PID unset: any pid accepted
 
-    def until(prefix):
-        while True:
+    def until(prefix, contains=""):
+        deadline = time.monotonic() + 30  # WATCHDOG=1 arrives every second: the socket never times out
+        seen = []
+        while time.monotonic() < deadline:
             msg = sock.recv(4096).decode()
-            if any(line.startswith(prefix) for line in msg.splitlines()):
+            seen.append(msg)
+            if any(line.startswith(prefix) and contains in line for line in msg.splitlines()):
                 return msg
+        raise AssertionError(f"no {prefix}{contains} from the daemon in 30 s; got {seen[-5:]}")
 
     try:
         assert "READY=1" in until("READY=1")
@@ -95,6 +100,7 @@ def test_sd_notify_ready_reload_watchdog_and_clean_stop(tmp_path):
         proc.send_signal(signal.SIGHUP)
         assert "MONOTONIC_USEC=" in until("RELOADING=1")
         until("READY=1")
+        until("STATUS=", "findings 1")  # the file written before the reload is scanned
         proc.send_signal(signal.SIGTERM)
         until("STOPPING=1")
         out, _ = proc.communicate(timeout=30)

@@ -178,10 +178,36 @@ def test_a_link_to_a_file_its_owner_cannot_read_is_reported_not_read(running, ro
     os.chmod(secret, 0o600)
     os.chmod(tmp_path, 0o755)
     with running(str(root)) as h:
-        link = root / "model.pkl"
-        os.symlink(secret, link)
-        os.lchown(link, 65534, 65534)  # a user's link to root's file: the daemon must not read it for them
+        link, made = root / "model.pkl", tmp_path / "model.pkl"
+        os.symlink(secret, made)
+        os.lchown(made, 65534, 65534)  # a user's link to root's file: the daemon must not read it for them
+        os.rename(made, link)
         warn = h.wait_event("link.outside_roots", path=str(link))
         assert warn["level"] == "warning" and "cannot read" in warn["answer"]
         h.settle()
         assert h.scans() == []
+
+
+# -- the root itself moves ------------------------------------------------------------
+
+def test_a_root_renamed_away_and_recreated_is_watched_again(running, root, tmp_path):
+    with running(str(root)) as h:
+        os.rename(root, tmp_path / "root.old")  # mv hub hub.old; mkdir hub
+        root.mkdir()
+        (root / "early.pkl").write_bytes(EVIL)  # before the daemon can have noticed: the walk finds it
+        lost = h.wait_event("watch.root_lost", root=str(root))
+        assert lost["level"] == "warning"
+        assert h.wait_scan(str(root / "early.pkl"), timeout=15)["event"] == "scan.finding"
+        h.wait_event("watch.root_appeared", root=str(root))
+        (root / "later.pkl").write_bytes(BENIGN)  # and the new directory is watched
+        assert h.wait_scan(str(root / "later.pkl"), timeout=10)["event"] == "scan.clean"
+
+
+def test_a_root_replaced_without_any_event_is_noticed_by_its_inode(running, root, tmp_path):
+    with running(str(root)) as h:
+        for w in h.daemon.watches.values():  # as if the IN_MOVE_SELF had been lost in an overflow
+            w._on_root_gone = lambda *a: None
+        os.rename(root, tmp_path / "root.old")
+        root.mkdir()
+        (root / "m.pkl").write_bytes(EVIL)
+        assert h.wait_scan(str(root / "m.pkl"), timeout=15)["event"] == "scan.finding"
