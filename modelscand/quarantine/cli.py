@@ -13,12 +13,12 @@ Same ``--config`` / ``--state-dir`` as ``run``. Errors are one line on stderr an
 
 from __future__ import annotations
 
+import gc
 import json
-import os
 import sys
 import time
 
-from modelscand.logging import escape_controls
+from modelscand.text import escape_controls
 from modelscand.quarantine import QuarantineError, review
 from modelscand.quarantine.index import STATES
 from modelscand.quarantine.ledger import Busy
@@ -115,8 +115,9 @@ def _list(store: Store, cfg, args) -> int:
     if not store.ledger.exists():
         return _no_ledger(store, args.json, [])
     since = review.parse_since(args.since) if args.since else None
-    entries = review.select(store.index(), since=since, user=args.user, repo=args.repo, state=args.state)
-    rows = [review.summary(e) for e in entries]
+    gc.disable()  # tens of thousands of small dicts, no cycles, a short-lived process: collections cost ~25%
+    entries = review.select(store.listing(), since=since, user=args.user, repo=args.repo, state=args.state)
+    rows = [review.summary(e, when=args.json) for e in entries]
     if args.json:
         _json(rows)
         return 0
@@ -233,6 +234,8 @@ def _restore(store: Store, cfg, args) -> int:
          + (f"; {len(links['created'])} Hugging Face link(s) re-created" if links.get("created") else "") + ")")
     for c in links.get("conflicts") or []:
         _out(f"  not re-created: {c}")
+    for what in done.get("not_restored") or []:
+        _out(f"  not restored: {what}")
     _out(f"its sha256 {e.sha256} is allowed from now on: the daemon will not quarantine these bytes again")
     return 0
 

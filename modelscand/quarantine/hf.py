@@ -86,8 +86,7 @@ def _link_beneath(root: str, parts: list[str], text: str, uid: int, gid: int) ->
         for part in parts[:-1]:
             try:
                 os.mkdir(part, 0o755, dir_fd=dfd)
-                if os.geteuid() == 0:
-                    os.chown(part, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                _chown_entry(part, dfd, uid, gid)
             except FileExistsError:
                 pass
             nfd = os.open(part, DIR_FLAGS, dir_fd=dfd)  # a symlinked component fails here
@@ -106,11 +105,18 @@ def _link_beneath(root: str, parts: list[str], text: str, uid: int, gid: int) ->
                 raise OSError(errno.EEXIST, f"a link to {current!r} is there; left alone")
             return False
         os.symlink(text, parts[-1], dir_fd=dfd)
-        if os.geteuid() == 0:
-            os.chown(parts[-1], uid, gid, dir_fd=dfd, follow_symlinks=False)
+        _chown_entry(parts[-1], dfd, uid, gid)
         return True
     finally:
         os.close(dfd)
+
+
+def _chown_entry(name: str, dfd: int, uid: int, gid: int) -> None:
+    if os.geteuid() == 0:
+        try:
+            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+        except PermissionError:
+            pass  # left root's: the link still resolves, the user can still replace it
 
 
 def _readlink(path: str) -> str | None:

@@ -62,6 +62,7 @@ def iso(t: float) -> str:
 class Ledger:
     LOCK = "lock"
     HEAD = "HEAD"
+    SUMMARY = "summary.tsv"  # a digest per record for `list` (a cache: the ledger decides)
     #: how long an operation waits for another process's (a cross-filesystem copy can take minutes)
     LOCK_TIMEOUT = 120.0
 
@@ -182,7 +183,20 @@ class Ledger:
         self._tail = (seg, size, body["seq"], body["hash"])
         self._last = body
         self._write_head(seg, body["seq"], body["hash"])
+        self._write_digest(body, seg, size)
         return body["seq"], body["hash"]
+
+    def _write_digest(self, body: dict, seg: str, end: int) -> None:
+        from modelscand.quarantine.index import digest, encode_digest
+
+        try:
+            fd = os.open(self._path(self.SUMMARY), os.O_WRONLY | os.O_APPEND | os.O_CREAT | _FILE_FLAGS, 0o600)
+            try:
+                os.write(fd, encode_digest(digest(body, seg, end)) + b"\n")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # only a cache: `digests()` catches up from the ledger
 
     def _fsync_dir(self) -> None:
         dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | _FILE_FLAGS)
@@ -281,27 +295,66 @@ class Ledger:
         return size - keep
 
     # -- reading ---------------------------------------------------------------------------
-    def lines(self) -> Iterator[tuple[str, int, bytes, bool]]:
-        """(segment, line number, raw line, complete) for every line of every segment."""
-        for seg in self.segments():
+    def lines(self, start: tuple[str, int] | None = None) -> Iterator[tuple[str, int, bytes, bool, int]]:
+        """(segment, line number, raw line, complete, end offset) for every line of every
+        segment, or only those after byte `start[1]` of segment `start[0]`."""
+        segs = self.segments()
+        if start is not None:
+            segs = segs[segs.index(start[0]):] if start[0] in segs else []
+        for seg in segs:
+            skip = start[1] if start is not None and seg == start[0] else 0
             try:
                 with open(self._path(seg), "rb", opener=_ro_opener) as fh:
+                    fh.seek(skip)
                     data = fh.read()
             except OSError as exc:
+                if isinstance(exc, PermissionError):
+                    raise
                 raise LedgerError(f"cannot read {self._path(seg)}: {exc.strerror or exc}") from None
             parts = data.split(b"\n")
+            end = skip
             for n, raw in enumerate(parts[:-1], 1):
-                yield seg, n, raw, True
+                end += len(raw) + 1
+                yield seg, n, raw, True, end
             if parts[-1]:
-                yield seg, len(parts), parts[-1], False
+                yield seg, len(parts), parts[-1], False, end + len(parts[-1])
 
-    def records(self) -> Iterator[dict]:
-        """Every complete, parseable record in order (what `list`/`show` fold; `verify` judges)."""
-        for _seg, _n, raw, complete in self.lines():
+    def records(self, start: tuple[str, int] | None = None, *, with_end: bool = False) -> Iterator:
+        """Every complete, parseable record in order (what `show` and recovery fold; `verify`
+        judges the lines); with_end: (record, segment, end offset)."""
+        for seg, _n, raw, complete, end in self.lines(start):
             if complete:
                 rec = _parse(raw)
                 if rec is not None:
-                    yield rec
+                    yield (rec, seg, end) if with_end else rec
+
+    def digests(self) -> list[dict]:
+        """A digest of every record (what `list` folds): the summary, caught up from the ledger
+        where it lags behind HEAD; the whole ledger when there is no usable summary."""
+        from modelscand.quarantine.index import decode_digest, digest, encode_digest
+
+        out: list = []
+        try:
+            with open(self._path(self.SUMMARY), "rb", opener=_ro_opener) as fh:
+                data = fh.read()
+            out = [decode_digest(line) for line in data.splitlines()]
+        except FileNotFoundError:
+            pass
+        if None in out:
+            out = []  # damaged: the ledger decides
+
+        def same(rec: dict, seg: str, end: int) -> dict:  # exactly what the summary would have held
+            return decode_digest(encode_digest(digest(rec, seg, end)))
+        head = self.head() or {}
+        last = out[-1] if out else None
+        mark = last.get("hash") or "-" if last is not None else "-"
+        if last is not None and last.get("seq") == head.get("seq") and str(head.get("hash")).startswith(mark):
+            return out
+        if last is not None and isinstance(last.get("seq"), int) and last["seq"] < head.get("seq", 0):
+            tail = list(self.records((last.get("seg"), last.get("end", 0)), with_end=True))
+            if tail and tail[0][0].get("seq") == last["seq"] + 1 and str(tail[0][0].get("prev")).startswith(mark):
+                return out + [same(rec, seg, end) for rec, seg, end in tail]
+        return [same(rec, seg, end) for rec, seg, end in self.records(with_end=True)]
 
     def head(self) -> dict | None:
         try:
@@ -317,7 +370,7 @@ class Ledger:
         problems: list[str] = []
         prev, seq, count = GENESIS, 0, 0
         segs = self.segments()
-        for seg, n, raw, complete in self.lines():
+        for seg, n, raw, complete, _end in self.lines():
             where = f"{seg}:{n}"
             if not complete:
                 problems.append(f"{where}: a record cut short" + ("" if seg == segs[-1] else " inside the ledger"))

@@ -40,11 +40,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from modelscand.logging import safe_text
+from modelscand.text import safe_text
 from modelscand.quarantine import QuarantineError, tombstone
 from modelscand.quarantine import hf as hfnames
 from modelscand.quarantine.index import Entry
-from modelscand.quarantine.store import DIR_FLAGS, Store, open_private_dir
+from modelscand.quarantine.store import DIR_FLAGS, Store, open_private_dir, try_chown
 from modelscand.workers import Escape, open_beneath
 
 #: Test seam: called with the name of each step right after it is taken (tests SIGKILL here).
@@ -301,10 +301,12 @@ def _unlink_source(begin: dict, fd: int | None, dfd: int, base: str) -> str | No
     return None
 
 
-def _lock_down(fd: int) -> None:
-    if os.geteuid() == 0:
-        os.fchown(fd, 0, 0)
+def _lock_down(fd: int) -> bool:
+    """Mode 0000 and, where allowed, owner root (so no other name of the inode can be
+    chmod'ed back by its owner); whether the owner could be changed."""
+    owned = try_chown(fd, 0, 0)
     os.fchmod(fd, 0)
+    return owned
 
 
 def _finish(store: Store, begin: dict, qfd: int, dfd: int | None, base: str | None, *, renamed: bool,
@@ -314,7 +316,7 @@ def _finish(store: Store, begin: dict, qfd: int, dfd: int | None, base: str | No
         st = os.fstat(qf)
         if renamed and (st.st_dev, st.st_ino) != (begin["identity"]["dev"], begin["identity"]["ino"]):
             return _raced(store, begin, qfd, dfd, base)
-        _lock_down(qf)
+        owner_locked = _lock_down(qf)
         _step("locked")
         after = os.fstat(qf)
         sha = hash_fd(qf)
@@ -330,7 +332,7 @@ def _finish(store: Store, begin: dict, qfd: int, dfd: int | None, base: str | No
     other_links = (after.st_nlink if renamed else begin["nlink"]) - 1
     return store.ledger.append("quarantine.done", id=begin["id"], after=identity(after), sha256=sha,
                                changed_during_move=changed, tombstone=tomb, other_links=other_links,
-                               note=note, recovered=recovered)
+                               owner_locked=owner_locked, note=note, recovered=recovered)
 
 
 def _raced(store: Store, begin: dict, qfd: int, dfd: int | None, base: str | None) -> dict:
@@ -422,18 +424,19 @@ def _restore_into(store: Store, entry: Entry, qfd: int, qf: int, pdfd: int, base
             else:
                 rename_noreplace(qfd, begin["name"], pdfd, base)
             _step("restore_renamed")
-            _set_attrs(qf, begin)
+            missed = _set_attrs(qf, begin)
             placed = os.fstat(qf)
         else:
-            placed = _copy_back(store, begin, qf, qfd, pdfd, base, replace=existing is not None)
+            placed, missed = _copy_back(store, begin, qf, qfd, pdfd, base, replace=existing is not None)
     except OSError as exc:
         store.ledger.append("restore.aborted", id=qid, reason=f"{exc.strerror or exc}; still quarantined")
         raise QuarantineError(f"{qid}: not restored: {exc.strerror or exc}") from None
     links = hfnames.restore_links(begin["root"], begin.get("hf"), begin["owner"]["uid"], begin["group"]["gid"])
-    return store.ledger.append("restore.done", id=qid, identity=identity(placed), links=links)
+    return store.ledger.append("restore.done", id=qid, identity=identity(placed), links=links, not_restored=missed)
 
 
-def _copy_back(store: Store, begin: dict, qf: int, qfd: int, pdfd: int, base: str, replace: bool) -> os.stat_result:
+def _copy_back(store: Store, begin: dict, qf: int, qfd: int, pdfd: int, base: str,
+               replace: bool) -> tuple[os.stat_result, list[str]]:
     tmp = f".modelscand-restore-{begin['id']}"
     _unlink_quiet(pdfd, tmp)
     out = os.open(tmp, (_CREATE & ~os.O_WRONLY) | os.O_RDWR, 0o600, dir_fd=pdfd)
@@ -444,7 +447,7 @@ def _copy_back(store: Store, begin: dict, qf: int, qfd: int, pdfd: int, base: st
         os.fsync(out)
         if hash_fd(out) != begin["sha256"]:
             raise OSError(errno.EIO, "the copy back does not have the recorded sha256")
-        _set_attrs(out, begin)
+        missed = _set_attrs(out, begin)
         st = os.fstat(out)
     except BaseException:
         os.close(out)
@@ -458,7 +461,7 @@ def _copy_back(store: Store, begin: dict, qf: int, qfd: int, pdfd: int, base: st
     store.ledger.append("restore.placed", id=begin["id"])
     _step("restore_placed")
     os.unlink(begin["name"], dir_fd=qfd)
-    return st
+    return st, missed
 
 
 def _unlink_quiet(dfd: int, name: str) -> None:
@@ -468,11 +471,16 @@ def _unlink_quiet(dfd: int, name: str) -> None:
         pass
 
 
-def _set_attrs(fd: int, begin: dict) -> None:
-    if os.geteuid() == 0:
-        os.fchown(fd, begin["owner"]["uid"], begin["group"]["gid"])
+def _set_attrs(fd: int, begin: dict) -> list[str]:
+    """Owner, mode and times as recorded; what could not be put back (said, not hidden)."""
+    st = os.fstat(fd)
+    missed = []
+    if (st.st_uid, st.st_gid) != (begin["owner"]["uid"], begin["group"]["gid"]) and not try_chown(
+            fd, begin["owner"]["uid"], begin["group"]["gid"]):
+        missed.append(f"owner (uid {begin['owner']['uid']}, gid {begin['group']['gid']}): run restore as root")
     os.fchmod(fd, begin["mode"])
     os.utime(fd, ns=(begin["atime_ns"], begin["identity"]["mtime_ns"]))
+    return missed
 
 
 def purge(store: Store, qid: str, *, reason: str, by: dict | None = None) -> dict:
@@ -579,10 +587,10 @@ def _recover_restore(store: Store, entry: Entry) -> dict:
                 if now is not None and (now.st_dev, now.st_ino) == (held["dev"], held["ino"]):
                     f = os.open(base, _OPEN_RO, dir_fd=dfd)
                     try:
-                        _set_attrs(f, begin)
+                        missed = _set_attrs(f, begin)
                     finally:
                         os.close(f)
-                    return _restore_done(store, entry, recovered=True)
+                    return _restore_done(store, entry, recovered=True, missed=missed)
             if dfd is not None:
                 _unlink_quiet(dfd, f".modelscand-restore-{qid}")
         finally:
@@ -594,7 +602,7 @@ def _recover_restore(store: Store, entry: Entry) -> dict:
         os.close(qfd)
 
 
-def _restore_done(store: Store, entry: Entry, recovered: bool) -> dict:
+def _restore_done(store: Store, entry: Entry, recovered: bool, missed: list[str] = ()) -> dict:
     begin = entry.begin
     path = original_path(begin)
     try:
@@ -607,4 +615,5 @@ def _restore_done(store: Store, entry: Entry, recovered: bool) -> dict:
     except (Escape, OSError):
         placed = None
     links = hfnames.restore_links(begin["root"], begin.get("hf"), begin["owner"]["uid"], begin["group"]["gid"])
-    return store.ledger.append("restore.done", id=entry.id, identity=placed, links=links, recovered=recovered)
+    return store.ledger.append("restore.done", id=entry.id, identity=placed, links=links, recovered=recovered,
+                               not_restored=list(missed))

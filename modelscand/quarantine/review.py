@@ -12,12 +12,11 @@ import os
 import re
 import time
 
-from modelscand.quarantine import QuarantineError, mover
-from modelscand.quarantine.index import Entry, Index
+from modelscand.quarantine import QuarantineError
+from modelscand.quarantine.index import Entry, Index, worst
 from modelscand.quarantine.ledger import iso
 from modelscand.quarantine.store import Store, open_private_dir
 
-_RANK = {"low": 1, "medium": 2, "high": 3, "critical": 4}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -44,10 +43,6 @@ def parse_since(text: str, now: float | None = None) -> float:
     return when.timestamp()
 
 
-def worst(findings: list[dict]) -> dict | None:
-    return max(findings, key=lambda f: _RANK.get(f.get("severity") or "", 0), default=None)
-
-
 def describe_finding(f: dict | None) -> str:
     if not f:
         return ""
@@ -55,13 +50,13 @@ def describe_finding(f: dict | None) -> str:
     return what or f.get("rule_id") or ""
 
 
-def summary(e: Entry) -> dict:
+def summary(e: Entry, when: bool = True) -> dict:
     """One line of `list`: id, when, where, repo/file, worst finding, state."""
     b = e.begin
     hf = b.get("hf") or {}
     top = worst(b.get("findings") or [])
     return {
-        "id": e.id, "time": e.time, "when": iso(e.time), "state": e.state, "path": b.get("path"),
+        "id": e.id, "time": e.time, "when": iso(e.time) if when else None, "state": e.state, "path": b.get("path"),
         "user": b.get("owner", {}).get("user"), "uid": b.get("owner", {}).get("uid"),
         "size": b.get("identity", {}).get("size"), "sha256": b.get("sha256"),
         "severity": b.get("severity"), "verdict": b.get("verdict"), "reason": b.get("reason"),
@@ -103,6 +98,8 @@ def entry(store: Store, qid: str) -> Entry:
 
 
 def restore(store: Store, qid: str, force: bool = False) -> dict:
+    from modelscand.quarantine import mover
+
     mover.recover(store)
     return mover.restore(store, qid, force=force, by=mover.who())
 
@@ -115,6 +112,8 @@ def purge_candidates(index: Index, older_than: float, now: float | None = None) 
 
 def purge(store: Store, *, ids: list[str] = (), older_than: float | None = None, dry_run: bool = False) -> list[dict]:
     """Purge `ids`, or every entry older than `older_than` seconds; one record pair per file."""
+    from modelscand.quarantine import mover
+
     if not dry_run:
         mover.recover(store)
     index = store.index()
@@ -139,6 +138,8 @@ def purge(store: Store, *, ids: list[str] = (), older_than: float | None = None,
 
 def verify(store: Store) -> dict:
     """The chain and every file: a non-empty ``problems`` means a mismatch."""
+    from modelscand.quarantine import mover
+
     recovered = mover.recover(store)
     records, problems = store.ledger.verify()
     index = store.index()
@@ -172,6 +173,8 @@ def verify(store: Store) -> dict:
 
 
 def _check_file(b: dict, e: Entry, expect_file: bool) -> tuple[str | None, int]:
+    from modelscand.quarantine import mover
+
     try:
         qfd = open_private_dir(b["dir"])
     except QuarantineError as exc:

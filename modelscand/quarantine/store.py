@@ -48,6 +48,19 @@ def _check_private(st: os.stat_result, path: str) -> None:
                               f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): refusing to use it")
 
 
+def try_chown(fd: int, uid: int, gid: int) -> bool:
+    """fchown where we may: it needs root with CAP_CHOWN and a syscall filter that allows it
+    (the shipped unit's ~@privileged does not). Without, the caller records it and goes on:
+    a quarantined file is out of reach in its 0700 directory whoever owns it."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        os.fchown(fd, uid, gid)
+        return True
+    except PermissionError:
+        return False
+
+
 def _mkdir_private(path: str) -> None:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -167,3 +180,7 @@ class Store:
 
     def index(self, detail: bool = True) -> Index:
         return Index.of(self.ledger.records(), detail)
+
+    def listing(self) -> Index:
+        """Entries as `list` shows them, from record digests (no findings, no HF details)."""
+        return Index.of(self.ledger.digests())

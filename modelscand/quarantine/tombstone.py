@@ -31,6 +31,8 @@ import re
 import stat
 import struct
 
+from modelscand.quarantine.store import try_chown
+
 PICKLE = "pickle"
 SAFETENSORS = "safetensors"
 MAX_SIZE = 1024
@@ -114,8 +116,7 @@ def place(dfd: int, name: str, qid: str, kind: str, uid: int, gid: int) -> bool:
         return False
     try:
         os.write(fd, build(qid, kind))
-        if os.geteuid() == 0:
-            os.fchown(fd, uid, gid)  # the user's own cache entry: theirs to delete
+        try_chown(fd, uid, gid)  # the user's cache entry (theirs to delete either way: they own the dir)
         os.fchmod(fd, 0o444)
         os.fsync(fd)
     finally:

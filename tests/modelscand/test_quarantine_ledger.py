@@ -196,3 +196,51 @@ def test_index_states_allow_list_and_repeats():
     assert [r["id"] for r in idx.orphans] == ["Z"]
     idx.add({"type": "restore.aborted", "id": "A", "time": 10})
     assert idx.entries["A"].state == "quarantined" and idx.allowed_by("s1") is None
+
+
+def test_list_digests_come_from_the_summary_and_catch_up_from_the_ledger(tmp_path, monkeypatch):
+    led = _ledger(tmp_path, rotate_bytes=2000)
+    findings = [{"severity": "low", "rule_id": "a"}, {"severity": "critical", "rule_id": "b", "call": "posix.system('x')"}]
+    for i in range(12):
+        led.append("quarantine.begin", id=f"Q{i}", sha256=f"{i:064x}", path=f"/r/{i}", findings=findings,
+                   hf={"repo_type": "model", "repo_id": "org/m", "etag": "e", "files": [{"revision": "c", "file": "f",
+                                                                                          "link": "../../blobs/e"}]})
+        led.append("quarantine.done", id=f"Q{i}")
+    full = [d for d in led.digests()]
+    assert [d["id"] for d in full if d["type"] == "quarantine.begin"] == [f"Q{i}" for i in range(12)]
+    begin = next(d for d in full if d["type"] == "quarantine.begin")
+    assert begin["findings"] == [findings[1]] and begin["hf"]["files"] == [{"revision": "c", "file": "f"}]
+    assert any(d["type"] == "ledger.segment" for d in full)  # rotated: the digests span segments
+    summary = os.path.join(led.dir, Ledger.SUMMARY)
+    reads = []
+    real = Ledger.records
+
+    def spy(self, *a, **kw):
+        reads.append(a)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Ledger, "records", spy)
+    assert Ledger(led.dir).digests() == full and reads == []  # fresh summary: the ledger is not parsed
+    lines = open(summary, "rb").read().splitlines(keepends=True)
+    open(summary, "wb").write(b"".join(lines[:-5]))  # a crash between a record and its digest
+    assert Ledger(led.dir).digests() == full and reads and reads[-1][0] is not None  # caught up from an offset
+    open(summary, "wb").write(b"not json\n")
+    assert Ledger(led.dir).digests() == full
+    os.unlink(summary)
+    assert Ledger(led.dir).digests() == full
+
+
+def test_summary_lines_round_trip_any_text():
+    from modelscand.quarantine.index import decode_digest, digest, encode_digest
+
+    rec = {"type": "quarantine.begin", "seq": 7, "hash": "ab" * 32, "id": "Q1", "time": 1.5, "path": "/a\\x09b\\\\c\té",
+           "owner": {"uid": 0, "user": None}, "sha256": "0" * 64, "identity": {"size": 3},
+           "findings": [{"severity": "high", "rule_id": "r", "call": "f('\t\n\\\\')"}],
+           "hf": {"repo_type": "model", "repo_id": "o/m", "files": [{"revision": "c", "file": "a\tb"}]}}
+    d = digest(rec, "ledger-000001.jsonl", 99)
+    line = encode_digest(d)
+    assert b"\n" not in line and line.count(b"\t") == 22
+    back = decode_digest(line)
+    assert back["path"] == rec["path"] and back["findings"][0]["call"] == "f('\t\n\\\\')"
+    assert back["hf"]["files"] == [{"revision": "c", "file": "a\tb"}] and back["owner"] == {"uid": 0, "user": None}
+    assert decode_digest(line.replace(b"d1\t", b"d9\t", 1)) is None and decode_digest(b"d1\tx") is None

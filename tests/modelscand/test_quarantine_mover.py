@@ -151,6 +151,23 @@ def test_hard_links_are_locked_with_the_inode_and_given_back_on_restore(tmp_path
     accounted(store, {path: EVIL})
 
 
+def test_a_sandbox_that_forbids_chown_still_quarantines(tmp_path, root, monkeypatch):
+    """The shipped unit filters chown (~@privileged): the file is still moved into the 0700
+    dir with mode 0000, and the record says the owner was left as it was."""
+    store = make_store(tmp_path)
+    path = plant(root, "evil.pkl")
+
+    def eperm(*_a):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", eperm)
+    begin, done = _q(store, root, path)
+    held = tmp_path / "state" / "quarantine" / begin["id"]
+    assert stat.S_IMODE(os.stat(held).st_mode) == 0 and done["owner_locked"] is False
+    assert done["tombstone"]["placed"] and tombstone.read_path(path) == begin["id"]
+    accounted(store, {path: EVIL})
+
+
 def test_across_filesystems_a_verified_copy_then_unlink(tmp_path, root, monkeypatch):
     store = make_store(tmp_path)
     path = plant(root, "evil.bin", EVIL_BIG)
