@@ -5,7 +5,9 @@
 1. start-up over --files watched files (all scanned once), then idle CPU and RSS over --idle s;
 2. latency from file-complete (rename) to its verdict in the log, 1 file/s, 1 KB..10 MB;
 3. a burst of --burst files into a brand-new directory tree: each scanned exactly once;
-4. restart over the unchanged tree: nothing rescanned.
+4. restart over the unchanged tree: nothing rescanned;
+5. quarantine mode on a Hugging Face cache: rename of a malicious blob -> out of reach
+   (bench_quarantine.py measures the mover, copies and `quarantine list` too).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def main() -> int:
     ap.add_argument("--latency-files", type=int, default=20)
     ap.add_argument("--idle", type=float, default=60.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quarantine-files", type=int, default=20, help="0 = skip the quarantine latency")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="modelscand-bench-")
     root, state = os.path.join(tmp, "root"), os.path.join(tmp, "state")
@@ -178,6 +181,13 @@ def main() -> int:
         results["restart"] = (f"{rescans} files rescanned of {total_files}; ready in {t_ready:.2f}s "
                               f"(walk {done[0]['ms'] if done else '?'} ms)")
         d2.stop()
+
+        # 5. quarantine mode: rename -> out of reach, on a Hugging Face cache layout
+        if args.quarantine_files:
+            from bench_quarantine import bench_daemon as quarantine_latency
+
+            for k, v in quarantine_latency(tmp, args.quarantine_files, 0.5).items():
+                results[k.replace("daemon: ", "quarantine: ")] = v
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for k, v in results.items():

@@ -88,16 +88,21 @@ class Dirs:
         self.primary = primary
         self.extra = list(extra)
         self.per_filesystem = per_filesystem
-        self._by_dev: dict[int, str | None] = {}
+        self._by_dev: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def for_file(self, dev: int, parent: str) -> tuple[str, bool]:
         """(quarantine dir, same filesystem) for a file on `dev` whose directory is `parent`."""
         with self._lock:
-            if dev not in self._by_dev:
-                self._by_dev[dev] = self._find(dev, parent)
-            found = self._by_dev[dev]
-        if found is None:
+            found = self._by_dev.get(dev)  # "" = none on that filesystem: copy
+            if found:
+                try:
+                    os.close(open_private_dir(found))
+                except QuarantineError:
+                    found = None  # removed or replaced since: look again (and create it again)
+            if found is None:
+                found = self._by_dev[dev] = self._find(dev, parent) or ""
+        if not found:
             self.ensure_primary()
             return self.primary, False
         return found, True

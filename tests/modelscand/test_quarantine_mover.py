@@ -414,3 +414,17 @@ def test_list_show_data_and_filters(tmp_path, root):
     assert len(review.select(idx, since=review.parse_since("1h"))) == 1
     assert review.select(idx, since=review.parse_since("2999-01-01")) == []
     assert json.loads(json.dumps(row))  # JSON-able as it is
+
+
+def test_a_per_filesystem_dir_removed_while_running_is_created_again(tmp_path, tmpfs):
+    root = tmpfs / "cache"
+    store = make_store(tmp_path)
+    first = plant(root, "a.pkl")
+    _q(store, root, first)
+    purge_all = [e.id for e in store.index().entries.values()]
+    review.purge(store, ids=purge_all)
+    os.rmdir(tmpfs / PER_FS_NAME)  # an operator cleaned up
+    second = plant(root, "b.pkl", EVIL + b"b")
+    begin, _ = _q(store, root, second)
+    assert begin["method"] == "rename" and (tmpfs / PER_FS_NAME / begin["id"]).exists()
+    accounted(store, {second: EVIL + b"b"})
