@@ -41,7 +41,7 @@ from modelscand.results import Results, new_counts
 from modelscand.roots import Roots
 from modelscand.scheduler import Scheduler, writer_state  # noqa: F401  (writer_state: public helper)
 from modelscand.state import Baseline
-from modelscand.watcher import OverflowTrap, RootWatch
+from modelscand.watcher import QuietOverflow, RootWatch
 from modelscand.workers import DEFAULT_SCAN_FUNCTION, WorkerPool
 
 
@@ -90,12 +90,13 @@ class Daemon:
                                    self.activity, request_reconcile=self.reconciler.request, once=lambda: self.once,
                                    on_reply=self.results.handle, reoffer=self._reoffer)
         self._threads: list[threading.Thread] = []
-        self._trap = OverflowTrap(self._on_overflow_record)
+        self._quiet = QuietOverflow()
 
     # ------------------------------------------------------------------ wiring
     def _make_watch(self, root: Root) -> RootWatch:
         return RootWatch(root, on_candidate=self.offer, on_handler_error=self.intake.on_handler_error,
                          on_subwatch_failed=self.intake.on_subwatch_failed, on_root_gone=self._on_root_gone,
+                         on_overflow=lambda r: self.intake.on_overflow([r], "inotify queue overflowed"),
                          hook=self._hook)
 
     def _hook(self, watch, event) -> None:
@@ -122,10 +123,6 @@ class Daemon:
         """What `modelscand status` shows: the roots as they are now (after a reload, a loss)."""
         if self.baseline is not None:
             self.baseline.set_meta(roots=self.roots.paths(), missing=self.roots.missing_paths())
-
-    def _on_overflow_record(self, thread_ident: int | None, message: str) -> None:
-        roots = [w.root for w in list(self.roots.watches.values()) if w.inotify_thread_ident == thread_ident]
-        self.intake.on_overflow(roots or [self.roots.get(p) for p in self.roots.paths()], message)
 
     @property
     def watches(self):
@@ -154,7 +151,7 @@ class Daemon:
         self.log.info("daemon.start", version=CORE_VERSION, mode=cfg.mode, state_dir=cfg.state_dir,
                       config=cfg.source, workers=cfg.scan["workers"], pid=os.getpid(), watch=self.watch_enabled)
         if self.watch_enabled:
-            self._trap.install()
+            self._quiet.install()
         roots = cfg.roots()
         if not roots:
             self.log.warning("watch.no_roots", hint="add [watch] roots or enable conventions")
@@ -218,9 +215,9 @@ class Daemon:
         self.stopping.set()
         self.maintenance.wake()
         self.roots.stop_all()
-        self._trap.uninstall()
-        drained = self.wait_idle(timeout=float(self.config.data["daemon"]["drain_timeout"]), include_parked=False)
+        self._quiet.uninstall()
         self.reconciler.close()
+        drained = self.wait_idle(timeout=float(self.config.data["daemon"]["drain_timeout"]), include_parked=False)
         self.queue.close()
         if self.pool is not None:
             self.pool.stop()

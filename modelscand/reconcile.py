@@ -5,13 +5,13 @@ periodically, after an overflow, a handler error or a full queue, for a root tha
 late, and for sub-directories whose watch failed. A file whose identity the baseline knows
 costs one `lstat` and one indexed lookup; everything else is queued with a blocking put
 (back-pressure: a walk can wait, an event handler cannot). Requests for a root that is
-already waiting for a walk are coalesced.
+already waiting for a walk are coalesced, and walks that answer lost events (an overflow,
+a full queue) are rate-limited per root: a flood of overflows is one walk per gap.
 """
 
 from __future__ import annotations
 
 import os
-import queue as _queue
 import stat
 import threading
 import time
@@ -23,6 +23,11 @@ from modelscand.queue import Candidate, WorkQueue
 from modelscand.roots import Roots
 from modelscand.state import Baseline, Identity
 from modelscand.writers import is_temp
+
+#: walks that answer lost events; rate-limited per path (see `Reconciler.request`)
+RATE_LIMITED = frozenset({"overflow", "queue_full", "handler_error"})
+RESCAN_MIN_GAP = 10.0  # seconds between two such walks of one path...
+RESCAN_GAP_FACTOR = 10.0  # ...and at least ten times as long as the last walk took
 
 
 class Reconciler:
@@ -37,36 +42,66 @@ class Reconciler:
         self.activity = activity
         self._stopping = stopping
         self.on_cached = on_cached  # run --once: report what the baseline already knows
-        self._requests: _queue.Queue = _queue.Queue()
-        self._pending: set[str] = set()
+        self._cond = threading.Condition()
+        self._pending: dict[str, tuple[str, float]] = {}  # path -> (why, due on the monotonic clock)
+        self._last: dict[str, tuple[float, float]] = {}  # path -> (end, duration) of its last walk
         self._running = 0
-        self._lock = threading.Lock()
+        self._closed = False
         self.dir_count = 0
 
     # ------------------------------------------------------------------ requests
     def request(self, root_path: str, why: str) -> None:
-        with self._lock:
+        """Walk `root_path` soon. Requests for a path already waiting are one walk; a walk
+        that answers lost events (overflow, full queue, handler error) comes at most once
+        per `_gap()` after the previous walk of that path ended, so a flood of overflows
+        costs one walk per gap, never a walk loop."""
+        with self._cond:
             if root_path in self._pending:
                 return
-            self._pending.add(root_path)
-        self._requests.put((root_path, why))
+            self._pending[root_path] = (why, self._due(root_path, why))
+            self._cond.notify_all()
+
+    def _due(self, path: str, why: str) -> float:
+        now = time.monotonic()
+        last = self._last.get(path)
+        if why not in RATE_LIMITED or last is None:
+            return now
+        end, took = last
+        return max(now, end + max(RESCAN_MIN_GAP, RESCAN_GAP_FACTOR * took))
 
     def busy(self) -> bool:
-        with self._lock:
+        with self._cond:
             return bool(self._running or self._pending)
 
     def close(self) -> None:
-        self._requests.put(None)
+        """Stopping: walks not started yet are dropped (the next start-up walk covers them)."""
+        with self._cond:
+            self._closed = True
+            self._pending.clear()
+            self._cond.notify_all()
+
+    def _next(self) -> tuple[str, str] | None:
+        with self._cond:
+            while not self._closed:
+                if self._pending:
+                    path, (why, due) = min(self._pending.items(), key=lambda kv: kv[1][1])
+                    left = due - time.monotonic()
+                    if left <= 0:
+                        del self._pending[path]
+                        self._running += 1
+                        return path, why
+                    self._cond.wait(left)
+                else:
+                    self._cond.wait()
+            return None
 
     def loop(self) -> None:
         while True:
-            item = self._requests.get()
+            item = self._next()
             if item is None:
                 return
             path, why = item
-            with self._lock:
-                self._running += 1
-                self._pending.discard(path)
+            started = time.monotonic()
             try:
                 root = self.roots.get(path) or self.roots.root_for(path) or self.roots.polled.get(path)
                 if root is not None and not self._stopping.is_set():
@@ -74,8 +109,14 @@ class Reconciler:
             except Exception as exc:
                 self.log.error("reconcile.failed", root=path, error=f"{type(exc).__name__}: {exc}")
             finally:
-                with self._lock:
+                with self._cond:
                     self._running -= 1
+                    end = time.monotonic()
+                    self._last[path] = (end, end - started)
+                    if path in self._pending:  # asked for again while walking: not before the gap
+                        w, due = self._pending[path]
+                        self._pending[path] = (w, max(due, self._due(path, w)))
+                    self._cond.notify_all()
                 self.activity.changed()
 
     # ------------------------------------------------------------------ the walk

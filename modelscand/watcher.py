@@ -12,10 +12,12 @@ What watchdog 7.1 does on Linux, and what this module does about it:
   an exception is logged (``watch.handler_error``) and answered with a rescan of the root;
 - a subdirectory whose watch fails (ENOSPC, EACCES) is skipped without a log line -> our
   watch group logs ``watch.subwatch_failed`` and hands the directory to the poller;
-- queue overflow is only *logged* by ``watchdog.observers.inotify_c`` -> `OverflowTrap`
-  catches that record, maps its thread to the root's inotify instance, and the root is
-  reconciled;
-- the daemon's own reads produce Opened/ClosedNoWrite events -> ignored.
+- queue overflow is only *logged* by ``watchdog.observers.inotify_c`` -> the watch group's
+  ``on_queue_overflow`` reports it for its root (which is walked, rate-limited), and
+  `QuietOverflow` drops watchdog's own two warning lines;
+- the daemon's own reads would produce Opened/ClosedNoWrite events -> the kernel mask
+  (`EVENT_MASK`) does not ask for them at all, so walks and scans cannot flood the queue;
+- the root renamed away (IN_MOVE_SELF) is ignored by watchdog -> reported as a lost root.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Callable
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import WATCHDOG_ALL_EVENTS, InotifyConstants, InotifyFD
+from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
 
 from modelscand import logging as mlog
 
@@ -45,6 +47,14 @@ class _LoudWatchGroup(InotifyWatchGroup):
 
     report_failure: Callable[[bytes, OSError], None] = staticmethod(lambda path, exc: None)
     report_root_moved: Callable[[], None] = staticmethod(lambda: None)
+    report_overflow: Callable[[], None] = staticmethod(lambda: None)
+
+    def on_queue_overflow(self) -> None:
+        try:
+            type(self).report_overflow()
+        except Exception:  # noqa: BLE001 - never into watchdog's reader thread
+            pass
+        super().on_queue_overflow()  # watchdog re-adds the watches (no events with our mask)
 
     def on_event(self, event) -> None:
         if event.is_move_self and self._active_callbacks_by_watch.get(event.wd) == self.path:
@@ -71,9 +81,17 @@ class _LoudWatchGroup(InotifyWatchGroup):
         self._active_callbacks_by_watch[wd] = path
 
 
-#: what the kernel queues for us: watchdog's default mask minus IN_OPEN and IN_CLOSE_NOWRITE,
-#: plus IN_MOVE_SELF (the root renamed away)
-EVENT_MASK = (WATCHDOG_ALL_EVENTS | InotifyConstants.IN_MOVE_SELF)
+#: What the kernel queues for us, and nothing more. watchdog's default mask also asks for
+#: IN_OPEN, IN_CLOSE_NOWRITE, IN_ATTRIB and IN_DELETE: then every directory the daemon's own
+#: walks (and watchdog's watch rebuild) open, and every file a worker reads, queue events
+#: on this very instance - on a cache of a few thousand directories that alone overflows
+#: the kernel queue (fs.inotify.max_queued_events), and the walk that answers the overflow
+#: overflows it again. An `event_filter` would narrow the mask too, but watchdog then drops
+#: the events it does not list; the mask is set here instead.
+EVENT_MASK = (InotifyConstants.IN_CREATE | InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_MODIFY
+              | InotifyConstants.IN_MOVED_FROM | InotifyConstants.IN_MOVED_TO
+              | InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_MOVE_SELF
+              | InotifyConstants.IN_DONT_FOLLOW | InotifyConstants.IN_EXCL_UNLINK)
 
 
 class _Emitter(InotifyEmitter):
@@ -121,15 +139,18 @@ class _Handler(FileSystemEventHandler):
 class RootWatch:
     """One root: its own observer, inotify instance and dispatcher thread."""
 
-    def __init__(self, root, *, on_candidate, on_handler_error, on_subwatch_failed, on_root_gone, hook=None):
+    def __init__(self, root, *, on_candidate, on_handler_error, on_subwatch_failed, on_root_gone, on_overflow,
+                 hook=None):
         self.root = root
         self.on_candidate = on_candidate
         self._on_handler_error = on_handler_error
         self._on_root_gone = on_root_gone
+        self._on_overflow = on_overflow
         self.hook = hook  # tests: called with every event before it is handled
         group = type("_RootGroup", (_LoudWatchGroup,), {
             "report_failure": staticmethod(lambda p, exc: on_subwatch_failed(root, os.fsdecode(p), exc)),
             "report_root_moved": staticmethod(lambda: self._on_root_gone(root)),
+            "report_overflow": staticmethod(lambda: self._on_overflow(root)),
         })
         self.observer = _Observer(group)
         self.observer.name = f"modelscand-dispatch:{root.path}"
@@ -180,34 +201,23 @@ class RootWatch:
         self._on_handler_error(self.root, event, exc)
 
 
-class OverflowTrap(logging.Handler):
-    """watchdog says "Inotify queue overflowed" only in a log record: turn it into a call."""
+class QuietOverflow(logging.Filter):
+    """watchdog logs each overflow twice (inotify_c and inotify) at warning level; the daemon
+    logs its own ``watch.overflow`` with the root and the answer: drop watchdog's."""
 
-    def __init__(self, callback: Callable[[int | None, str], None]):
-        super().__init__(logging.WARNING)
-        self.callback = callback
-
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
         try:
-            message = record.getMessage()
-        except Exception:
-            message = str(record.msg)
-        if "overflow" in message.lower():
-            try:
-                self.callback(record.thread, message)
-            except Exception:
-                pass
+            return "queue overflowed" not in record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format is not ours to drop
+            return True
 
     def install(self) -> None:
         for name in OVERFLOW_LOGGERS:
-            lg = logging.getLogger(name)
-            if lg.getEffectiveLevel() > logging.WARNING:
-                lg.setLevel(logging.WARNING)
-            lg.addHandler(self)
+            logging.getLogger(name).addFilter(self)
 
     def uninstall(self) -> None:
         for name in OVERFLOW_LOGGERS:
-            logging.getLogger(name).removeHandler(self)
+            logging.getLogger(name).removeFilter(self)
 
 
 def log():

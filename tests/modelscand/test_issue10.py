@@ -211,3 +211,76 @@ def test_a_root_replaced_without_any_event_is_noticed_by_its_inode(running, root
         root.mkdir()
         (root / "m.pkl").write_bytes(EVIL)
         assert h.wait_scan(str(root / "m.pkl"), timeout=15)["event"] == "scan.finding"
+
+
+# -- large trees: the daemon must not flood its own inotify queue ----------------------
+
+IN_ACCESS, IN_OPEN, IN_CLOSE_NOWRITE = 0x1, 0x20, 0x10
+
+
+def _kernel_masks(watch) -> list[int]:
+    """The masks the kernel holds for this watch's inotify instance (/proc fdinfo)."""
+    fd = watch.observer._inotify_fd._inotify_fd
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return [int(line.split("mask:")[1].split()[0], 16) for line in f if line.startswith("inotify wd:")]
+
+
+def test_watches_and_walks_do_not_queue_events_for_the_daemons_own_reads(running, root):
+    for i in range(60):
+        d = root / f"models--o--m{i}" / "snapshots" / "abc"
+        d.mkdir(parents=True)
+        (d / "w.pkl").write_bytes(BENIGN)
+    with running(str(root)) as h:
+        h.wait_for(lambda h: len(h.scans()) == 60, 30, "60 verdicts")
+        h.settle()
+        masks = _kernel_masks(next(iter(h.daemon.watches.values())))
+        assert len(masks) >= 60 * 3
+        assert not [m for m in masks if m & (IN_ACCESS | IN_OPEN | IN_CLOSE_NOWRITE)], hex(masks[0])
+        seen = []
+        h.daemon.handler_hook = lambda w, e: seen.append(e.event_type)
+        h.daemon.reconciler.request(str(root), "periodic")  # opens every directory of the tree
+        h.wait_event("reconcile.done", why="periodic")
+        h.settle()
+        assert seen == []
+
+
+def test_overflows_in_a_row_are_one_warning_each_and_walks_are_coalesced_and_rate_limited(running, root,
+                                                                                            monkeypatch):
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
+
+    from modelscand import reconcile
+
+    monkeypatch.setattr(reconcile, "RESCAN_MIN_GAP", 2.0)
+    (root / "m.pkl").write_bytes(BENIGN)
+    with running(str(root)) as h:
+        h.settle()
+        fd = next(iter(h.daemon.watches.values())).observer._inotify_fd
+
+        def overflow(n):  # what a flooded kernel queue keeps sending
+            for _ in range(n):
+                fd.handle_event(InotifyEvent(-1, InotifyConstants.IN_Q_OVERFLOW, 0, b""))
+
+        n0 = len(h.events)
+        overflow(5)
+        first = h.wait_event("reconcile.done", why="overflow")
+        overflow(5)
+        h.wait_for(lambda h: h.daemon.reconciler.busy(), 5, "the next walk to be due")
+        time.sleep(0.5)
+        walks = [e for e in h.events[n0:] if e["event"] == "reconcile.start"]
+        assert len(walks) == 1  # the next one waits for the gap, and all five are one walk
+        h.wait_for(lambda h: len([e for e in h.events[n0:] if e["event"] == "reconcile.done"]) == 2, 15,
+                   "the delayed walk")
+        new = h.events[n0:]
+        second = [e for e in new if e["event"] == "reconcile.start"][1]
+        gap = _ts(second) - _ts(first)
+        assert gap >= 1.9, gap
+        assert len([e for e in new if e["event"] == "reconcile.start"]) == 2
+        assert len([e for e in new if e["event"] == "watch.overflow"]) == 10
+        assert all(e["level"] == "warning" for e in new if e["event"] == "watch.overflow")
+        assert not [e for e in new if e["event"].startswith("log.watchdog")]  # no second voice per overflow
+
+
+def _ts(ev) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp()
