@@ -64,6 +64,7 @@ class JoblibHook:
     def __init__(self, stream: BinaryIO, size: int | None, ctx: ScanContext, scanner: str):
         self.stream, self.size, self.ctx, self.scanner = stream, size, ctx, scanner
         self.dtype_states: dict[int, tuple[Call, object]] = {}
+        self.arrays: list[tuple[int, int]] = []  # (offset, length) of the bytes joblib.load skipped
 
     def __call__(self, vm: PickleVM, target: object, state: object, offset: int) -> object:
         if isinstance(target, Call) and isinstance(target.func, GlobalRef) and (target.func.module, target.func.name) in _DTYPE:
@@ -93,41 +94,14 @@ class JoblibHook:
         nbytes = math.prod(shape) * itemsize
         if nbytes > MAX_ARRAY:
             raise PickleError(f"joblib array at offset {offset} claims {nbytes} bytes", offset)
-        start = vm.tell()  # plain pickle.load reads on from here: padding byte, padding, array
+        # joblib reads from the file itself (past the current frame, for its pure-Python unpickler)
+        start = vm.file_tell()
         if fields.get("numpy_array_alignment_bytes") is not None:
-            padding = vm.read(1)[0]
-            vm.skip(padding)
-        self._as_plain_pickle(start, vm.tell() - start + nbytes)
-        vm.skip(nbytes)
-
-    def _as_plain_pickle(self, start: int, nbytes: int) -> None:
-        """What `pickle.load` (not joblib.load) would do with the array bytes: it reads them as
-        opcodes. Real array data never forms a call; bytes that do are a payload for that loader."""
-        from modelscan_core.scanners.pickle.scanner import report_facts
-        from modelscan_core.sources.window import Window
-
-        if nbytes <= 0 or self.size is None:
-            return
-        stream = self.stream
-        try:
-            saved = stream.tell()
-        except (OSError, ValueError):
-            return
-        # the whole region: an operand may jump ahead (BINBYTES) and a payload may sit anywhere in it
-        facts = PickleVM(Window(stream, start, nbytes), size=nbytes, memo_budget=self.ctx.limits.max_memo_values).run()
-        stream.seek(saved)
-        if not facts.calls:
-            return
-        self.ctx.report(
-            "joblib/array-bytes-are-a-pickle",
-            Severity.HIGH,
-            f"the bytes of the joblib array at offset {start} form a pickle that makes {facts.calls} call(s): "
-            "joblib.load skips them, but pickle.load would run them",
-            module="joblib.numpy_pickle",
-            operator="NumpyArrayWrapper",
-            offset=start,
-        )
-        report_facts(facts, self.ctx, scanner=self.scanner, stream=stream, errors=False)
+            padding = vm.file_read(1)[0]
+            vm.file_skip(padding)
+        vm.file_skip(nbytes)
+        # plain pickle.load reads these bytes as opcodes: the scanner's other readings look at them
+        self.arrays.append((start, vm.file_tell() - start))
 
     def _dtype(self, dtype: object, offset: int) -> tuple[int, bool]:
         if not (isinstance(dtype, Call) and isinstance(dtype.func, GlobalRef) and (dtype.func.module, dtype.func.name) in _DTYPE
@@ -172,16 +146,18 @@ class JoblibHook:
             seekable = False
         if not seekable or self.size is None:
             raise PickleError("object array inside a joblib stream that cannot be re-read", offset, incomplete=True)
-        start = vm.tell()
+        start = vm.file_tell()
         view = Window(stream, 0, self.size)
         view.seek(start)
-        inner = PickleVM(view, size=self.size, memo_budget=self.ctx.limits.max_memo_values)
+        # a fresh pure-Python unpickler on the same file: a frame it reads whole is consumed whole
+        inner = PickleVM(view, size=self.size, memo_budget=self.ctx.limits.max_memo_values, reader="python")
         facts = inner.run()
         stream.seek(saved)
         report_facts(facts, self.ctx, scanner=self.scanner, stream=stream)
         if not facts.stopped:
             raise PickleError(f"object array pickle at offset {start} is broken; joblib.load stops here", facts.error_offset or start)
-        vm.skip(facts.end - start)
+        vm.file_skip(facts.next_start - start)
+        self.arrays.append((start, facts.next_start - start))
 
     def _external(self, fields: dict, kind: str, offset: int) -> None:
         filename = fields.get("filename")

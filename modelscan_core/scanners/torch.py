@@ -60,15 +60,17 @@ class _Records:
     def pickle(self) -> StreamFacts:
         from modelscan_core.scanners.pickle.scanner import scan_pickles
 
+        # torch opens the extracted member unbuffered (no peek): a frame is read whole, and
+        # what follows the record starts where the frame holding its STOP ends
         stream = self.item.stream
         stream.seek(self.pos)
-        done = scan_pickles(stream, self.item.size, self.ctx, scanner=self.scanner, max_streams=1)
+        done = scan_pickles(stream, self.item.size, self.ctx, scanner=self.scanner, max_streams=1, reader="file")
         if not done:
             raise ScanFailed(f"no pickle at offset {self.pos}", "PICKLE_GENOPS")
         facts = done[0]
         if not facts.stopped:
             raise ScanFailed(f"record pickle at offset {self.pos} is broken; torch.load stops here", "PICKLE_GENOPS")
-        self.pos = facts.end
+        self.pos = facts.next_start
         return facts
 
     def raw(self, n: int) -> bytes:
@@ -88,9 +90,8 @@ class _Records:
     def count(self) -> int:
         """A pickle whose value is an int (the record count); scanned like any other."""
         start = self.pos
-        self.pickle()
-        value = _small_int(self.item.stream, start, self.pos)
-        if value is None:
+        value = self.pickle().value
+        if not isinstance(value, int):
             raise ScanFailed(f"record count at offset {start} is not a plain integer; the rest was not scanned",
                              "MODEL_SCAN", incomplete=True)
         return value
@@ -106,7 +107,7 @@ class LegacyTarStoragesScanner(Scanner):
         rec = _Records(item, ctx, self.name)
         for _ in range(rec.count()):
             facts = rec.pickle()
-            size = _element_size(facts)
+            size = _element_size(facts.value)
             if size is None:
                 raise ScanFailed(f"storage record before offset {rec.pos} names no storage type the scanner knows; "
                                  "the rest was not scanned", "MODEL_SCAN", incomplete=True)
@@ -133,41 +134,17 @@ class LegacyTarTensorsScanner(Scanner):
             rec.skip(4 + 16 * ndim + 8)
 
 
-def _element_size(facts: StreamFacts) -> int | None:
-    for ref in facts.globals:
-        m = _STORAGE_NAME.match(ref.name)
-        if ref.module.startswith("torch") and m and m.group(1) in _ELEMENT_SIZE:
-            return _ELEMENT_SIZE[m.group(1)]
-    return None
+def _element_size(record: object) -> int | None:
+    """The element size of the storage type a record names: `(key, location, storage_type)`,
+    the third item being what torch reads (`storage_type._dtype`), a torch storage class."""
+    from modelscan_core.scanners.pickle.values import GlobalRef
 
-
-def _small_int(stream, start: int, end: int) -> int | None:
-    """The int a tiny pickle like `\\x80\\x02K\\x05.` holds (PROTO, FRAME, one int opcode, STOP)."""
-    if end - start > 64:
+    if not (type(record) is tuple and len(record) == 3 and isinstance(record[2], GlobalRef)):
         return None
-    stream.seek(start)
-    data = stream.read(end - start)
-    i = 0
-    if data[i : i + 1] == b"\x80":
-        i += 2
-    if data[i : i + 1] == b"\x95":
-        i += 9
-    op, body = data[i : i + 1], data[i + 1 : -1]
-    if data[-1:] != b".":
-        return None
-    if op == b"K" and len(body) == 1:
-        return body[0]
-    if op == b"M" and len(body) == 2:
-        return struct.unpack("<H", body)[0]
-    if op == b"J" and len(body) == 4:
-        return struct.unpack("<i", body)[0]
-    if op == b"\x8a" and len(body) >= 1 and body[0] == len(body) - 1:
-        return int.from_bytes(body[1:], "little", signed=True)
-    if op in (b"I", b"L"):
-        try:
-            return int(body.rstrip(b"L\n"), 0)
-        except ValueError:
-            return None
+    ref = record[2]
+    m = _STORAGE_NAME.match(ref.name)
+    if ref.module.startswith("torch") and m and m.group(1) in _ELEMENT_SIZE:
+        return _ELEMENT_SIZE[m.group(1)]
     return None
 
 

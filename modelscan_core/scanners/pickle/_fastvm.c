@@ -120,8 +120,10 @@ keep_pair(PyObject *target, PyObject *key, PyObject *value, Py_ssize_t cap)
     return push(target, pair);
 }
 
-/* run(buf, pos, limit, stack, marks, mseq, memo_left, fence, sparse_empty, pdict, cap, keep, evicted)
- *   -> (pos, fence, memo_left, ops) */
+/* run(buf, pos, limit, stack, marks, mseq, memo_left, fence, sparse_empty, pdict, cap, keep, evicted[, stop])
+ *   -> (pos, fence, memo_left, ops)
+ * Opcodes start before `limit`; no operand is read at or past `stop` (a frame end, where the
+ * readers disagree: vm.py handles what comes near it). FRAME itself is left to vm.py. */
 static PyObject *
 fast_run(PyObject *self, PyObject *args)
 {
@@ -129,12 +131,13 @@ fast_run(PyObject *self, PyObject *args)
     Py_ssize_t pos, limit, memo_left, fence, cap;
     PyObject *stack, *marks, *mseq, *pdict, *keep, *evicted;
     int sparse_empty;
-    if (!PyArg_ParseTuple(args, "y*nnO!O!O!nnpOnO!O", &view, &pos, &limit, &PyList_Type, &stack, &PyList_Type, &marks,
+    Py_ssize_t stop = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTuple(args, "y*nnO!O!O!nnpOnO!O|n", &view, &pos, &limit, &PyList_Type, &stack, &PyList_Type, &marks,
                           &PyList_Type, &mseq, &memo_left, &fence, &sparse_empty, &pdict, &cap, &PyTuple_Type, &keep,
-                          &evicted))
+                          &evicted, &stop))
         return NULL;
     const unsigned char *buf = view.buf;
-    Py_ssize_t end = view.len;
+    Py_ssize_t end = view.len < stop ? view.len : stop;
     Py_ssize_t ops = 0;
     if (limit > end) limit = end;
 
@@ -310,10 +313,6 @@ fast_run(PyObject *self, PyObject *args)
             p += w;
             break;
         }
-        case 0x95: /* FRAME */
-            if (p + 8 > end) goto done;
-            p += 8;
-            break;
         default:
             goto done;
         }

@@ -7,10 +7,11 @@ torch's legacy format is five pickles in a row, joblib interleaves arrays with o
 from __future__ import annotations
 
 import io
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
+from modelscan_core.model import Severity
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner
-from modelscan_core.scanners.pickle.policy import NESTED_LOADERS, resolve_indirect
+from modelscan_core.scanners.pickle.policy import NESTED_LOADERS, reachable_globals, resolve_indirect
 from modelscan_core.scanners.pickle.values import Blob, Call, GlobalRef, render, render_call
 from modelscan_core.scanners.pickle.vm import BuildHook, PickleVM, StreamFacts
 from modelscan_core.sources.window import Window
@@ -22,7 +23,15 @@ class PickleScanner(Scanner):
     formats = ("pickle",)
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
-        scan_pickles(item.stream, item.size, ctx, scanner=self.name, build_hook=joblib_hook(item.stream, item.size, ctx, self.name))
+        scan_pickles(item.stream, item.size, ctx, scanner=self.name,
+                     hooks=lambda c: joblib_hook(item.stream, item.size, c, self.name))
+
+
+#: readings of one stream the scanner follows besides the first (every way a loader could
+#: read FRAMEs that end inside operands); a file needing more is reported incomplete
+MAX_READINGS = 16
+
+HookFactory = Callable[[ScanContext], BuildHook]
 
 
 def scan_pickles(
@@ -31,25 +40,150 @@ def scan_pickles(
     ctx: ScanContext,
     *,
     scanner: str,
-    build_hook: BuildHook | None = None,
+    hooks: HookFactory | None = None,
     max_streams: int | None = None,
+    reader: str = "bytes",
 ) -> list[StreamFacts]:
     """Scan one or more pickles from the stream's current position; report into `ctx`.
 
     Pickles that follow a complete one are scanned too (a loader may call `load` again).
     Bytes after a complete pickle that do not form one are data the loader never executes.
+
+    The bytes are read as `reader` reads them (vm.py), with `hooks` (joblib's arrays); then,
+    where loaders would read the same bytes differently, every other reading is scanned too
+    and what only they do is reported as well (`_other_readings`). Returns the facts of every
+    stream of every reading.
     """
-    vm = PickleVM(stream, size=size, memo_budget=ctx.limits.max_memo_values, build_hook=build_hook)
+    start = stream.tell()
+    seen: set = set()
+    primary = _Reporting(ctx, seen, alternate=False)
+    done, vm = _read_streams(stream, start, size, primary, scanner, reader, (), hooks, max_streams)
+    return done + _other_readings(stream, start, size, ctx, seen, scanner, reader, hooks, max_streams, vm)
+
+
+def _read_streams(stream, start, size, ctx, scanner, reader, choices, hooks, max_streams,
+          speculative: bool = False) -> tuple[list[StreamFacts], PickleVM]:
+    """One reading: the pickles from `start` on, reported into `ctx` as they are read."""
+    stream.seek(start)
+    vm = PickleVM(stream, size=size, memo_budget=ctx.limits.max_memo_values, reader=reader,
+                  frame_choices=choices, build_hook=hooks(ctx) if hooks is not None else None)
     done: list[StreamFacts] = []
     while max_streams is None or len(done) < max_streams:
         facts = vm.run()
         if done and facts.error and not (facts.globals or facts.unresolved or facts.calls):
             break  # trailing data after a complete pickle
         done.append(facts)
-        report_facts(facts, ctx, scanner=scanner, stream=stream)
+        if speculative:  # a call of a plain value from the benign part is no payload of this reading
+            facts.dynamic_calls = [c for c in facts.dynamic_calls if reachable_globals(c.func)]
+        report_facts(facts, ctx, scanner=scanner, stream=stream, errors=not isinstance(ctx, _Reporting) or not ctx.alternate)
         if facts.error or vm.at_eof():
             break
-    return done
+    return done, vm
+
+
+def _other_readings(stream, start, size, ctx, seen, scanner, reader, hooks, max_streams, vm) -> list[StreamFacts]:
+    """The readings other loaders make of the same bytes, where they differ from the first.
+
+    - FRAMEs whose end falls inside an operand (or before a STOP): the C unpickler reading a
+      file without `peek` (torch.load's data.pkl) skips what is left of the frame; with `peek`
+      (pickle.load, np.load) each such FRAME may go either way. Every combination of choices
+      that changes something is followed (`vm.mattered`), up to MAX_READINGS.
+    - joblib arrays (a hook took bytes): `pickle.load` of the same file reads those bytes as
+      opcodes; and an array read while a frame still had bytes is read by joblib.load's
+      pure-Python unpickler from the frame's end, with the rest of the frame run after it.
+    What only those readings do is reported too; their errors are not the file's.
+    """
+    if reader != "bytes":
+        return []
+    out: list[StreamFacts] = []
+    alternate = _Reporting(ctx, seen, alternate=True)
+
+    def run(reader_: str, choices: tuple[bool, ...], hooks_, speculative=False) -> PickleVM:
+        facts, other = _read_streams(stream, start, size, alternate, scanner, reader_, choices, hooks_, max_streams, speculative)
+        out.extend(facts)
+        return other
+
+    framing = bool(vm.mattered)
+    if vm.hook_in_frame and hooks is not None:
+        run("python", (), hooks)
+    if vm.hook_consumed:
+        # pickle.load of a joblib file: no hooks, the array bytes are opcodes (a benign array's
+        # bytes break off at once; only calls of names they import count)
+        first = len(out)
+        root = run("bytes", (), None, speculative=True)
+        if root.mattered:
+            run("file", (), None, speculative=True)
+        arrays = getattr(vm.build_hook, "arrays", ())
+        calls = [at for facts in out[first:] for at in _call_offsets(facts) if any(a <= at < a + n for a, n in arrays)]
+        if calls:
+            ctx.report(
+                "joblib/array-bytes-are-a-pickle",
+                Severity.HIGH,
+                f"the bytes of a joblib array form opcodes that make {len(calls)} call(s) (first at offset {calls[0]}): "
+                "joblib.load skips them, but pickle.load would run them",
+                module="joblib.numpy_pickle",
+                operator="NumpyArrayWrapper",
+                offset=calls[0],
+            )
+    elif framing:
+        run("file", (), None)
+        queue = [(False,) * j + (True,) for j in sorted(vm.mattered)]
+        readings = 1
+        while queue and readings < MAX_READINGS:
+            choices = queue.pop(0)
+            other = run("bytes", choices, None)
+            readings += 1
+            queue += [choices + (False,) * (j - len(choices)) + (True,) for j in sorted(other.mattered) if j >= len(choices)]
+        if queue:
+            ctx.error(f"pickle stream at offset {start}: FRAMEs end inside operands in more places than the scanner "
+                      f"follows; {readings} of the ways a loader could read it were scanned", "PICKLE_GENOPS",
+                      incomplete=True)
+    if framing or vm.hook_in_frame:
+        at, what = vm.divergences[0] if vm.divergences else (start, "a joblib array inside a frame")
+        ctx.report(
+            "pickle/frame-straddle",
+            ctx.settings.pickle_policy.unknown.unresolved,
+            f"Pickle framing no writer produces, at offset {at} ({what}): pickle.loads, torch.load, pickle.load "
+            "and joblib.load read different opcodes here; every reading was scanned",
+            offset=at,
+        )
+    stream.seek(start)
+    return out
+
+
+def _call_offsets(facts: StreamFacts) -> list[int]:
+    """Where a stream calls something (the kept calls of each name, and calls of computed values)."""
+    return sorted([c.offset for ref in facts.globals for c in ref.calls] + [c.offset for c in facts.dynamic_calls])
+
+
+class _Reporting(ScanContext):
+    """The scan context as one reading sees it: the first reading reports everything; the
+    others report only what no reading reported before, and no errors of their own."""
+
+    def __init__(self, ctx: ScanContext, seen: set, alternate: bool):
+        self._ctx, self._seen, self.alternate = ctx, seen, alternate
+        self.settings, self.limits, self.depth = ctx.settings, ctx.limits, ctx.depth
+
+    def report(self, rule_id, severity, description, **kw):
+        key = (rule_id, severity, description, kw.get("module", ""), kw.get("operator", ""), kw.get("source"))
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        return self._ctx.report(rule_id, severity, description, **kw)
+
+    def error(self, description, category="MODEL_SCAN", incomplete=False):
+        if self.alternate:
+            return None
+        return self._ctx.error(description, category, incomplete)
+
+    def scan_member(self, name, open_stream, size, format_hint=None):
+        if self.alternate and ("member", name) in self._seen:
+            return None
+        self._seen.add(("member", name))
+        return self._ctx.scan_member(name, open_stream, size, format_hint)
+
+    def charge_bytes(self, nbytes):
+        return self._ctx.charge_bytes(nbytes)
 
 
 def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: BinaryIO, errors: bool = True) -> None:

@@ -7,9 +7,28 @@ arguments. It reports facts (this name, used this way, with these arguments, at 
 offset) and knows nothing about which names are dangerous; that is `policy.py`'s job.
 
 Where CPython and `pickletools` disagree, this follows CPython: INT/LONG lines are parsed
-with `int(x, 0)`, MARK sets a fence that pops may not cross, POP removes a bare MARK, FRAME
-is only a read-ahead hint, MEMOIZE uses the count of memo entries, and several pickles may
-follow one another in a file.
+with `int(x, 0)`, MARK sets a fence that pops may not cross, POP removes a bare MARK, MEMOIZE
+uses the count of memo entries, and several pickles may follow one another in a file.
+
+FRAME is where loaders disagree with each other, so the VM reads the way a given loader's
+unpickler does (`reader`):
+
+- "bytes", `pickle.loads(data)`: the whole input is one buffer; a FRAME changes nothing.
+- "file", the C unpickler over a file object without `peek` (torch.load reads `data.pkl`
+  from a BytesIO): a FRAME's bytes are read into a buffer of their own; a read that runs
+  past its end drops what is left of it and starts afresh at its end, and the next pickle in
+  the file starts at the end of the frame that held the previous STOP.
+- with `peek` (pickle.load, np.load, legacy torch.load on an open file) each FRAME is either
+  peeked (read as "bytes") or read into its own buffer (as "file"), depending on buffer
+  sizes the scanner cannot know: `frame_choices` fixes that choice FRAME by FRAME, and the
+  VM records in `mattered` the FRAMEs where the other choice would change what follows, so
+  the scanner can follow every reading a loader could make (scanner.py).
+- "python", the pure-Python `pickle._Unpickler` that joblib.load uses: a read past the end of a
+  frame, or a FRAME before the current one ends, is an error; and what a BUILD hook reads
+  (joblib's array bytes) comes from the file, which is at the end of the current frame.
+
+Writers never end a frame inside an operand; each place where a reading differs from
+"bytes" is recorded in `divergences`, for the scanner to report.
 
 The stream is read in chunks and never held whole: long byte strings are skipped with a
 seek and remembered as a `Blob` (offset, length), containers keep only their first items,
@@ -52,6 +71,19 @@ KEEP_EVENTS = 64
 MAX_STACK = 5_000_000
 MAX_MEMO = 20_000_000
 MAX_GLOBALS = 200_000
+
+#: how each reader reads FRAMEs (see the module docstring)
+READERS = ("bytes", "file", "python")
+#: FRAMEs open at once (nested ones fit inside each other); more is no writer's pickle
+MAX_SHADOWS = 64
+_FAR = 1 << 62
+
+#: the fixed-size operand (or length prefix) right after each opcode that has one
+_OPERAND_WIDTH = {
+    0x4B: 1, 0x4D: 2, 0x4A: 4, 0x47: 8, 0x71: 1, 0x72: 4, 0x68: 1, 0x6A: 4, 0x8C: 1, 0x95: 8, 0x80: 1,
+    0x82: 1, 0x83: 2, 0x84: 4, 0x8A: 1, 0x8B: 4, 0x58: 4, 0x8D: 8, 0x43: 1, 0x42: 4, 0x8E: 8, 0x96: 8,
+    0x55: 1, 0x54: 4,
+}
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,255}\Z")
 
@@ -96,6 +128,8 @@ class StreamFacts:
     unresolved: list[tuple[int, str]] = field(default_factory=list)  # names not known statically
     calls: int = 0  # calls of any kind made before the end
     ops: int = 0
+    next_start: int = 0  # where the loader's next load() begins (the end of a frame read whole)
+    value: object = None  # what the pickle returns (the top of the stack at STOP)
 
 
 #: BuildHook(vm, target, state, offset) may consume bytes that follow BUILD (joblib arrays)
@@ -104,7 +138,7 @@ BuildHook = Callable[["PickleVM", object, object, int], object]
 
 
 class PickleVM:
-    """Runs one pickle stream at a time from a binary file object."""
+    """Runs one pickle stream at a time from a binary file object, read as `reader` reads it."""
 
     def __init__(
         self,
@@ -114,18 +148,35 @@ class PickleVM:
         memo_budget: int = 200_000,
         build_hook: BuildHook | None = None,
         accelerate: bool = True,
+        reader: str = "bytes",
+        frame_choices: tuple[bool, ...] = (),
     ):
+        if reader not in READERS:
+            raise ValueError(f"unknown reader {reader!r}")
         self.f = f
         self._fast = _fast_run if accelerate else None
         self.size = size
         self.memo_budget = memo_budget
         self.build_hook = build_hook
         self._seekable = _is_seekable(f)
-        # read state, shared with hooks through read()/skip()/tell()
+        # read state, shared with hooks through file_read()/file_skip()/file_tell()
         self._buf = b""
         self._pos = 0
         self._base = f.tell() if self._seekable else 0  # file offset of _buf[0]
         self._eof = False
+        # frames (see the module docstring)
+        self.reader = reader
+        self._choices = frame_choices
+        self._read_own = reader == "file"  # a FRAME past the given choices: read into its own buffer?
+        self._nframes = 0  # FRAMEs that asked for a choice so far
+        self._region: int | None = None  # end of the frame buffer the unpickler reads from, if any
+        self._shadows: list[list[int]] = []  # [choice, end] of frames read as part of a larger buffer
+        #: choices (FRAME numbers) where reading the frame into its own buffer changes what follows
+        self.mattered: list[int] = []
+        #: (offset, what) where this reading and the "bytes" reading differ
+        self.divergences: list[tuple[int, str]] = []
+        self.hook_consumed = False  # a BUILD hook took bytes from the stream (joblib arrays)
+        self.hook_in_frame = False  # ...while a frame had bytes left (joblib.load then reads elsewhere)
 
     # -- reading ---------------------------------------------------------------
 
@@ -161,7 +212,12 @@ class PickleVM:
         return len(self._buf) >= need
 
     def read(self, n: int) -> bytes:
-        """Consume n bytes (for hooks). Raises PickleError when the stream is shorter."""
+        """Consume n bytes as the unpickler reads an operand. Raises PickleError when short."""
+        if self._region is not None or self._shadows:
+            self._cross(self.tell() + n)
+        return self._read_plain(n)
+
+    def _read_plain(self, n: int) -> bytes:
         if not self._fill(n):
             raise PickleTruncated(f"stream ends inside a {n}-byte read", self.tell(), incomplete=False)
         data = self._buf[self._pos : self._pos + n]
@@ -169,7 +225,12 @@ class PickleVM:
         return data
 
     def skip(self, n: int) -> None:
-        """Move past n bytes without keeping them (seek when the file allows it)."""
+        """Move past an n-byte operand without keeping it (seek when the file allows it)."""
+        if self._region is not None or self._shadows:
+            self._cross(self.tell() + n)
+        self._skip_plain(n)
+
+    def _skip_plain(self, n: int) -> None:
         have = len(self._buf) - self._pos
         if n <= have:
             self._pos += n
@@ -196,8 +257,205 @@ class PickleVM:
     def at_eof(self) -> bool:
         return not self._fill(1)
 
+    # -- what a BUILD hook reads: the file, wherever the unpickler's frame left it ---------
+
+    def file_tell(self) -> int:
+        """Where the file is: past the whole current frame when the reader read it into a buffer."""
+        if self.reader == "python" and self._region is not None and self._region > self.tell():
+            return self._region
+        return self.tell()
+
+    def file_read(self, n: int) -> bytes:
+        """Read n bytes from the file itself (joblib's array bytes): after the current frame for
+        the pure-Python unpickler, which then goes on with the rest of that frame."""
+        self._note_hook()
+        if self.reader != "python" or self._region is None or self._region <= self.tell():
+            return self._read_plain(n)
+        tail, data = self._frame_tail_then(n, keep=True)
+        self._rebase(tail, self._region + n)
+        self._region = self.tell() + len(tail)
+        return data
+
+    def file_skip(self, n: int) -> None:
+        self._note_hook()
+        if self.reader != "python" or self._region is None or self._region <= self.tell():
+            self._skip_plain(n)
+            return
+        tail, _ = self._frame_tail_then(0, keep=False)
+        end = self._region
+        self._rebase(tail, end + n)
+        if self.size is not None and end + n > self.size:
+            raise PickleTruncated(f"stream ends inside a {n}-byte array", end)
+        self._region = self.tell() + len(tail)
+
+    def _note_hook(self) -> None:
+        self.hook_consumed = True
+        here = self.tell()
+        if any(end > here for _, end in self._shadows) or (self._region is not None and self._region > here):
+            self.hook_in_frame = True
+
+    def _frame_tail_then(self, n: int, keep: bool) -> tuple[bytes, bytes]:
+        """The unread rest of the current frame, and n bytes of the file after it."""
+        here, end = self.tell(), self._region
+        if end - here > MAX_LINE:
+            raise PickleError("a joblib array inside a frame larger than the scan limit", here, incomplete=True)
+        tail = self._read_plain(end - here)
+        data = self._read_plain(n) if keep else b""
+        return tail, data
+
+    def _rebase(self, prefix: bytes, cont: int) -> None:
+        """From now on the stream reads `prefix`, then the file from offset `cont` on.
+
+        Offsets inside `prefix` then map to `cont - len(prefix) + i`: off by what was dropped,
+        for the one operand or frame tail that straddled (never in a file a writer made).
+        """
+        rel = cont - self._base
+        if 0 <= rel <= len(self._buf):
+            rest = self._buf[rel:]
+        else:
+            rest = b""
+            if self._seekable:
+                self.f.seek(cont)
+                self._eof = False
+            else:  # forward only: cont is ahead of everything read so far
+                gap = cont - (self._base + len(self._buf))
+                while gap > 0:
+                    piece = self.f.read(min(gap, CHUNK))
+                    if not piece:
+                        self._eof = True
+                        break
+                    gap -= len(piece)
+        self._buf = prefix + rest
+        self._pos = 0
+        self._base = cont - len(prefix)
+
+    # -- frame boundaries ---------------------------------------------------------
+
+    def _boundary(self) -> int:
+        """The nearest frame end ahead that a read may not cross unnoticed (or a huge number)."""
+        here = self.tell()
+        if self._region is not None and self._region <= here:
+            self._region = None  # the frame was used up exactly: reading goes on from the file
+        if self._shadows:
+            self._shadows = [s for s in self._shadows if s[1] > here]
+        ends = [s[1] for s in self._shadows]
+        if self._region is not None:
+            ends.append(self._region)
+        return min(ends) if ends else _FAR
+
+    def _cross(self, end: int) -> bool:
+        """The unpickler is about to read [tell(), end). Where a frame ends strictly inside it,
+        each reader goes its own way (see the module docstring). True when the reader dropped
+        the rest of its frame buffer: the read then starts at the frame's end (now tell())."""
+        here = self.tell()
+        if self._shadows:
+            keep = []
+            for choice, frame_end in self._shadows:
+                if here < frame_end < end:
+                    self._matter(choice, here, "a FRAME ends inside an operand")
+                elif frame_end > here:
+                    keep.append([choice, frame_end])
+            self._shadows = keep
+        region = self._region
+        if region is None or region <= here:
+            self._region = None
+            return False
+        if region >= end:
+            return False
+        if self.reader == "python":
+            raise PickleError("pickle exhausted before end of frame (a FRAME ends inside an operand)", here)
+        # the C unpickler drops the rest of its frame buffer and reads on from the file
+        self._region = None
+        if len(self.divergences) < KEEP_EVENTS:
+            self.divergences.append((here, f"FRAME ends inside an operand: {region - here} byte(s) skipped"))
+        self._skip_plain(region - here)
+        return True
+
+    def _matter(self, choice: int, at: int, what: str) -> None:
+        if choice not in self.mattered:
+            self.mattered.append(choice)
+        if len(self.divergences) < KEEP_EVENTS:
+            self.divergences.append((at, what))
+
+    def _near_boundary(self) -> None:
+        """An opcode within 16 bytes of a frame end: if its fixed operand straddles the end, do
+        what this reader does before the inline code reads it (splice in what it would read)."""
+        if not self._fill(1):
+            return
+        op = self._buf[self._pos]
+        width = _OPERAND_WIDTH.get(op)
+        if not width:
+            return  # no fixed operand: lines and long operands go through read()/_readline()
+        self._pos += 1
+        if self._cross(self.tell() + width):
+            # dropped: the operand comes from the end of the frame; the opcode stays in front of it
+            operand = self._read_plain(width)
+            self._rebase(bytes([op]) + operand, self.tell())
+        else:
+            self._pos -= 1
+
+    def _frame(self, n: int, at: int) -> None:
+        """FRAME n, as this reader reads it."""
+        here = self.tell()
+        end = here + n
+        if self.reader == "python":
+            if self._region is not None and self._region > here:
+                raise PickleError("beginning of a new frame before end of current frame", at)
+            self._region = end
+            return
+        if self._region is not None and self._region > here:
+            if end <= self._region:
+                return  # the C unpickler already holds these bytes: nothing happens
+            # not in the buffer: what is left of it is dropped, the new frame starts at its end
+            if len(self.divergences) < KEEP_EVENTS:
+                self.divergences.append((at, f"FRAME inside a frame: {self._region - here} byte(s) skipped"))
+            self._skip_plain(self._region - here)
+            self._region = None
+            here = self.tell()
+            end = here + n
+        for shadow in self._shadows:
+            if here < shadow[1] < end:
+                self._matter(shadow[0], at, "a FRAME runs past the end of the frame around it")
+        if len(self._shadows) >= MAX_SHADOWS:
+            raise PickleError(f"more than {MAX_SHADOWS} FRAMEs nested", at, incomplete=True)
+        choice = self._nframes
+        self._nframes += 1
+        own = self._choices[choice] if choice < len(self._choices) else self._read_own
+        if own:
+            self._region = end
+        else:
+            self._shadows.append([choice, end])
+
+    def _after_stop(self, facts: StreamFacts) -> None:
+        """Where the next load() begins: a frame read whole is consumed whole."""
+        here = self.tell()
+        facts.end = here
+        if self._region is not None and self._region > here:
+            if len(self.divergences) < KEEP_EVENTS:
+                self.divergences.append((here, f"STOP {self._region - here} byte(s) before the end of its frame"))
+            try:
+                self._skip_plain(self._region - here)
+            except PickleError:
+                pass
+        for choice, end in self._shadows:
+            if end > here:
+                self._matter(choice, here, "STOP before the end of its frame")
+        self._region = None
+        self._shadows = []
+        facts.next_start = self.tell()
+
     def _readline(self) -> bytes:
         """A protocol-0 operand: bytes up to and including the next newline."""
+        line = self._readline_plain()
+        if self._region is None and not self._shadows:
+            return line
+        self._pos -= len(line)
+        if self._cross(self.tell() + len(line)):
+            return self._readline_plain()  # dropped: the line is read afresh from the frame's end
+        self._pos += len(line)
+        return line
+
+    def _readline_plain(self) -> bytes:
         buf, pos = self._buf, self._pos
         nl = buf.find(b"\n", pos)
         while nl < 0:
@@ -214,9 +472,11 @@ class PickleVM:
 
     def _take(self, n: int, offset: int, text: bool):
         """A length-prefixed operand: small ones as values, long ones as Blob."""
+        if self._region is not None or self._shadows:
+            self._cross(self.tell() + n)
         if n > INLINE_LIMIT:
             start = self.tell()
-            self.skip(n)
+            self._skip_plain(n)
             return Blob(start, n, text)
         if not self._fill(n):
             raise PickleTruncated(f"stream ends inside a {n}-byte operand", self.tell())
@@ -246,13 +506,17 @@ class PickleVM:
             facts.error_incomplete = True
         except Exception as exc:  # a VM defect: what was found so far is kept, the rest is unread
             facts.error, facts.error_offset = f"internal error: {type(exc).__name__}: {exc}", self.tell()
-        facts.end = self.tell()
+        if facts.stopped:
+            self._after_stop(facts)
+        else:
+            facts.end = facts.next_start = self.tell()
         return facts
 
     def _execute(self, facts: StreamFacts) -> None:  # noqa: C901 - one loop, by design
         # The hot state lives in locals: `buf`, `pos`, `blen`, `base` mirror self._buf,
         # self._pos, len(self._buf) and self._base. Every call into a reading method is
-        # bracketed by `self._pos = pos` before and `buf, pos, blen, base = self._sync()` after.
+        # bracketed by `self._pos = pos` before and `buf, pos, blen, base, blim = self._sync()` after.
+        # `blim` is where the nearest frame end falls in `buf`: inline code never reads across it.
         stack: list = []
         marks: list[int] = []
         fence = 0
@@ -340,9 +604,16 @@ class PickleVM:
             return value
 
         fast = self._fast
-        buf, pos, blen, base = sync()
+        buf, pos, blen, base, blim = sync()
+        checked = -1  # the offset of an opcode next to a frame end whose operand was looked at
         try:
             while True:
+                if pos + 16 > blim and base + pos != checked:
+                    # a frame ends within 16 bytes: each reader treats a straddling operand its own way
+                    self._pos = pos
+                    self._near_boundary()
+                    buf, pos, blen, base, blim = sync()
+                    checked = base + pos
                 if pos + 16 > blen:
                     if not self._eof:
                         # once per chunk: at most one value per byte can have been added since
@@ -351,16 +622,16 @@ class PickleVM:
                                               "stopped before memory runs out", base + pos, incomplete=True)
                         self._pos = pos
                         self._fill(16)
-                        buf, pos, blen, base = sync()
+                        buf, pos, blen, base, blim = sync()
                     if pos >= blen:
                         raise PickleTruncated("stream ends without STOP (truncated pickle)", base + pos)
                 if fast is not None:
                     # The C accelerator runs data-only opcodes and stops before anything else.
-                    limit = blen if self._eof else blen - 16
+                    limit = min(blen if self._eof else blen - 16, blim - 16)
                     if pos < limit:
                         pos, fence, memo_left, n = fast(
                             buf, pos, limit, stack, marks, mseq, memo_left, fence, not msparse, PDict, DISPLAY_ITEMS,
-                            _KEEP_PAST_BUDGET, _EVICTED,
+                            _KEEP_PAST_BUDGET, _EVICTED, blim,
                         )
                         ops += n
                         if pos >= limit:
@@ -381,7 +652,7 @@ class PickleVM:
                 if op == 0x8C:  # SHORT_BINUNICODE
                     n = buf[pos]
                     end = pos + 1 + n
-                    if end <= blen:
+                    if end <= blen and end <= blim:
                         try:
                             stack.append(buf[pos + 1 : end].decode("utf-8", "surrogatepass"))
                         except UnicodeDecodeError as exc:
@@ -390,7 +661,7 @@ class PickleVM:
                     else:
                         self._pos = pos + 1
                         stack.append(take(n, base + pos - 1, True))
-                        buf, pos, blen, base = sync()
+                        buf, pos, blen, base, blim = sync()
                     continue
                 if op == 0x4B:  # K BININT1
                     stack.append(buf[pos])
@@ -452,9 +723,11 @@ class PickleVM:
                     if k <= 0:
                         raise err("SETITEMS without a dict", at)
                     if k < len(stack):
-                        if (len(stack) - k) % 2:
-                            raise err("odd number of items for SETITEMS", at)
                         target = stack[k - 1]
+                        if (len(stack) - k) % 2:
+                            if len(stack) - k > 1 and isinstance(target, (Call, GlobalRef, Unknown)):
+                                _mark_built(target)  # the pure-Python unpickler sets the pairs before it fails
+                            raise err("odd number of items for SETITEMS", at)
                         if type(target) is PDict:
                             _set_items(target, stack, k, at)
                         elif isinstance(target, (Call, GlobalRef, Unknown)):
@@ -513,19 +786,19 @@ class PickleVM:
                 if op == 0x74:  # t TUPLE
                     stack.append(tuple(pop_mark(base + pos - 1)))
                     continue
-                if op == 0x95:  # FRAME: a read-ahead hint to CPython, nothing more
-                    pos += 8
-                    continue
                 if op == 0x2E:  # . STOP
                     if len(stack) <= fence:
                         raise err("STOP on an empty stack", base + pos - 1)
                     facts.stopped = True
+                    facts.value = stack[-1]
                     break
 
                 # Everything below is rare in data and may read through the file object.
                 at = base + pos - 1
                 self._pos = pos
-                if op == 0x93:  # STACK_GLOBAL
+                if op == 0x95:  # FRAME: what it does depends on the reader
+                    self._frame(_unpack_Q(self.read(8), 0)[0], at)
+                elif op == 0x93:  # STACK_GLOBAL
                     if len(stack) - fence < 2:
                         raise err("STACK_GLOBAL needs a module and a name", at)
                     name = stack.pop()
@@ -536,8 +809,9 @@ class PickleVM:
                         raise err("REDUCE needs a callable and arguments", at)
                     args = stack.pop()
                     func = stack[-1]
-                    if not isinstance(args, (tuple, Unknown, Call)):
+                    if not _spreadable(args):
                         raise err(f"REDUCE arguments must be a tuple, not {type(args).__name__}", at)
+                    # (the C unpickler wants a tuple; the pure-Python one calls func(*args) with any iterable)
                     call = Call(func, args, "reduce", at)
                     note_call(func, call, CALLED)
                     stack[-1] = call
@@ -568,7 +842,7 @@ class PickleVM:
                         raise err("NEWOBJ needs a class and arguments", at)
                     args = stack.pop()
                     cls = stack[-1]
-                    if not isinstance(args, (tuple, Unknown, Call)):
+                    if not _spreadable(args):
                         raise err("NEWOBJ expected an arg tuple", at)
                     call = Call(cls, args, "newobj" if op == 0x81 else "newobj_ex", at, kwargs)
                     note_call(cls, call, NEW)
@@ -588,14 +862,15 @@ class PickleVM:
                         raise err(f"unsupported pickle protocol: {proto}", at)
                     facts.protocol = proto
                 elif op == 0x63 or op == 0x69:  # c GLOBAL / i INST
-                    if op == 0x69 and not marks:
-                        raise err("INST without MARK", at)
                     module = readline()[:-1].decode("utf-8", "surrogatepass")
                     name = readline()[:-1].decode("utf-8", "surrogatepass")
                     if op == 0x63:
                         stack.append(new_global(module, name, at, "GLOBAL"))
                     else:
+                        # the pure-Python unpickler imports the name before it looks for the MARK
                         ref = new_global(module, name, at, "INST")
+                        if not marks:
+                            raise err("INST without MARK", at)
                         call = Call(ref, tuple(pop_mark(at)), "inst", at)
                         note_call(ref, call, CALLED)
                         stack.append(call)
@@ -715,7 +990,7 @@ class PickleVM:
                         raise err("READONLY_BUFFER on an empty stack", at)
                 else:
                     raise err(f"invalid opcode 0x{op:02x}", at)
-                buf, pos, blen, base = sync()
+                buf, pos, blen, base, blim = sync()
         except IndexError:
             # An inline operand ran past the end of the buffer: only possible at EOF.
             raise PickleTruncated("stream ends inside an operand (truncated pickle)", base + min(pos, blen)) from None
@@ -723,8 +998,11 @@ class PickleVM:
             facts.ops = ops
         self._pos = pos
 
-    def _sync(self) -> tuple[bytes, int, int, int]:
-        return self._buf, self._pos, len(self._buf), self._base
+    def _sync(self) -> tuple[bytes, int, int, int, int]:
+        base = self._base
+        if self._region is None and not self._shadows:
+            return self._buf, self._pos, len(self._buf), base, _FAR
+        return self._buf, self._pos, len(self._buf), base, self._boundary() - base
 
 
 _MISSING = object()
@@ -754,6 +1032,12 @@ def _set_items(target: PDict, items: list, start: int, at: int) -> None:
                     break
             else:
                 target.append((key, items[i + 1]))
+
+
+def _spreadable(args: object) -> bool:
+    """Arguments some unpickler calls with: a tuple (C), or anything `f(*args)` iterates
+    (the pure-Python unpickler joblib.load uses); a value computed at load time may be either."""
+    return not (args is None or type(args) in (int, float, bool))
 
 
 def _check_hashable(items: list, start: int, step: int, at: int) -> None:

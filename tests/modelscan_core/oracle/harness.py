@@ -30,7 +30,7 @@ from modelscan_core.engine import _Context, _Scan
 from modelscan_core.settings import Settings
 
 WORKER = Path(__file__).with_name("inert.py")
-DEFAULT_READINGS = ("bytes", "file", "peek8192")
+DEFAULT_READINGS = ("bytes", "file", "peek8192", "peek512", "python")
 
 #: the uses bit set, as in values.py
 USE_NAMES = {1: "referenced", 2: "given state", 4: "instantiated", 8: "called"}
@@ -101,7 +101,7 @@ def vm_view(data: bytes, settings: Settings | None = None) -> VMView:
     stream = io.BytesIO(data)
     ctx = _Context(_Scan(settings), "oracle.pkl", PickleScanner.name, 0)
     done = scan_pickles(stream, len(data), ctx, scanner=PickleScanner.name,
-                        build_hook=joblib_hook(stream, len(data), ctx, PickleScanner.name))
+                        hooks=lambda c: joblib_hook(stream, len(data), c, PickleScanner.name))
     view = VMView(findings=list(ctx.findings), errors=[e.description for e in ctx.errors])
     for facts in done:
         indirect = resolve_indirect(facts.globals, facts.dynamic_calls, settings.pickle_policy)

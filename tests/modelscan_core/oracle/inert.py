@@ -21,6 +21,7 @@ Readings (one per loader's way of handing bytes to the unpickler):
   is read into a buffer of its own and a read that runs past it starts afresh at its end.
 - `peek<N>`: `Unpickler(open(path))` as pickle.load / np.load / legacy torch.load read a
   file: a BufferedReader (buffer size N) the unpickler peeks into.
+- `python`: the pure-Python `pickle._Unpickler` (joblib.load's) over a BytesIO: strict frames.
 File readings call `load()` again while bytes remain, as loaders of several pickles do.
 
 Uses are the VM's bit set: 1 referenced, 2 given state (BUILD, or data through the
@@ -177,6 +178,11 @@ class InertUnpickler(pickle.Unpickler):  # the C implementation (_pickle.Unpickl
         return object.__new__(Persistent)
 
 
+class InertPyUnpickler(pickle._Unpickler):  # the pure-Python unpickler joblib.load uses
+    find_class = InertUnpickler.find_class
+    persistent_load = InertUnpickler.persistent_load
+
+
 class WholePeek(io.BytesIO):
     """A file whose `peek` returns everything left: the unpickler buffers it all at once,
     which is exactly how it reads `pickle.loads(bytes)`."""
@@ -219,9 +225,10 @@ def read(data: bytes, reading: str) -> dict:
     if reading == "loads":
         return loads_reading(data)
     REC = Recorder()
+    unpickler = InertPyUnpickler if reading == "python" else InertUnpickler
     if reading == "bytes":
         f = WholePeek(data)
-    elif reading == "file":
+    elif reading in ("file", "python"):
         f = io.BytesIO(data)
     else:
         f = io.BufferedReader(io.BytesIO(data), buffer_size=int(reading[4:]))
@@ -229,7 +236,7 @@ def read(data: bytes, reading: str) -> dict:
     loads = 0
     try:
         while True:
-            value = InertUnpickler(f).load()
+            value = unpickler(f).load()
             if not loads:
                 result = _shape(value) if not REC.order and not REC.persid else None
             loads += 1
@@ -247,7 +254,7 @@ def read(data: bytes, reading: str) -> dict:
 
 
 def _more(f, reading: str, size: int) -> bool:
-    return f.tell() < size if reading == "file" else bool(f.peek(1))
+    return f.tell() < size if reading in ("file", "python") else bool(f.peek(1))
 
 
 def main() -> None:

@@ -65,6 +65,13 @@ FOUND = {
     "planted append after eight keys": (
         b"\x80\x02cargparse\nNamespace\n)\x81}(" + b"".join(b"X\x01\x00\x00\x00" + bytes([97 + i]) + b"K\x01" for i in range(9))
         + b"X\x06\x00\x00\x00appendcmypkg\nevil\nubK\x01a.", "mypkg", "evil", CALLED),
+    # joblib.load's pure-Python unpickler calls func(*args) with any iterable, C wants a tuple
+    "reduce with a str argument list": (b"\x80\x02cmypkg\nevil\nX\x02\x00\x00\x00idR.", "mypkg", "evil", CALLED),
+    "newobj with a list argument list": (b"\x80\x02cmypkg\nThing\n]\x81.", "mypkg", "Thing", NEW),
+    # ...imports an INST's name before it looks for the MARK
+    "inst without a mark": (b"\x80\x02imypkg\nevil\n.", "mypkg", "evil", 1),
+    # ...sets the pairs of an odd SETITEMS before it fails
+    "odd setitems on a built object": (b"\x80\x02cmypkg\nThing\n)\x81(K\x01K\x02K\x03u.", "mypkg", "Thing", BUILT),
 }
 
 

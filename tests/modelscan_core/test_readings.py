@@ -1,0 +1,157 @@
+"""The same bytes read the way each loader reads them.
+
+A FRAME whose declared length ends inside an operand is read one way by `pickle.loads`
+(bytes) and another by the C unpickler over a file object (torch.load's data.pkl, pickle.load
+of a large frame), and raises in joblib.load's pure-Python unpickler; a FRAME that runs past
+a STOP moves where the next load() begins; joblib reads array bytes from the file, past the
+frame. Each test builds bytes whose payload only one reading runs, checks with CPython's own
+unpickler (the inert oracle) that this reading does run it, and that the scanner reports it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import tarfile
+
+import joblib
+import numpy as np
+import pytest
+import torch
+
+from modelscan_core import scan_path
+from modelscan_core.model import Severity
+
+from .containers_util import replace_member
+from .oracle.harness import Oracle
+
+PAYLOAD = b"cposix\nsystem\n(S'touch /tmp/modelscand-never-run'\ntR"
+
+
+def frame(n: int) -> bytes:
+    return b"\x95" + struct.pack("<Q", n)
+
+
+def straddle(pad: int = 0) -> bytes:
+    """A pickle whose FRAME ends one byte into a BININT operand.
+
+    Read as bytes, the operand takes that byte and the next three, and a SHORT_BINUNICODE then
+    swallows the payload as a 78-byte string. A file reader drops the byte left in its frame
+    buffer and takes the operand from after the frame: the string's length byte (0x4e) is
+    then NONE, and the payload runs.
+    """
+    ops = b"N0" * ((78 - len(PAYLOAD)) // 2) + PAYLOAD
+    assert len(ops) == 78
+    inside = b"N0" * (pad // 2) + b"NJ\x00"
+    return b"\x80\x04" + frame(len(inside)) + inside + b"\x00\x00\x00\x8cN" + ops + b"."
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    o = Oracle()
+    yield o
+    o.close()
+
+
+def runs_system(results: list[dict], reading: str) -> bool:
+    r = next(r for r in results if r["reading"] == reading)
+    return any(m == "posix" and n == "system" and uses & 8 for m, n, uses in r["globals"])
+
+
+def critical_system(report) -> bool:
+    return any(f.severity == Severity.CRITICAL and f.operator == "system" for f in report.findings())
+
+
+def test_straddle_in_torch_data_pkl_runs_only_under_torch_load(oracle, tmp_path):
+    data = straddle()
+    results = oracle.read(data, ("bytes", "file"))
+    assert not runs_system(results, "bytes") and runs_system(results, "file")
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    path = tmp_path / "model.pt"
+    path.write_bytes(replace_member(buf.getvalue(), "/data.pkl", data))
+    report = scan_path(path)
+    assert critical_system(report)
+    assert "pickle/frame-straddle" in {f.rule_id for f in report.findings()}
+
+
+def test_straddle_of_a_large_frame_runs_under_pickle_load(oracle, tmp_path):
+    # pickle.load(open(f)) peeks into a BufferedReader, but reads a frame of 8 KiB or more
+    # with read(): it then drops the frame's last byte like any file reader
+    data = straddle(pad=8200)
+    results = oracle.read(data, ("bytes", "peek8192", "peek4096"))
+    assert not runs_system(results, "bytes")
+    assert runs_system(results, "peek8192") and runs_system(results, "peek4096")
+    path = tmp_path / "model.pkl"
+    path.write_bytes(data)
+    assert critical_system(scan_path(path))
+
+
+def test_a_frame_past_stop_hides_the_next_pickle_from_a_bytes_reading(oracle, tmp_path):
+    # the first pickle's FRAME covers its STOP and two more bytes: read contiguously those
+    # start a string that swallows the payload; a loader that read the frame whole begins its
+    # next load() at the frame's end, right at the payload (legacy torch.load loads 5 in a row)
+    payload = b"\x80\x02" + PAYLOAD + b"."
+    inside = b"N0" * 4100 + b"K\x01." + b"\x8c" + bytes([len(payload)])
+    data = b"\x80\x04" + frame(len(inside)) + inside + payload + b"."
+    results = oracle.read(data, ("file", "peek8192"))
+    assert runs_system(results, "file") and runs_system(results, "peek8192")
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    assert critical_system(scan_path(path))
+
+
+def test_joblib_array_inside_a_frame_is_read_from_the_frame_end(tmp_path):
+    # joblib's pure-Python unpickler reads a NumpyArrayWrapper's bytes from the file, which is
+    # past the frame holding the BUILD; then it runs the rest of that frame. Here the rest of
+    # the frame pops the array and calls the payload (a reading that skips the array right
+    # after BUILD reads the payload as array bytes).
+    path = tmp_path / "model.joblib"
+    joblib.dump({"w": np.arange(16, dtype=np.uint8)}, path, protocol=4)
+    data = path.read_bytes()
+    marker = b"numpy_array_alignment_bytes\x94K\x10ub"
+    build_end = data.index(marker) + len(marker)
+    start = data.rindex(b"\x95", 0, build_end)
+    (length,) = struct.unpack_from("<Q", data, start + 1)
+    assert start + 9 + length == build_end, "joblib ends the frame at the wrapper's BUILD"
+    tail = b"0" + PAYLOAD
+    data = (data[: start + 1] + struct.pack("<Q", length + len(tail)) + data[start + 9 : build_end] + tail
+            + data[build_end:])
+    path.write_bytes(data)
+    report = scan_path(path)
+    assert critical_system(report)
+    assert "pickle/frame-straddle" in {f.rule_id for f in report.findings()}
+
+
+def test_legacy_tar_storage_size_comes_from_the_storage_type_torch_reads(tmp_path):
+    # storages: count, then per storage (key, location, storage_type) and raw bytes whose size
+    # is numel * storage_type's element size. A decoy DoubleStorage as the key (8-byte
+    # elements) made the scanner skip 8x too far, over the second record's payload.
+    def pickled(obj_ops: bytes) -> bytes:
+        return b"\x80\x02" + obj_ops + b"."
+
+    record = pickled(b"ctorch\nDoubleStorage\nX\x03\x00\x00\x00cpuctorch\nByteStorage\n\x87")
+    storages = (pickled(b"K\x02") + record + struct.pack("<q", 16) + b"\x00" * 16
+                + pickled(PAYLOAD)).ljust(4096, b"N") + pickled(b"]")
+    members = {"sys_info": pickle.dumps({}, 2), "storages": storages, "tensors": pickled(b"K\x00"),
+               "pickle": pickle.dumps({}, 2)}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(out.getvalue())
+    report = scan_path(path)
+    assert critical_system(report)
+    assert any("legacy.pt:storages" in f.source for f in report.findings() if f.operator == "system")
+
+
+def test_benign_frames_are_clean(tmp_path):
+    # every FRAME a writer makes ends at an opcode boundary: nothing to report, one reading
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps({f"k{i}": list(range(50)) for i in range(3000)}, protocol=5))
+    report = scan_path(path)
+    assert report.files[0].verdict.value == "clean", report.findings()
