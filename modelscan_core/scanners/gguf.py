@@ -168,6 +168,11 @@ def read_header(stream: BinaryIO, size: int, header: GgufHeader | None = None) -
             if vtype == STRING:
                 _template(r, count, key, header)
                 continue
+            if vtype == ARRAY:
+                # llama.cpp turns a non-string value into text (`["...", ...]`) before the
+                # loader renders it: every string in it is a template too
+                _template_array(r, count, u32, key, header)
+                continue
         if key == "general.alignment" and vtype == UINT32:
             header.alignment = r.unpack(u32)
             if header.alignment == 0 or header.alignment & (header.alignment - 1):
@@ -194,6 +199,20 @@ def _template(r: _Reader, count: struct.Struct, key: str, header: GgufHeader) ->
         r.skip(n)
         raise GgufError(f"{key} is {n} bytes long, more than the {MAX_TEMPLATE} analysed", incomplete=True)
     header.templates.append(Template(key, offset, r.read(n).decode("utf-8", "replace")))
+
+
+def _template_array(r: _Reader, count: struct.Struct, u32: struct.Struct, key: str, header: GgufHeader) -> None:
+    start = r.pos
+    itype = r.unpack(u32)
+    if itype != STRING:
+        r.pos = start
+        _skip_value(r, ARRAY, count, u32, 0)
+        return
+    n = r.unpack(count)
+    if n > (r.size - r.pos) // count.size:
+        raise GgufError(f"{key}: array of {n} strings cannot fit in the file")
+    for i in range(n):
+        _template(r, count, f"{key}[{i}]", header)
 
 
 def _skip_value(r: _Reader, vtype: int, count: struct.Struct, u32: struct.Struct, depth: int) -> None:

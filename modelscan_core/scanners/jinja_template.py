@@ -78,15 +78,32 @@ def judge_attribute(name: str) -> Severity | None:
 
 
 def analyse(source: str) -> list[TemplateIssue]:
-    """Every way the template reaches past its data; empty for the templates real models ship."""
+    """Every way the template reaches past its data; empty for the templates real models ship.
+
+    Results are remembered by the template's sha256 for the life of the process: a model
+    cache holds many files (quantizations, shards) that carry the same template.
+    """
+    import hashlib
+
     from jinja2 import TemplateSyntaxError
 
-    env = _environment()
-    try:
-        tree = env.parse(source)
-    except TemplateSyntaxError as exc:
-        raise TemplateUnreadable(f"line {exc.lineno}: {exc.message}") from None
-    return _Analysis(tree).run()
+    key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    known = _RESULTS.get(key)
+    if known is None:
+        try:
+            known = tuple(_Analysis(_environment().parse(source)).run())
+        except TemplateSyntaxError as exc:
+            known = f"line {exc.lineno}: {exc.message}"
+        if len(_RESULTS) >= _RESULTS_MAX:
+            _RESULTS.pop(next(iter(_RESULTS)))
+        _RESULTS[key] = known
+    if isinstance(known, str):
+        raise TemplateUnreadable(known)
+    return list(known)
+
+
+_RESULTS: dict[bytes, tuple[TemplateIssue, ...] | str] = {}
+_RESULTS_MAX = 1024
 
 
 _ENV = None

@@ -30,8 +30,6 @@ from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
 from modelscan_core.scanners.paths import escapes
 
-#: protobuf refuses larger messages; bigger ONNX models keep their weights in external files
-MAX_MODEL = 2**31
 #: operator domains a runtime implements itself (ONNX's standard sets and onnxruntime's contrib ops)
 BUILTIN_DOMAINS = frozenset({
     "", "ai.onnx", "ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training", "com.microsoft",
@@ -77,14 +75,9 @@ class OnnxScanner(Scanner):
     formats = ("onnx",)
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
-        from modelscan_core.scanners.proto import MessageError
+        from modelscan_core.scanners.proto import MessageError, read_message
 
-        if item.size > MAX_MODEL:
-            raise ScanFailed(f"{item.size} bytes: beyond protobuf's 2 GiB limit, no ONNX loader reads it")
-        item.stream.seek(0)
-        buf = item.stream.read()
-        if len(buf) != item.size:
-            raise ScanFailed(f"read {len(buf)} of {item.size} bytes")
+        buf = read_message(item, "an ONNX loader")
         walk = _Walk(item, ctx)
         try:
             walk.model(buf)

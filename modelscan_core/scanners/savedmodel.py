@@ -143,7 +143,6 @@ _SHOWN_ATTRS = {"ImmutableConst": "memory_region_name"}
 CHECKPOINT_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints", "Restore", "RestoreV2", "RestoreSlice"})
 _SAVER_FUNCTION = re.compile(r"__inference__traced_(save|restore)_\d+\Z")  # TF2 object-based saver
 _SAVER_NODE = re.compile(r"save(_\d+)?/")  # TF1 tf.train.Saver's name scope
-_MAX_PB = 2**31  # protobuf's own limit for one message
 
 
 def sniff_savedmodel(head: bytes, name: str, stream) -> bool:
@@ -170,13 +169,9 @@ def known_ops() -> frozenset[str]:
 
 
 def _read_all(item: Item) -> bytes:
-    if item.size > _MAX_PB:
-        raise ScanFailed(f"{item.size} bytes: larger than protobuf's 2 GiB message limit, TensorFlow cannot load it either")
-    item.stream.seek(0)
-    data = item.stream.read()
-    if len(data) != item.size:
-        raise ScanFailed(f"read {len(data)} of {item.size} bytes")
-    return data
+    from modelscan_core.scanners.proto import read_message
+
+    return read_message(item, "TensorFlow")
 
 
 class _Op:

@@ -228,3 +228,15 @@ def test_string_longer_than_the_file_and_deep_arrays_are_errors(tmp_path):
 def test_unknown_version_is_an_error(tmp_path):
     (tmp_path / "v.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 7, 0, 0))
     assert scan_path(tmp_path / "v.gguf").files[0].verdict.value == "error"
+
+
+def test_a_template_stored_as_an_array_of_strings_is_analysed(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "arr.gguf"), "llama")
+    w.add_array("tokenizer.chat_template", [TEMPLATES["phi-3-mini"], ATTACKS["lipsum"]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    found = scan_path(tmp_path / "arr.gguf").findings()
+    assert found and max(f.severity for f in found) == Severity.CRITICAL
+    assert all("tokenizer.chat_template[1]" in f.description for f in found)

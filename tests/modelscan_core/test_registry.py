@@ -125,9 +125,7 @@ def test_detection_can_name_several_formats_one_per_family(tmp_path):
     assert list(detect.detect_all(data, "model.keras", io.BytesIO(data))) == ["keras_v3"]  # not also a plain zip
 
 
-def test_a_pickle_scan_imports_no_format_library(tmp_path):
-    path = tmp_path / "small.pkl"
-    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+def _heavy_imports(path) -> tuple[int, list[str]]:
     code = (
         "import json, sys\n"
         "from modelscan_core.cli import run\n"
@@ -139,8 +137,22 @@ def test_a_pickle_scan_imports_no_format_library(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     rc, heavy = json.loads(done.stdout.strip().splitlines()[-1])
-    assert rc == 0
-    assert heavy == []
+    return rc, heavy
+
+
+def test_a_pickle_scan_imports_no_format_library(tmp_path):
+    path = tmp_path / "small.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    assert _heavy_imports(path) == (0, [])
+
+
+def test_a_safetensors_scan_imports_no_format_library(tmp_path):
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    assert _heavy_imports(path) == (0, [])
 
 
 def test_scanner_instances_are_shared_between_formats():

@@ -104,6 +104,23 @@ def message_class(filename: str, name: str) -> type:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
 
 
+#: protobuf's limit for one message (larger ONNX models keep their weights in external files)
+MAX_MESSAGE = 2**31
+
+
+def read_message(item, reader: str) -> bytes:
+    """The whole serialized message of an item; `reader` names who would refuse a larger one."""
+    from modelscan_core.scanners.interface import ScanFailed
+
+    if item.size > MAX_MESSAGE:
+        raise ScanFailed(f"{item.size} bytes: larger than protobuf's 2 GiB message limit: {reader} cannot load it either")
+    item.stream.seek(0)
+    data = item.stream.read()
+    if len(data) != item.size:
+        raise ScanFailed(f"read {len(data)} of {item.size} bytes")
+    return data
+
+
 #: in `parse_each`'s `wanted`: yield the field's (start, end) span instead of parsing it
 SPAN = object()
 
