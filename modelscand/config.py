@@ -54,7 +54,7 @@ def defaults() -> dict[str, Any]:
             "reconcile_interval": 3600,
             "root_retry_interval": 10.0,
             "queue_size": 20000,
-            "settle_time": 0.2,
+            "settle_time": 0.5,
             "busy_recheck": 2.0,
             "busy_max_wait": 300.0,
             "stale_temp_after": 600.0,

@@ -20,7 +20,7 @@ from modelscand.config import Config
 from modelscand.queue import Candidate
 from modelscand.state import Baseline, Identity
 from modelscand.workers import ScanReply
-from modelscand.writers import temp_rule
+from modelscand.writers import looks_like_model, temp_rule
 
 EVENTS = {
     "clean": ("scan.clean", "info"),
@@ -80,6 +80,9 @@ class Results:
         if verdict == "issues" and severity is not None and severity >= self._config().threshold:
             self.counts["over_threshold"] += 1
         event, level = EVENTS.get(verdict, ("scan.error", "error"))
+        model_named = verdict == "skipped" and self._model_named(cand)
+        if model_named:  # a model by name that no scanner can read: someone must look at it
+            level = "warning"
         fields = {
             "path": cand.path, "root": cand.root, "reason": cand.reason, "verdict": verdict,
             "format": result.format if result is not None else None, "size": ident.size, "sha256": sha,
@@ -87,6 +90,8 @@ class Results:
             "mtime_ns": ident.mtime_ns, "ctime_ns": ident.ctime_ns, "scan_ms": reply.scan_ms,
             "latency_ms": round((time.monotonic() - cand.since) * 1000, 2),
         }
+        if model_named:
+            fields["model_named"] = True
         if cand.via:
             fields["via"] = cand.via
             if cand.outside:
@@ -120,6 +125,14 @@ class Results:
         except Exception as exc:
             self.log.error("action.failed", path=cand.path, action=getattr(action, "name", "?"),
                            error=f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _model_named(cand: Candidate) -> bool:
+        names = [os.path.basename(cand.path)] + ([os.path.basename(cand.via)] if cand.via else [])
+        if "--" in cand.path:  # an HF blob is known by its snapshot names
+            hf = hfcache.describe(cand.path) or {}
+            names += [os.path.basename(f["file"]) for f in hf.get("files", [])]
+        return any(looks_like_model(n) for n in names)
 
     def log_cached(self, path: str, row) -> None:
         """run --once / scan: a file the baseline already knows is reported from it."""

@@ -6,6 +6,7 @@ The scheduler thread takes candidates off the queue and decides, for each:
 - a symlink -> its target, if the target is inside a root (an HF snapshot link names its
   blob's verdict once the blob has one);
 - the inode is being scanned right now -> remember that it changed (rescanned after);
+- written less than ``watch.settle_time`` ago -> park it until it has been quiet that long;
 - a writer still holds the file (lease probe) -> park it and look again later, at most
   ``watch.busy_max_wait`` seconds in all; where no lease can be taken, wait until size and
   mtime are stable for ``watch.settle_time``;
@@ -213,6 +214,12 @@ class Scheduler:
             return
         if not COMPLETE_ON.get(cand.reason, False):
             watch = self._config().watch
+            # quiet first: a writer that reopens and appends per chunk is not done between
+            # chunks; scanning then would log an error (or a clean prefix) per chunk
+            quiet = float(watch["settle_time"]) - (time.time() - max(st.st_mtime, st.st_ctime))
+            if quiet > 0 and not self._once():
+                self._park(cand, quiet + 0.01)
+                return
             state = writer_state(cand.path)
             if state == "busy":
                 with self.lock:

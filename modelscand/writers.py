@@ -15,6 +15,7 @@ Add a writer by adding a `Writer` here; nothing else branches on writer names.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -80,3 +81,20 @@ COMPLETE_ON = {
     "modified": False,  # written in place, maybe still open: probe (bounded by watch.busy_max_wait)
     "stale_temp": False,  # a temp name untouched for watch.stale_temp_after: probe like a walk
 }
+
+
+#: names a loader treats as a model (beyond the core's claiming extensions): a file named so
+#: that no scanner can read is worth a warning, not an info line
+MODEL_SUFFIXES = frozenset({
+    ".bin", ".safetensors", ".gguf", ".ggml", ".onnx", ".tflite", ".msgpack", ".model", ".mar", ".nemo",
+    ".pdparams", ".params", ".mlmodel", ".llamafile", ".sav", ".weights", ".ot",
+})
+_OLLAMA_BLOB = re.compile(r"sha256-[0-9a-f]{64}")
+
+
+def looks_like_model(basename: str) -> bool:
+    from modelscan_core.detect import claims_model_format
+
+    lowered = basename.lower()
+    return (claims_model_format(lowered) or os.path.splitext(lowered)[1] in MODEL_SUFFIXES
+            or bool(_OLLAMA_BLOB.fullmatch(lowered)))

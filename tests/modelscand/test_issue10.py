@@ -284,3 +284,40 @@ def _ts(ev) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp()
+
+
+# -- one file, one final verdict; transient states are debug -----------------------------
+
+def test_a_vanished_subdirectory_is_debug_and_not_polled(running, root):
+    with running(str(root)) as h:
+        group = next(iter(h.daemon.watches.values())).observer.emitters
+        group = next(iter(group))._inotify
+        group._add_callback(os.fsencode(str(root / "tmpab12cd")))  # HF's tmp dir, gone before its watch
+        ev = h.wait_event("watch.subwatch_failed")
+        assert ev["level"] == "debug"
+        assert h.daemon.roots.polled == {}
+
+
+def test_a_writer_that_reopens_and_appends_per_chunk_gets_one_verdict(running, root):
+    p = root / "model.pkl"
+    with running(str(root), watch__settle_time=0.3) as h:
+        for i in range(0, len(EVIL), 6):
+            with open(p, "ab") as f:  # open, append one chunk, close: a Closed event each time
+                f.write(EVIL[i:i + 6])
+            time.sleep(0.05)
+        ev = h.wait_scan(str(p))
+        h.settle()
+        assert [e["event"] for e in h.scans(str(p))] == ["scan.finding"], h.scans(str(p))
+        assert ev["size"] == len(EVIL)
+
+
+def test_a_fifo_and_random_bytes_named_like_models_are_warnings(running, root):
+    with running(str(root)) as h:
+        os.mkfifo(root / "model.pkl")
+        ev = h.wait_event("scan.not_regular", path=str(root / "model.pkl"))
+        assert ev["level"] == "warning" and ev["kind"] == "fifo"
+        (root / "pytorch_model.bin").write_bytes(os.urandom(4096))
+        ev = h.wait_scan(str(root / "pytorch_model.bin"))
+        assert ev["level"] == "warning" and ev["verdict"] in ("skipped", "error")
+        (root / "notes.txt").write_bytes(b"just text\n")  # not a model name: no warning
+        assert h.wait_scan(str(root / "notes.txt"))["level"] == "info"
