@@ -74,10 +74,43 @@ class ZipScanner(Scanner):
         for member in listing.members:
             if member.name.endswith("/") and member.size == 0:
                 continue
-            if root is not None and _is_storage(member.name, root):
-                continue  # raw tensor bytes: torch never unpickles them
             label = _distinct(member.name + (f" ({member.why})" if member.why else ""), counts)
+            if root is not None and _is_storage(member.name, root):
+                self._storage(item, ctx, member, label)  # raw tensor bytes to torch.load
+                continue
             self._member(item, ctx, member, label, torch=torch)
+
+    def _storage(self, item: Item, ctx: ScanContext, member: ziparchive.ZipMember, label: str) -> None:
+        """A storage is raw bytes to torch.load, but a tool that unpickles every member of the
+        archive (pickle.loads of each) runs one that is a pickle: report it when it names or
+        calls anything, and scan it as the pickle it is. Tensor data breaks off at once."""
+        from modelscan_core.model import Severity
+        from modelscan_core.scanners.pickle.vm import PickleVM
+
+        if member.method == 0:
+            length = min(member.compressed_size, max(0, item.size - member.data_offset))
+            opener = lambda: Window(item.stream, member.data_offset, length)  # noqa: E731
+        else:
+            codec = {8: "deflate", 12: "bz2"}.get(member.method)
+            if codec is None:
+                ctx.error(f"{label}: compression method {member.method} is not supported; member not scanned", "NESTED_ZIP")
+                return
+            spooled = spool.spool_codec(Window(item.stream, member.data_offset, member.compressed_size), codec, ctx)
+            _limit_error(ctx, label, spooled)
+            length, opener = spooled.size, (lambda: spooled.stream)
+        stream = opener()
+        facts = PickleVM(stream, size=length, memo_budget=ctx.limits.max_memo_values).run()
+        named = [g for g in facts.globals if _dotted(g.module) and _dotted(g.name)]
+        if not (named or facts.calls):
+            return
+        ctx.report(
+            "torch/hidden-pickle",
+            Severity.HIGH,
+            f"{label} is read by torch.load as raw tensor bytes, but it is a pickle that imports {len(named)} name(s) "
+            f"and makes {facts.calls} call(s): a tool that unpickles every member of the archive runs it",
+            offset=member.data_offset,
+        )
+        ctx.scan_member(label, opener, length, "pickle")
 
     def _member(self, item: Item, ctx: ScanContext, member: ziparchive.ZipMember, label: str, *, torch: bool) -> None:
         window = Window(item.stream, member.data_offset, member.compressed_size)
@@ -102,6 +135,10 @@ class ZipScanner(Scanner):
             spooled.stream.close()
             return
         ctx.scan_member(label, lambda: spooled.stream, spooled.size, hint)
+
+
+def _dotted(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
 
 
 def _torch_root(listing: ziparchive.ZipListing) -> str:

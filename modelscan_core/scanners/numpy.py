@@ -17,8 +17,10 @@ from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
 
 MAGIC = b"\x93NUMPY"
-#: np.lib.format refuses headers longer than this by default (max_header_size)
-MAX_HEADER = 10000
+#: np.lib.format refuses headers longer than 10000 by default (max_header_size), but not with
+#: allow_pickle=True, which an object array needs: any length is read. Past this one the
+#: scanner stops (incomplete) rather than parse an absurd header.
+MAX_HEADER = 64 << 20
 
 
 class NumpyScanner(Scanner):
@@ -41,7 +43,7 @@ class NumpyScanner(Scanner):
         else:
             raise ScanFailed(f".npy format version {major}.{fixed[7]} is not one numpy reads", "MODEL_SCAN")
         if hlen > MAX_HEADER:
-            raise ScanFailed(f".npy header of {hlen} bytes is longer than numpy accepts", "MODEL_SCAN")
+            raise ScanFailed(f".npy header of {hlen} bytes is longer than the scan limit", "MODEL_SCAN", incomplete=True)
         raw = stream.read(hlen)
         if len(raw) < hlen:
             raise ScanFailed(".npy header is truncated", "MODEL_SCAN")

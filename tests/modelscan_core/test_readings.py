@@ -155,3 +155,46 @@ def test_benign_frames_are_clean(tmp_path):
     path.write_bytes(pickle.dumps({f"k{i}": list(range(50)) for i in range(3000)}, protocol=5))
     report = scan_path(path)
     assert report.files[0].verdict.value == "clean", report.findings()
+
+
+def test_a_storage_member_that_is_a_pickle_is_reported(tmp_path):
+    # torch.load reads <root>/data/<key> as raw bytes; a tool that unpickles every member runs it
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    data = replace_member(buf.getvalue(), "/data/0", pickle.dumps(_Reduce(__import__("os").system, ("id",)), 2))
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    report = scan_path(path)
+    assert "torch/hidden-pickle" in {f.rule_id for f in report.findings()}
+    assert critical_system(report)
+    assert any(f.source.endswith("data/0") for f in report.findings() if f.operator == "system")
+
+
+def test_real_tensor_storages_are_not_pickles(tmp_path):
+    buf = io.BytesIO()
+    torch.manual_seed(0)
+    torch.save({f"w{i}": torch.randn(257) * 1000 for i in range(40)} | {"i": torch.arange(4096)}, buf)
+    path = tmp_path / "model.pt"
+    path.write_bytes(buf.getvalue())
+    report = scan_path(path)
+    assert report.files[0].verdict.value == "clean", report.findings()
+
+
+class _Reduce:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def test_npy_object_array_with_a_long_header(tmp_path):
+    # np.load(allow_pickle=True) lifts the 10000-byte header limit: the pickle after a long
+    # header runs, so the scanner must read past it (it refused such files before)
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header = header.ljust(20000 - 11, b" ") + b"\n"
+    data = b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header
+    data += pickle.dumps(_Reduce(__import__("os").system, ("id",)), 2)
+    path = tmp_path / "weights.npy"
+    path.write_bytes(data)
+    assert critical_system(scan_path(path))
