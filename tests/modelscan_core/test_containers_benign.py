@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from modelscan_core import scan_path
+
 from .containers_util import assert_clean
 
 #: bytes that read as a pickle calling os.system: array data must never be read as opcodes
@@ -49,10 +51,15 @@ def test_torch_zip_state_dict_and_optimizer(tmp_path):
 
 
 def test_torch_zip_with_opcode_looking_tensors(tmp_path):
+    # torch.load never unpickles a storage, so data.pkl is clean; but tensors whose bytes are
+    # a pickle that calls os.system are a payload for tools that unpickle every member (issue 9)
     t = torch.from_numpy(opcode_array(1 << 20))
     path = tmp_path / "weights.pth"
     torch.save({"w": t, "w2": t.clone()}, path)
-    assert_clean(path)
+    report = scan_path(path)
+    hidden = [f for f in report.findings() if f.rule_id == "torch/hidden-pickle"]
+    assert len(hidden) == 2 and all("/data/" in f.description for f in hidden)
+    assert not [f for f in report.findings() if f.source.endswith("data.pkl")]
 
 
 def test_torchscript_archive(tmp_path):
