@@ -9,16 +9,21 @@ tar members are windows on the file (never copied); compressed bytes go through
 from __future__ import annotations
 
 import re
-import tarfile
+from typing import TYPE_CHECKING
 
 from modelscan_core import detect
 from modelscan_core.detect import Rule
-from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.model import Severity
+from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner, ScanFailed
 from modelscan_core.scanners.paths import escapes, link_escapes
-from modelscan_core.sources import spool, ziparchive
+from modelscan_core.sources import ziparchive
 from modelscan_core.sources.window import Window
+
+if TYPE_CHECKING:  # imported where used: the registry imports this module for every scan
+    import tarfile
+
+    from modelscan_core.sources import spool
 
 _CODEC_EXTENSIONS = {
     "gzip": (".gz", ".gzip", ".tgz"),
@@ -129,6 +134,8 @@ class ZipScanner(Scanner):
         if codec is None:
             ctx.error(f"{label}: compression method {member.method} is not supported; member not scanned", "NESTED_ZIP")
             return
+        from modelscan_core.sources import spool
+
         spooled = spool.spool_codec(window, codec, ctx)
         _limit_error(ctx, label, spooled)
         if torch and hint is None and not _torch_worth_scanning(spooled.stream, member.name):
@@ -192,6 +199,8 @@ class TarScanner(Scanner):
     formats = ("tar",)
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
+        import tarfile
+
         item.stream.seek(0)
         try:
             archive = tarfile.open(fileobj=item.stream, mode="r:")
@@ -245,6 +254,8 @@ class SevenZipScanner(Scanner):
     def scan(self, item: Item, ctx: ScanContext) -> None:
         import py7zr
         from py7zr.io import Py7zIO, WriterFactory
+
+        from modelscan_core.sources import spool
 
         item.stream.seek(0)
         counts: dict[str, int] = {}
@@ -301,6 +312,8 @@ class CompressedScanner(Scanner):
     formats = ("gzip", "bz2", "xz", "lzma", "zlib", "lz4", "joblib_zfile")
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
+        from modelscan_core.sources import spool
+
         codec = item.format
         raw = Window(item.stream, 0, item.size)
         if codec == "joblib_zfile":

@@ -16,7 +16,6 @@ tokenizer files) are scanned by the tar scanner like any archive's.
 from __future__ import annotations
 
 import re
-import tarfile
 from typing import Any, BinaryIO, Iterator
 
 from modelscan_core.detect import Rule
@@ -35,6 +34,8 @@ _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
 def sniff_nemo(head: bytes, name: str, stream: BinaryIO) -> bool:
+    import tarfile
+
     from modelscan_core.sources import sniff
 
     if not sniff.tar(head, name, stream):
@@ -136,6 +137,8 @@ class NemoScanner(Scanner):
     formats = ("nemo",)
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
+        import tarfile
+
         from modelscan_core.scanners.archives import TarScanner
 
         TarScanner().scan(item, ctx)  # every member, checkpoints included, as any tar's
