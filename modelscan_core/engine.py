@@ -122,14 +122,14 @@ class _Scan:
             stream.seek(0)
             head = stream.read(detect.HEAD)
             stream.seek(0)
-            fmt = format_hint or detect.detect(head, name, stream)
+            formats = [format_hint] if format_hint else readings(head, name, stream)
             stream.seek(0)
         except OSError as exc:
             return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", f"read failed: {exc.strerror or exc}", source),))
         except Exception as exc:  # a detection bug costs this file an error verdict, never the whole scan
             desc = f"internal error while detecting the format: {type(exc).__name__}: {exc}"
             return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),))
-        if fmt is None:
+        if not formats:
             if size == 0:
                 if detect.claims_model_format(name):
                     return FileResult(source, "empty", size, sha256, errors=(ScanError("MODEL_SCAN", "empty file: nothing a loader could read", source),), scanned=False)
@@ -139,6 +139,29 @@ class _Scan:
                 return FileResult(source, "unknown", size, sha256, errors=(ScanError("MODEL_SCAN", desc, source),), scanned=False)
             what = "text, not a model format" if _is_text(head) else "no model format recognised in the content"
             return FileResult(source, "unknown", size, sha256, skipped=Skipped("SCAN_NOT_SUPPORTED", what, source), scanned=False)
+        results = [self._scan_as(fmt, stream, source, size, sha256, depth, path) for fmt in formats]
+        first, others = results[0], [r for r in results[1:] if r.all_findings()]
+        if not others:
+            return first
+        # Also another format (a tar whose first member name is a pickle, a pickle in an HDF5
+        # user block): each reading that found something counts. A reading that found nothing
+        # is bytes that loader rejects at once, and its errors are no error of the file.
+        return FileResult(
+            source,
+            "+".join(r.format for r in [first, *others]),
+            size,
+            sha256,
+            findings=tuple(f for r in [first, *others] for f in r.findings),
+            errors=tuple(e for r in [first, *others] for e in r.errors),
+            members=tuple(m for r in [first, *others] for m in r.members),
+            skipped=first.skipped,
+            scanned=first.scanned or any(r.scanned for r in others),
+        )
+
+    def _scan_as(self, fmt: str, stream: BinaryIO, source: str, size: int, sha256: str | None, depth: int,
+                 path: str | None) -> FileResult:
+        """The stream read as one format, by its scanner, inside the guard."""
+        stream.seek(0)
         try:
             found = scanner_for(fmt)
         except Exception as exc:  # e.g. the scanner module (or its dependency) fails to import
@@ -169,6 +192,23 @@ class _Scan:
             errors=tuple(ctx.errors),
             members=tuple(ctx.members),
         )
+
+
+#: rule families whose scanner reads a pickle at offset 0 itself (a zip scans the bytes
+#: before its first header as a member; legacy torch files are pickles)
+_READS_OFFSET_ZERO = {"zip"}
+
+
+def readings(head: bytes, name: str, stream: BinaryIO) -> list[str]:
+    """Every format some loader could read the stream as: the first rule that matches decides
+    what the file is, and offset 0 is also read as a pickle whenever it parses as one, and as
+    each other container that claims it (one format per rule family, see detect.py)."""
+    found = list(detect.detect_all(head, name, stream))
+    if "pickle" in found and found[0] != "pickle":
+        families = {rule.family for rule in detect.rules() if rule.format in found}
+        if families & _READS_OFFSET_ZERO:
+            found.remove("pickle")
+    return found
 
 
 class _Context(ScanContext):

@@ -82,6 +82,7 @@ class Settings:
     @classmethod
     def from_dict(cls, user: dict[str, Any]) -> "Settings":
         data = default_settings()
+        check_keys(user, data)
         _merge(data, user)
         settings = cls(data=data, user_unsafe_globals=copy.deepcopy(user.get("unsafe_globals") or {}))
         settings.validate()
@@ -141,6 +142,61 @@ class Settings:
                             unsafe[other][module] = [n for n in unsafe[other][module] if n not in names]
                 unsafe.setdefault(level, {})[module] = names
         return Policy(unsafe, self.data["safe_globals"], tuple(self.data["ecosystem_packages"]), unknown)
+
+
+#: modelscan 0.8.8's settings files carry these; they mean nothing here and are accepted as is
+_IGNORED = {"middlewares"}
+#: tables whose keys are the user's own (module names, a custom reporter's options)
+_FREE = {"unsafe_globals", "safe_globals", ("reporting", "settings")}
+
+
+def check_keys(user: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse a key the scanner does not know, naming it: a typo (`unsafe_global`, `limts`,
+    `max_memo_value`) would otherwise be merged in silently and change nothing."""
+    if not isinstance(user, dict):
+        raise SettingsError("a settings file is a TOML table")
+    for key, value in user.items():
+        if key in _IGNORED:
+            continue
+        if key not in defaults:
+            raise SettingsError(f"unknown setting {key!r}{_did_you_mean(key, defaults)}")
+        if key in _FREE or not isinstance(defaults[key], dict):
+            continue
+        if not isinstance(value, dict):
+            raise SettingsError(f"{key} must be a table")
+        if key == "scanners":
+            _check_scanner_tables(value)
+            continue
+        for sub, sub_value in value.items():
+            if (key, sub) in _FREE:
+                continue
+            if sub not in defaults[key]:
+                raise SettingsError(f"unknown setting {key}.{sub}{_did_you_mean(sub, defaults[key])}")
+
+
+def _check_scanner_tables(tables: dict[str, Any]) -> None:
+    from modelscan_core.scanners import registry
+
+    entries = registry().settings.values()
+    known = {entry.table for entry in entries} | {entry.key for entry in entries}
+    # an option declared by one scanner may be read by its siblings (the Keras scanners read
+    # the SavedModel scanner's unsafe_keras_operators from their own tables too)
+    options_known = {"enabled", "supported_extensions"}.union(*(entry.defaults for entry in entries))
+    for table, options in tables.items():
+        if table not in known:
+            raise SettingsError(f"unknown scanner table scanners.{table!r}{_did_you_mean(table, known)}")
+        if not isinstance(options, dict):
+            raise SettingsError(f"scanners.{table!r} must be a table")
+        for option in options:
+            if option not in options_known:
+                raise SettingsError(f"unknown setting scanners.{table!r}.{option}{_did_you_mean(option, options_known)}")
+
+
+def _did_you_mean(key: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

@@ -198,3 +198,55 @@ def test_npy_object_array_with_a_long_header(tmp_path):
     path = tmp_path / "weights.npy"
     path.write_bytes(data)
     assert critical_system(scan_path(path))
+
+
+# -- polyglots: a file is every format some loader reads it as ------------------------------
+
+
+def test_tar_whose_first_member_name_is_a_pickle(oracle, tmp_path):
+    # pickle.load(open(f)) reads the tar header's name field as a protocol-0 pickle and stops
+    # at its STOP; tarfile reads a harmless member
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo((PAYLOAD + b".").decode())
+        body = b"hello"
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    data = out.getvalue()
+    assert runs_system(oracle.read(data, ("peek8192",)), "peek8192")
+    path = tmp_path / "bundle.tar"
+    path.write_bytes(data)
+    report = scan_path(path)
+    assert critical_system(report)
+    assert report.files[0].format == "tar+pickle"
+
+
+def test_pickle_in_an_hdf5_user_block(oracle, tmp_path):
+    import h5py
+
+    path = tmp_path / "model.h5"
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f["w"] = np.ones(4)
+    evil = b"\x80\x02" + PAYLOAD + b"."
+    data = evil + path.read_bytes()[len(evil):]
+    assert runs_system(oracle.read(data, ("peek8192",)), "peek8192")
+    path.write_bytes(data)
+    with h5py.File(path, "r") as f:  # still an HDF5 file h5py opens
+        assert list(f) == ["w"]
+    report = scan_path(path)
+    assert critical_system(report)
+
+
+def test_a_format_that_merely_starts_like_a_pickle_stays_itself(tmp_path):
+    # a safetensors header of 384 bytes starts b"\x80\x01": PROTO 1, then nothing a pickle
+    # reading can use. No finding, no error, one format.
+    import json
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode().ljust(384)
+    data = struct.pack("<Q", len(header)) + header + b"\x00" * 8
+    assert data[:2] == b"\x80\x01"
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    report = scan_path(path)
+    assert report.files[0].format == "safetensors"
+    assert report.files[0].verdict.value == "clean", (report.findings(), report.all_errors())

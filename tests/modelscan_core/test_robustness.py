@@ -47,6 +47,9 @@ def test_cli_prints_a_report_for_the_seven_byte_crash_file(tmp_path):
     report = json.loads(done.stdout)
     assert done.returncode == 1
     assert {i["source"] for i in report["issues"]} == {"evil.pkl"}
+    # a pickle that breaks when loaded: an error for that file, not "text" skipped
+    assert [e["source"] for e in report["errors"]] == ["x.pkl"]
+    assert "unhashable" in report["errors"][0]["description"]
 
 
 def test_a_finding_followed_by_a_break_stays_a_finding(scan_bytes):
@@ -79,7 +82,7 @@ def test_an_exception_in_detection_is_an_error_for_that_file(tmp_path, monkeypat
         raise RuntimeError("simulated detection defect")
 
     (tmp_path / "a.pkl").write_bytes(EVIL)
-    monkeypatch.setattr(engine.detect, "detect", explode)
+    monkeypatch.setattr(engine.detect, "detect_all", explode)
     report = scan_path(tmp_path)
     assert report.files[0].verdict.value == "error"
     assert "detecting" in report.files[0].errors[0].description
@@ -133,3 +136,38 @@ def test_json_is_valid_utf8_for_a_file_name_and_an_operand_that_are_not(tmp_path
     assert report["files"][0]["source_bytes"] == "feff2e706b6c"
     for fmt in ("console", "sarif"):
         _cli_json(tmp_path, "-r", fmt)  # decodes as UTF-8, no traceback
+
+
+# -- settings: a key the scanner does not know is refused, by name -------------------------
+
+
+@pytest.mark.parametrize("text, named", [
+    ('[unsafe_global.CRITICAL]\nmytools = "*"\n', "'unsafe_global' (did you mean 'unsafe_globals'?)"),
+    ("[limits]\nmax_memo_value = 10\n", "limits.max_memo_value"),
+    ('[unknown_globals]\ncalls = "LOW"\n', "unknown_globals.calls"),
+    ('[scanners."modelscan.scanners.PickleUnsafeOpScan"]\nenabeld = false\n', "enabeld"),
+    ("[scanners.pickles]\nenabled = false\n", "'pickles'"),
+])
+def test_settings_with_an_unknown_key_are_refused_naming_it(tmp_path, text, named):
+    settings = tmp_path / "s.toml"
+    settings.write_text(text)
+    (tmp_path / "m.pkl").write_bytes(EVIL)
+    done = subprocess.run([sys.executable, "-m", "modelscan_core", "-p", str(tmp_path / "m.pkl"),
+                           "--settings-file", str(settings)], capture_output=True, timeout=120, text=True)
+    assert done.returncode == 4, done.stdout
+    assert named in done.stderr and done.stdout == ""
+
+
+def test_a_modelscan_settings_file_still_loads(tmp_path):
+    # modelscan 0.8.8 writes a `middlewares` table: meaningless here, accepted
+    from modelscan_core.settings import Settings
+
+    settings = tmp_path / "s.toml"
+    settings.write_text(
+        'modelscan_version = "0.8.8"\nsupported_zip_extensions = [".zip", ".npz"]\n'
+        '[scanners."modelscan.scanners.SavedModelTensorflowOpScan"]\nenabled = true\n'
+        'supported_extensions = [".pb"]\n[scanners."modelscan.scanners.SavedModelTensorflowOpScan".unsafe_tf_operators]\n'
+        'ReadFile = "HIGH"\n[middlewares."modelscan.middlewares.FormatViaExtensionMiddleware".formats]\n'
+        'pickle = [".pkl"]\n[unsafe_globals.CRITICAL]\nos = "*"\n[reporting]\nmodule = "modelscan.reports.ConsoleReport"\n'
+        "[reporting.settings]\nanything = 1\n")
+    assert Settings.load(settings).scanner_enabled("savedmodel_ops")

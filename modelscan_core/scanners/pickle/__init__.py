@@ -34,7 +34,8 @@ def _probe(stream: BinaryIO) -> bool:
 
     Text or binary data that happens to start with an opcode byte fails within an op or two
     (an invalid opcode, a stack underflow, an operand longer than the file, a "module" name
-    that is not an identifier). The whole stream is probed, not a window: a pickle may open
+    that is not an identifier). A stream that breaks only when a value is used (a list as a
+    dict key, `N}]Nsb.`) is a pickle, a broken one. The whole stream is probed, not a window: a pickle may open
     with an operand of any length, which the VM skips with a seek rather than reads.
     """
     from modelscan_core.scanners.pickle.vm import PickleVM
@@ -46,7 +47,7 @@ def _probe(stream: BinaryIO) -> bool:
         return True
     if any(_dotted(g.module) and _dotted(g.name) for g in facts.globals):
         return True
-    return facts.error_truncated and facts.ops >= 4
+    return (facts.error_truncated or facts.error_at_load) and facts.ops >= 4
 
 
 def _dotted(text: str) -> bool:

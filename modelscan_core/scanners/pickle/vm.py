@@ -111,6 +111,11 @@ class PickleTruncated(PickleError):
     """The bytes ran out before the pickle did (a cut-off file, or a probe's window)."""
 
 
+class PickleLoadError(PickleError):
+    """A well-formed opcode the unpickler refuses as it runs it (a list as a dict key): the
+    bytes are a pickle, one that breaks when loaded."""
+
+
 @dataclass
 class StreamFacts:
     """What one pickle stream (PROTO ... STOP) would make a loader do."""
@@ -123,6 +128,7 @@ class StreamFacts:
     error_offset: int | None = None
     error_incomplete: bool = False
     error_truncated: bool = False
+    error_at_load: bool = False  # the stream is well-formed; the unpickler refuses a value in it
     globals: list[GlobalRef] = field(default_factory=list)
     dynamic_calls: list[Call] = field(default_factory=list)  # calls of a non-name callable
     unresolved: list[tuple[int, str]] = field(default_factory=list)  # names not known statically
@@ -499,6 +505,7 @@ class PickleVM:
         except PickleError as exc:
             facts.error, facts.error_offset, facts.error_incomplete = str(exc), exc.offset, exc.incomplete
             facts.error_truncated = isinstance(exc, PickleTruncated)
+            facts.error_at_load = isinstance(exc, PickleLoadError)
         except (ValueError, OverflowError, struct.error) as exc:
             facts.error, facts.error_offset = f"{type(exc).__name__}: {exc}", self.tell()
         except (MemoryError, RecursionError) as exc:
@@ -1045,7 +1052,7 @@ def _check_hashable(items: list, start: int, step: int, at: int) -> None:
     TypeError and the load stops (`N}]Nsb.`). Values the VM cannot know (calls) may hash."""
     for i in range(start, len(items), step):
         if _unhashable(items[i]):
-            raise PickleError(f"unhashable type: '{_TYPE_NAMES.get(type(items[i]), 'tuple')}' as a dict key or set item", at)
+            raise PickleLoadError(f"unhashable type: '{_TYPE_NAMES.get(type(items[i]), 'tuple')}' as a dict key or set item", at)
 
 
 _TYPE_NAMES = {list: "list", PDict: "dict"}
