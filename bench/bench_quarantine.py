@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import statistics
@@ -174,15 +175,19 @@ def bench_list(tmp: str, n: int) -> dict:
                          ("list --repo org3/model-3", ["--repo", "org3/model-3"]),
                          ("show ID", None)):
         args = ["show", f"Q20261101-{n // 2:08x}"] if extra is None else ["list", *extra]
-        times = []
+        times, cpu = [], []
         for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "modelscand.cli", "quarantine", *args, "--state-dir", state],
                                capture_output=True, cwd=HERE)
             times.append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             assert r.returncode == 0, r.stderr[-500:]
         lines = r.stdout.count(b"\n")
-        out[label] = f"best {min(times) * 1000:.0f} ms, median {statistics.median(times) * 1000:.0f} ms ({lines} lines)"
+        out[label] = (f"wall best {min(times) * 1000:.0f} ms, median {statistics.median(times) * 1000:.0f} ms; "
+                      f"CPU median {statistics.median(cpu) * 1000:.0f} ms ({lines} lines; load {os.getloadavg()[0]:.1f})")
     return out
 
 

@@ -117,32 +117,36 @@ def _list(store: Store, cfg, args) -> int:
     since = review.parse_since(args.since) if args.since else None
     gc.disable()  # tens of thousands of small dicts, no cycles, a short-lived process: collections cost ~25%
     entries = review.select(store.listing(), since=since, user=args.user, repo=args.repo, state=args.state)
-    rows = [review.summary(e, when=args.json) for e in entries]
-    if args.json:
-        _json(rows)
+    if args.json:  # one entry per line: readable, and json.dumps without indent is the C encoder
+        sys.stdout.write("[\n" + ",\n".join(json.dumps(review.summary(e), default=str) for e in entries)
+                         + ("\n]\n" if entries else "]\n"))
         return 0
-    if not rows:
+    if not entries:
         print("no quarantine entries" + (" match" if any((args.since, args.user, args.repo, args.state)) else ""),
               file=sys.stderr)
         return 0
     lines = [("ID", "WHEN", "STATE", "USER", "WHERE", "WORST FINDING")]
-    for r in rows:
-        worst = r["worst"]
-        lines.append((r["id"], _local(r["time"]), r["state"], r["user"] or str(r["uid"]), _where(r),
-                      f"{worst['severity']} {_clip(worst['what'], 60)}" if worst else (r["verdict"] or "")))
+    for e in entries:
+        b = e.begin
+        owner = b.get("owner") or {}
+        top = (b.get("findings") or [None])[0]
+        lines.append((e.id, _local(e.time), e.state, owner.get("user") or str(owner.get("uid")), _where(b),
+                      f"{top.get('severity')} {_clip(review.describe_finding(top), 60)}" if top
+                      else (b.get("verdict") or "")))
     widths = [max(len(line[i]) for line in lines) for i in range(5)]
     out = ["  ".join(c.ljust(w) for c, w in zip(line[:5], widths)) + "  " + line[5] for line in lines]
     sys.stdout.write("".join(escape_controls(line) + "\n" for line in out))
     return 0
 
 
-def _where(r: dict) -> str:
-    if r["repo"]:
-        files = r["files"]
+def _where(b: dict) -> str:
+    hf = b.get("hf")
+    if hf and hf.get("repo_id"):
+        files = hf.get("files") or []
         first = f"{files[0]['file']}@{(files[0]['revision'] or '')[:8]}" if files else "(no snapshot link)"
         more = f" +{len(files) - 1}" if len(files) > 1 else ""
-        return _clip(f"{r['repo']}: {first}{more}", 70, left=False)
-    return _clip(r["path"] or "", 70, left=True)
+        return _clip(f"{hf['repo_id']}: {first}{more}", 70, left=False)
+    return _clip(b.get("path") or "", 70, left=True)
 
 
 def _clip(text: str, n: int, left: bool = False) -> str:

@@ -59,8 +59,9 @@ class Entry:
 
 
 class Index:
-    def __init__(self, detail: bool = True):
-        self.detail = detail
+    def __init__(self, detail: bool = True, history: bool = True):
+        self.detail = detail  # keep each entry's begin record
+        self.history = detail and history  # and every record of it
         self.entries: dict[str, Entry] = {}
         self.first_by_sha: dict[str, str] = {}
         self.times_by_sha: collections.Counter = collections.Counter()
@@ -68,8 +69,8 @@ class Index:
         self.orphans: list[dict] = []  # records naming an id with no quarantine.begin
 
     @classmethod
-    def of(cls, records, detail: bool = True) -> "Index":
-        idx = cls(detail)
+    def of(cls, records, detail: bool = True, history: bool = True) -> "Index":
+        idx = cls(detail, history)
         for rec in records:
             idx.add(rec)
         return idx
@@ -90,7 +91,7 @@ class Index:
             return
         was = entry.state
         entry.state, entry.updated = state, rec.get("time", entry.updated)
-        if self.detail:
+        if self.history:
             entry.records.append(rec)
         sha = entry.sha256
         if not sha:

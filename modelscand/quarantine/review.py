@@ -50,13 +50,13 @@ def describe_finding(f: dict | None) -> str:
     return what or f.get("rule_id") or ""
 
 
-def summary(e: Entry, when: bool = True) -> dict:
+def summary(e: Entry) -> dict:
     """One line of `list`: id, when, where, repo/file, worst finding, state."""
     b = e.begin
     hf = b.get("hf") or {}
     top = worst(b.get("findings") or [])
     return {
-        "id": e.id, "time": e.time, "when": iso(e.time) if when else None, "state": e.state, "path": b.get("path"),
+        "id": e.id, "time": e.time, "when": iso(e.time), "state": e.state, "path": b.get("path"),
         "user": b.get("owner", {}).get("user"), "uid": b.get("owner", {}).get("uid"),
         "size": b.get("identity", {}).get("size"), "sha256": b.get("sha256"),
         "severity": b.get("severity"), "verdict": b.get("verdict"), "reason": b.get("reason"),

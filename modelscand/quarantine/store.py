@@ -188,4 +188,4 @@ class Store:
 
     def listing(self) -> Index:
         """Entries as `list` shows them, from record digests (no findings, no HF details)."""
-        return Index.of(self.ledger.digests())
+        return Index.of(self.ledger.digests(), history=False)

@@ -24,7 +24,6 @@ prefixed or appended, so a malicious file cannot hide behind our header.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -96,17 +95,6 @@ def read(dfd: int, name: str) -> str | None:
         os.close(fd)
 
 
-def read_path(path: str) -> str | None:
-    try:
-        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        return read(dfd, os.path.basename(path))
-    finally:
-        os.close(dfd)
-
-
 def place(dfd: int, name: str, qid: str, kind: str, uid: int, gid: int) -> bool:
     """Create the tombstone (never over an existing entry); False if the name is taken."""
     try:
@@ -122,29 +110,3 @@ def place(dfd: int, name: str, qid: str, kind: str, uid: int, gid: int) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def remove(dfd: int, name: str) -> str | None:
-    """Unlink `name` if it is one of our tombstones; the id it named, or None (left alone)."""
-    try:
-        fd = os.open(name, _OPEN, dir_fd=dfd)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SIZE:
-            return None
-        qid = parse(os.pread(fd, MAX_SIZE + 1, 0))
-        if qid is None:
-            return None
-        now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            return None  # swapped since we read it: not ours to remove
-        try:
-            os.unlink(name, dir_fd=dfd)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-        return qid
-    finally:
-        os.close(fd)

@@ -46,7 +46,7 @@ def test_a_finding_is_moved_at_once_and_its_tombstone_is_not_a_finding(running, 
         path = _land(root, "evil.pkl", EVIL)
         ev = _moved(h, path)
         assert ev["level"] == "warning" and ev["show"] == f"modelscand quarantine show {ev['id']}"
-        assert tombstone.read_path(path) == ev["id"]
+        assert tombstone.parse(open(path, "rb").read()) == ev["id"]
         h.wait_event("quarantine.tombstone_seen", path=path)  # the daemon scanned its own tombstone...
         h.settle()
         assert [e["event"] for e in h.scans(path)] == ["scan.finding"]  # ...and gave it no verdict event
@@ -207,6 +207,17 @@ HF_CODE = textwrap.dedent("""
 """)
 
 
+def _hf_server(tmp_path):
+    """The HF resolve API on 127.0.0.1 serving EVIL as org/evil-model's pytorch_model.bin, and
+    the environment that points huggingface_hub at it."""
+    server = serve({"/org/evil-model/resolve/main/pytorch_model.bin": EVIL,
+                    f"/org/evil-model/resolve/{COMMIT}/pytorch_model.bin": EVIL})
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="5", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    return server, env
+
+
 def _hf(hub, env, expect: bytes | None = None) -> dict:
     args = [sys.executable, "-c", HF_CODE, str(hub)] + ([expect.decode("latin-1")] if expect is not None else [])
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -218,11 +229,7 @@ def test_huggingface_download_quarantined_load_fails_naming_it_and_a_redownload_
     pytest.importorskip("huggingface_hub")
     hub = tmp_path / "hf" / "hub"
     hub.mkdir(parents=True)
-    server = serve({"/org/evil-model/resolve/main/pytorch_model.bin": EVIL,
-                    f"/org/evil-model/resolve/{COMMIT}/pytorch_model.bin": EVIL})
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="5", HF_HOME=str(tmp_path / "hf"))
-    env.pop("HF_HUB_OFFLINE", None)
+    server, env = _hf_server(tmp_path)
     etag = hashlib.sha256(EVIL).hexdigest()
     blob = hub / "models--org--evil-model" / "blobs" / etag
     try:
@@ -271,10 +278,7 @@ def test_torch_load_of_a_quarantined_hf_checkpoint_names_the_quarantine(running,
     pytest.importorskip("huggingface_hub")
     hub = tmp_path / "hub"
     hub.mkdir()
-    server = serve({"/org/evil-model/resolve/main/pytorch_model.bin": EVIL,
-                    f"/org/evil-model/resolve/{COMMIT}/pytorch_model.bin": EVIL})
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"))
+    server, env = _hf_server(tmp_path)
     code = textwrap.dedent("""
         import sys, torch
         from huggingface_hub import hf_hub_download

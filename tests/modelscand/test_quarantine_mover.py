@@ -164,7 +164,7 @@ def test_a_sandbox_that_forbids_chown_still_quarantines(tmp_path, root, monkeypa
     begin, done = _q(store, root, path)
     held = tmp_path / "state" / "quarantine" / begin["id"]
     assert stat.S_IMODE(os.stat(held).st_mode) == 0 and done["owner_locked"] is False
-    assert done["tombstone"]["placed"] and tombstone.read_path(path) == begin["id"]
+    assert done["tombstone"]["placed"] and tombstone.parse(open(path, "rb").read()) == begin["id"]
     accounted(store, {path: EVIL})
 
 

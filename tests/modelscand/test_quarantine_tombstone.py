@@ -37,7 +37,7 @@ def test_torch_load_fails_naming_the_quarantine_with_and_without_weights_only(tm
     torch = pytest.importorskip("torch")
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(_ours(tombstone.PICKLE))
-    assert tombstone.read_path(str(path)) == QID
+    assert tombstone.parse(path.read_bytes()) == QID
     with pytest.raises(pickle.UnpicklingError) as exc:
         torch.load(str(path), weights_only=True)
     assert SHOW in str(exc.value)
@@ -52,7 +52,7 @@ def test_safetensors_load_fails_naming_the_quarantine(tmp_path):
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(_ours(tombstone.SAFETENSORS))
-    assert tombstone.read_path(str(path)) == QID
+    assert tombstone.parse(path.read_bytes()) == QID
     with pytest.raises(safetensors.SafetensorError) as exc:
         with safe_open(str(path), "np"):
             pass
