@@ -175,7 +175,7 @@ def _show(store: Store, cfg, args) -> int:
     hf = b.get("hf")
     if hf:
         refs = ", ".join(f"{k} -> {v[:12]}" for k, v in (hf.get("refs") or {}).items())
-        _out(f"  hugging face  {hf.get('repo_type')} {hf.get('repo_id')}  etag {hf.get('etag')}"
+        _out(f"  hf         {hf.get('repo_type')} {hf.get('repo_id')}  etag {hf.get('etag')}"
              + (f"  refs: {refs}" if refs else ""))
         for f in hf.get("files") or [("(no snapshot link points at it)")]:
             _out(f"    {f['file']} @ {f['revision']}" if isinstance(f, dict) else f"    {f}")

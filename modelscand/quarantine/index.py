@@ -93,6 +93,8 @@ class Index:
         entry.state, entry.updated = state, rec.get("time", entry.updated)
         if self.history:
             entry.records.append(rec)
+        if kind == "quarantine.done" and rec.get("sha256"):
+            entry.sha256 = rec["sha256"]  # hashed once out of reach (the scan may have had no time to)
         sha = entry.sha256
         if not sha:
             return

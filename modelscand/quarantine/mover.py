@@ -220,8 +220,10 @@ def _begin(store: Store, subject: Subject, meta: dict, fd: int, dfd: int, base: 
     now = _lstat(dfd, base)
     if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         raise Changed("its name now refers to another file")
-    trusted = subject.identity is not None and subject.sha256
-    sha = subject.sha256 if trusted else hash_fd(fd)
+    # the identity the scan saw (ctime included) vouches for its bytes: no second read before
+    # the move, even when the scan could not hash them in time (then _finish hashes the
+    # quarantined copy, out of reach); without it, hash now and compare
+    sha = subject.sha256 if subject.identity is not None else hash_fd(fd)
     if subject.sha256 and sha != subject.sha256:
         raise Changed("its bytes are not the ones scanned")
     qdir, same_fs = store.dirs.for_file(st.st_dev, os.path.dirname(subject.path))
@@ -255,6 +257,7 @@ def _transfer(store: Store, begin: dict, fd: int, dfd: int, base: str, qfd: int,
 
 def _copy(store: Store, begin: dict, fd: int, qfd: int) -> None:
     name = begin["name"]
+    expected = begin["sha256"] or hash_fd(fd)  # what the copy must hold before the original goes
     out = os.open(name, _CREATE, 0o600, dir_fd=qfd)
     try:
         offset = 0
@@ -275,7 +278,7 @@ def _copy(store: Store, begin: dict, fd: int, qfd: int) -> None:
         got = hash_fd(check)
     finally:
         os.close(check)
-    if got != begin["sha256"]:
+    if got != expected:
         os.unlink(name, dir_fd=qfd)
         store.ledger.append("quarantine.aborted", id=begin["id"],
                             reason="the file changed while it was copied; left in place to be scanned again")
@@ -322,7 +325,8 @@ def _finish(store: Store, begin: dict, qfd: int, dfd: int | None, base: str | No
         sha = hash_fd(qf)
     finally:
         os.close(qf)
-    changed = sha != begin["sha256"] or (renamed and not _same_bytes(after, begin["identity"]))
+    changed = (begin["sha256"] is not None and sha != begin["sha256"]) or (
+        renamed and not _same_bytes(after, begin["identity"]))
     tomb = None
     if store.tombstones and dfd is not None and base is not None:
         placed = tombstone.place(dfd, base, begin["id"], begin["tombstone_kind"], begin["owner"]["uid"],
@@ -369,9 +373,9 @@ def restore(store: Store, qid: str, *, force: bool = False, by: dict | None = No
                                       f"(run 'modelscand quarantine verify')") from None
             try:
                 sha = hash_fd(qf)
-                if sha != begin["sha256"]:
+                if sha != entry.sha256:
                     raise QuarantineError(f"{qid}: the quarantined file's sha256 is {sha[:16]}..., the ledger says "
-                                          f"{begin['sha256'][:16]}...: not restored (run 'modelscand quarantine verify')")
+                                          f"{entry.sha256}: not restored (run 'modelscand quarantine verify')")
                 try:
                     pdfd = open_parent(root, path)
                 except OSError as exc:
@@ -414,7 +418,7 @@ def _restore_into(store: Store, entry: Entry, qfd: int, qf: int, pdfd: int, base
             finally:
                 os.close(f)
     same_fs = os.fstat(qf).st_dev == os.fstat(pdfd).st_dev
-    store.ledger.append("restore.begin", id=qid, sha256=begin["sha256"], by=by, force=force, overwrites=overwrites,
+    store.ledger.append("restore.begin", id=qid, sha256=entry.sha256, by=by, force=force, overwrites=overwrites,
                         replaces_tombstone=tomb_id, method="rename" if same_fs else "copy")
     _step("restore_begun")
     try:
@@ -427,7 +431,7 @@ def _restore_into(store: Store, entry: Entry, qfd: int, qf: int, pdfd: int, base
             missed = _set_attrs(qf, begin)
             placed = os.fstat(qf)
         else:
-            placed, missed = _copy_back(store, begin, qf, qfd, pdfd, base, replace=existing is not None)
+            placed, missed = _copy_back(store, begin, entry.sha256, qf, qfd, pdfd, base, replace=existing is not None)
     except OSError as exc:
         store.ledger.append("restore.aborted", id=qid, reason=f"{exc.strerror or exc}; still quarantined")
         raise QuarantineError(f"{qid}: not restored: {exc.strerror or exc}") from None
@@ -435,7 +439,7 @@ def _restore_into(store: Store, entry: Entry, qfd: int, qf: int, pdfd: int, base
     return store.ledger.append("restore.done", id=qid, identity=identity(placed), links=links, not_restored=missed)
 
 
-def _copy_back(store: Store, begin: dict, qf: int, qfd: int, pdfd: int, base: str,
+def _copy_back(store: Store, begin: dict, sha256: str, qf: int, qfd: int, pdfd: int, base: str,
                replace: bool) -> tuple[os.stat_result, list[str]]:
     tmp = f".modelscand-restore-{begin['id']}"
     _unlink_quiet(pdfd, tmp)
@@ -445,7 +449,7 @@ def _copy_back(store: Store, begin: dict, qf: int, qfd: int, pdfd: int, base: st
         while n := os.sendfile(out, qf, offset, _CHUNK):
             offset += n
         os.fsync(out)
-        if hash_fd(out) != begin["sha256"]:
+        if hash_fd(out) != sha256:
             raise OSError(errno.EIO, "the copy back does not have the recorded sha256")
         missed = _set_attrs(out, begin)
         st = os.fstat(out)
@@ -520,8 +524,9 @@ def recover(store: Store) -> list[dict]:
                     out.append(_recover_restore(store, entry))
                 else:
                     out.append(_purge_file(store, entry.begin, recovered=True))
-            except QuarantineError as exc:
-                out.append({"id": entry.id, "type": "recovery.failed", "error": str(exc)})
+            except (QuarantineError, OSError) as exc:  # one entry never keeps the others (or the daemon) back
+                error = str(exc) if isinstance(exc, QuarantineError) else f"{exc.strerror or exc}: {exc.filename}"
+                out.append({"id": entry.id, "type": "recovery.failed", "error": error})
     return out
 
 

@@ -58,7 +58,7 @@ def summary(e: Entry) -> dict:
     return {
         "id": e.id, "time": e.time, "when": iso(e.time), "state": e.state, "path": b.get("path"),
         "user": b.get("owner", {}).get("user"), "uid": b.get("owner", {}).get("uid"),
-        "size": b.get("identity", {}).get("size"), "sha256": b.get("sha256"),
+        "size": b.get("identity", {}).get("size"), "sha256": e.sha256,
         "severity": b.get("severity"), "verdict": b.get("verdict"), "reason": b.get("reason"),
         "worst": {"severity": top.get("severity"), "rule_id": top.get("rule_id"), "what": describe_finding(top)}
         if top else None,

@@ -4,6 +4,7 @@ restore and purge, and a SIGKILL at every journaled step followed by recovery.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -90,6 +91,25 @@ def test_a_file_changed_since_its_scan_is_not_moved(tmp_path, root):
     with pytest.raises(mover.Changed):
         mover.quarantine(store, mover.Subject(str(root), path, scanned, sha(EVIL)), {})
     assert open(path, "rb").read() == BENIGN and list(store.ledger.records()) == []
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_a_finding_the_scan_had_no_time_to_hash_is_moved_then_hashed(tmp_path, root, monkeypatch, across):
+    """A 50 GB file may get its verdict without a sha256 (bounded hash phase): the scanned
+    identity vouches for it, the move is not delayed, the ledger gets the hash afterwards."""
+    store = make_store(tmp_path)
+    path = plant(root, "big.bin", EVIL_BIG)
+    st = os.stat(path)
+    scanned = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with no_rename_across(monkeypatch) if across else contextlib.nullcontext():
+        begin, done = mover.quarantine(store, mover.Subject(str(root), path, scanned, None), {"verdict": "issues"})
+    assert begin["sha256"] is None and done["sha256"] == sha(EVIL_BIG) and done["changed_during_move"] is False
+    entry = store.index().entries[begin["id"]]
+    assert entry.sha256 == sha(EVIL_BIG) and store.index().first_by_sha[sha(EVIL_BIG)] == begin["id"]
+    monkeypatch.undo()
+    accounted(store, {path: EVIL_BIG})
+    mover.restore(store, begin["id"])
+    assert open(path, "rb").read() == EVIL_BIG and store.index().allowed_by(sha(EVIL_BIG)) == begin["id"]
 
 
 def test_symlinked_parent_is_refused_and_nothing_outside_the_root_moves(tmp_path, root):
