@@ -174,9 +174,15 @@ def _status(cfg, as_json: bool) -> int:
         return EXIT_NO_STATE
     import sqlite3
 
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-    counts = dict(db.execute("SELECT verdict, count(*) FROM files GROUP BY verdict").fetchall())
+    from modelscand.state import open_readonly
+
+    try:
+        db = open_readonly(path)
+        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        counts = dict(db.execute("SELECT verdict, count(*) FROM files GROUP BY verdict").fetchall())
+    except (OSError, sqlite3.Error) as exc:
+        print(f"modelscand: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_SOFTWARE
     flagged = [
         {"path": os.fsdecode(p), "verdict": v, "severity": s, "sha256": h, "rule_ids": json.loads(r or "[]"),
          "scanned_at": t}

@@ -135,7 +135,7 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         cfg = self.config
-        self.baseline = Baseline(cfg.state_dir, fingerprint(cfg))
+        self.baseline = Baseline(cfg.state_dir, fingerprint(cfg), log=self.log)
         self.baseline.set_meta(pid=os.getpid(), started_at=self.started_at, ready_at=None, mode=cfg.mode,
                                config=cfg.source, stopped_at=None)
         if hasattr(self.action, "start"):

@@ -48,6 +48,7 @@ class Maintenance:
         next_reconcile = now + cfg.watch["reconcile_interval"] if cfg.watch["reconcile_interval"] else None
         next_retry = now + cfg.watch["root_retry_interval"]
         next_root_check = next_retry
+        next_state_retry = now
         next_poll = now + SUBWATCH_POLL_INTERVAL
         next_health = now
         wd_interval = d.notifier.watchdog_interval
@@ -62,6 +63,9 @@ class Maintenance:
                 for root in d.roots.replaced():
                     d._on_root_gone(root, "its directory is another inode now")
                 next_root_check = now + cfg.watch["root_retry_interval"]
+            if d.baseline is not None and d.baseline.degraded and now >= next_state_retry:
+                d.baseline.retry()
+                next_state_retry = now + cfg.watch["root_retry_interval"]
             if self._retry_now:
                 self._retry_now = False
                 next_retry = now
@@ -90,6 +94,8 @@ class Maintenance:
                     last_status = text
                 next_health = now + min(HEALTH_INTERVAL, wd_interval or HEALTH_INTERVAL)
             deadlines = [next_health, next_root_check]
+            if d.baseline is not None and d.baseline.degraded:
+                deadlines.append(next_state_retry)
             if d.roots.missing:
                 deadlines.append(next_retry)
             if d.roots.polled:

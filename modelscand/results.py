@@ -1,7 +1,8 @@
 """Results: one verdict per scanned identity, logged, recorded, then acted on.
 
 A worker's answer becomes, in this order: the verdict event (``scan.clean``,
-``scan.finding``, ...) with everything an operator needs to act, the baseline row, and
+``scan.finding``, ...) with everything an operator needs to act, the baseline row (a
+state dir that cannot take it degrades the baseline to memory, never the verdict), and
 the action (`Action.handle(Outcome)`: detect logs, quarantine moves). A file that changed
 or was replaced under the scan gets no verdict: it is offered again.
 """
@@ -74,7 +75,6 @@ class Results:
             baseline.record(ident, cand.path, sha, "skipped", None, [])  # our own: neither a finding nor a move
             self.log.debug("quarantine.tombstone_seen", path=cand.path, sha256=sha)
             return
-        baseline.record(ident, cand.path, sha, verdict, sev_name, rule_ids)
         self.counts["scanned"] += 1
         self.counts[verdict] = self.counts.get(verdict, 0) + 1
         if verdict == "issues" and severity is not None and severity >= self._config().threshold:
@@ -115,6 +115,7 @@ class Results:
             if again:
                 fields["seen_before"] = again[:3]
         getattr(self.log, level)(event, **fields)
+        baseline.record(ident, cand.path, sha, verdict, sev_name, rule_ids)  # after the log: a full disk loses nothing
         outcome = Outcome(cand.path, verdict, severity, sha, ident.size, ident.inode, tuple(rule_ids),
                           tuple(findings), hf, result=result, identity=ident, root=cand.root,
                           extra={"format": fields["format"], "errors": errors, "error": fields.get("error"),

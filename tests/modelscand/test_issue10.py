@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from tests.modelscand.conftest import BENIGN, EVIL
@@ -321,3 +322,82 @@ def test_a_fifo_and_random_bytes_named_like_models_are_warnings(running, root):
         assert ev["level"] == "warning" and ev["verdict"] in ("skipped", "error")
         (root / "notes.txt").write_bytes(b"just text\n")  # not a model name: no warning
         assert h.wait_scan(str(root / "notes.txt"))["level"] == "info"
+
+
+# -- the state directory cannot be written ---------------------------------------------
+
+def _in_private_mounts(script: str, *args: str, **kw):
+    """Run `script` (sh) in a private mount namespace: its mounts never reach this machine."""
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-ec", script, "sh", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, **kw)
+
+
+READ_ONLY = 'mount --bind "$1" "$1"; mount -o remount,ro,bind "$1"; shift; exec "$@"'
+
+
+def test_a_read_only_state_dir_degrades_loudly_and_loses_no_verdict(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "ok.pkl").write_bytes(BENIGN)
+    state = _state(tmp_path)
+    assert cli("run", "--once", "--root", str(root), "--state-dir", state).returncode == 0  # a baseline exists
+    (root / "evil.pkl").write_bytes(EVIL)
+    daemon = [sys.executable, "-m", "modelscand.cli"]
+    out = _in_private_mounts(READ_ONLY, state, *daemon, "run", "--once", "--root", str(root), "--state-dir", state)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    evs = events(out.stdout)
+    assert [e["event"] for e in _verdicts(evs, root / "evil.pkl")] == ["scan.finding"]
+    degraded = [e for e in evs if e["event"] == "state.degraded"]
+    assert degraded and degraded[0]["level"] == "error"
+    status = _in_private_mounts(READ_ONLY, state, *daemon, "status", "--state-dir", state, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["files"]["clean"] == 1
+    fresh = _state(tmp_path, "fresh")  # no baseline yet, and none can be made
+    out = _in_private_mounts(READ_ONLY, fresh, *daemon, "run", "--once", "--root", str(root), "--state-dir", fresh)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert [e["event"] for e in _verdicts(events(out.stdout), root / "evil.pkl")] == ["scan.finding"]
+
+
+def test_a_full_state_dir_logs_every_verdict_and_catches_up_when_space_returns(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    state = _state(tmp_path)
+    conf = tmp_path / "c.toml"
+    conf.write_text("[watch]\nroot_retry_interval = 0.3\n")  # the state retry runs on this timer too
+    script = ('mount -t tmpfs -o size=1m,mode=0700 tmpfs "$1"; shift; exec "$@"')
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-ec", script, "sh", state,
+                             sys.executable, "-m", "modelscand.cli", "run", "--config", str(conf), "--root", str(root),
+                             "--state-dir", state],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    lines: list[dict] = []
+    reader = threading.Thread(target=lambda: [lines.append(json.loads(ln)) for ln in proc.stdout
+                                              if ln.startswith("{")], daemon=True)
+    reader.start()
+
+    def until(pred, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in list(lines):
+                if pred(e):
+                    return e
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; last events {[e['event'] for e in lines[-20:]]}")
+
+    try:
+        until(lambda e: e["event"] == "daemon.ready")
+        fill = subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "sh", "-c",
+                               f"dd if=/dev/zero of={state}/filler bs=64k 2>/dev/null; true"], capture_output=True)
+        assert fill.returncode == 0
+        for i in range(5):
+            (root / f"m{i}.pkl").write_bytes(EVIL if i == 3 else BENIGN * 50)
+        degraded = until(lambda e: e["event"] == "state.degraded")
+        assert degraded["level"] == "error"
+        until(lambda e: len(_verdicts(list(lines))) == 5)  # every verdict is logged all the same
+        assert [e["event"] for e in _verdicts(lines, root / "m3.pkl")] == ["scan.finding"]
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "rm", "-f", f"{state}/filler"], check=True)
+        rec = until(lambda e: e["event"] == "state.recovered", timeout=30)
+        assert rec["flushed"] >= 5
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
