@@ -95,7 +95,28 @@ late_key(PyObject *key)
            PyUnicode_CompareWithASCIIString(key, "append") == 0 ||
            PyUnicode_CompareWithASCIIString(key, "extend") == 0 ||
            PyUnicode_CompareWithASCIIString(key, "add") == 0 ||
-           PyUnicode_CompareWithASCIIString(key, "__class__") == 0;
+           PyUnicode_CompareWithASCIIString(key, "keys") == 0 ||
+           PyUnicode_CompareWithASCIIString(key, "__class__") == 0 ||
+           PyUnicode_CompareWithASCIIString(key, "__dict__") == 0;
+}
+
+/* A key of plain data (vm.py's _PLAIN_KEYS): past the cap a pair keyed by anything else (a key
+ * computed at load time, which may spell a late-called name) is kept by vm.py, not dropped. */
+static int
+plain_key(PyObject *key)
+{
+    return PyUnicode_CheckExact(key) || PyLong_CheckExact(key) || PyFloat_CheckExact(key) || PyBool_Check(key) ||
+           PyBytes_CheckExact(key) || key == Py_None;
+}
+
+/* True when some of the pairs stack[k:len] would pass the cap with a key that is not plain. */
+static int
+needs_reference(PyObject *stack, PyObject *target, Py_ssize_t k, Py_ssize_t len, Py_ssize_t cap)
+{
+    if (PyList_GET_SIZE(target) + (len - k) / 2 <= cap) return 0;
+    for (Py_ssize_t i = k; i < len; i += 2)
+        if (!plain_key(PyList_GET_ITEM(stack, i))) return 1;
+    return 0;
 }
 
 /* vm.py's _set_items for one pair: the first `cap` pairs, then only late-called keys, the
@@ -226,7 +247,7 @@ fast_run(PyObject *self, PyObject *args)
             if (k <= 0 || k > len || (len - k) % 2) goto done;
             if (k < len) {
                 PyObject *target = PyList_GET_ITEM(stack, k - 1);
-                if ((PyObject *)Py_TYPE(target) != pdict) goto done;
+                if ((PyObject *)Py_TYPE(target) != pdict || needs_reference(stack, target, k, len, cap)) goto done;
                 for (Py_ssize_t i = k; i < len; i += 2)
                     if (hash_in_doubt(PyList_GET_ITEM(stack, i), pdict)) goto done;
                 for (Py_ssize_t i = k; i < len; i += 2) {
@@ -242,7 +263,9 @@ fast_run(PyObject *self, PyObject *args)
             Py_ssize_t k = len - 2;
             if (k <= 0) goto done;
             PyObject *target = PyList_GET_ITEM(stack, k - 1);
-            if ((PyObject *)Py_TYPE(target) != pdict || hash_in_doubt(PyList_GET_ITEM(stack, k), pdict)) goto done;
+            if ((PyObject *)Py_TYPE(target) != pdict || hash_in_doubt(PyList_GET_ITEM(stack, k), pdict) ||
+                needs_reference(stack, target, k, len, cap))
+                goto done;
             if (keep_pair(target, PyList_GET_ITEM(stack, k), PyList_GET_ITEM(stack, k + 1), cap) < 0) goto error;
             if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
             break;

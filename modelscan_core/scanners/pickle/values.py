@@ -17,8 +17,15 @@ BUILT = 2  # received state through BUILD (__setstate__ or __dict__ update)
 NEW = 4  # cls.__new__(cls, ...) via NEWOBJ / NEWOBJ_EX / copyreg reconstructors
 CALLED = 8  # called with arguments: REDUCE, INST, OBJ
 
-#: how many items a container keeps for display
+#: how many items a container keeps for display; items that change what the loader does
+#: (a planted method's key, a name computed at load time) are kept past it (vm._set_items)
 DISPLAY_ITEMS = 8
+
+# How a loaded object was changed after it was made (`Call.mutated`, `GlobalRef.mutated`).
+MUT_BUILD = 1  # BUILD: __setstate__ or attribute updates
+MUT_ITEMS = 2  # SETITEM(S): __setitem__
+MUT_APPEND = 4  # APPEND(S): append / extend
+MUT_ADD = 8  # ADDITEMS: add
 
 
 @dataclass(eq=False, slots=True)
@@ -33,6 +40,8 @@ class GlobalRef:
     calls: list = field(default_factory=list)  # first few `Call`s of this global
     ncalls: int = 0  # all calls, kept or not
     arg_refs: list = field(default_factory=list)  # every distinct GlobalRef passed to it as an argument
+    observer: object = None  # called with every Call of this global (set by whoever runs the VM)
+    mutated: int = 0  # MUT_* bits: the loaded object itself (a class, a function, a module) was changed
 
     @property
     def qualname(self) -> str:
@@ -48,6 +57,8 @@ class Call:
     kind: str  # "reduce", "inst", "obj", "newobj", "newobj_ex", "build"
     offset: int
     kwargs: object = None
+    mutated: int = 0  # MUT_* bits: what the load did to the returned object afterwards
+    planted: object = None  # {attribute: value} a BUILD stored under a name the load calls later
 
 
 @dataclass(eq=False, slots=True)
@@ -68,9 +79,18 @@ class Blob:
 
 
 class PDict(list):
-    """A dict under construction: a capped list of (key, value) pairs."""
+    """A dict under construction: a capped list of (key, value) pairs.
 
-    __slots__ = ()
+    `lossy` is set (read it with `is_lossy`) when a pair whose key is not plain data (a key
+    computed at load time) was dropped by a cap: such a dict cannot be trusted as an object's
+    state. It is a slot left unset, so making a PDict costs what making a list costs.
+    """
+
+    __slots__ = ("lossy",)
+
+
+def is_lossy(d: PDict) -> bool:
+    return getattr(d, "lossy", False)
 
 
 class PSet(list):

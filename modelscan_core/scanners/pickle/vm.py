@@ -49,6 +49,10 @@ from modelscan_core.scanners.pickle.values import (
     BUILT,
     CALLED,
     DISPLAY_ITEMS,
+    MUT_ADD,
+    MUT_APPEND,
+    MUT_BUILD,
+    MUT_ITEMS,
     NEW,
     Blob,
     Call,
@@ -56,6 +60,7 @@ from modelscan_core.scanners.pickle.values import (
     PDict,
     PSet,
     Unknown,
+    is_lossy,
 )
 
 CHUNK = 1 << 20
@@ -136,6 +141,13 @@ class StreamFacts:
     ops: int = 0
     next_start: int = 0  # where the loader's next load() begins (the end of a frame read whole)
     value: object = None  # what the pickle returns (the top of the stack at STOP)
+    #: (offset, target, MUT_* bit, detail): BUILD/SETITEM/APPEND/ADDITEMS on an imported object
+    #: itself (a class, a function, a module, a registry), not on an object the pickle made
+    mutations: list[tuple[int, GlobalRef, int, object]] = field(default_factory=list)
+    #: (offset, why): a security-relevant use of a value the scanner did not keep (an evicted
+    #: memo entry, a state dict that lost a computed key): it fails closed in the policy
+    blind: list[tuple[int, str]] = field(default_factory=list)
+    dropped_events: int = 0  # dynamic calls, mutations or blind uses past KEEP_EVENTS (not kept)
 
 
 #: BuildHook(vm, target, state, offset) may consume bytes that follow BUILD (joblib arrays)
@@ -156,10 +168,13 @@ class PickleVM:
         accelerate: bool = True,
         reader: str = "bytes",
         frame_choices: tuple[bool, ...] = (),
+        observe: Callable[[GlobalRef], object] | None = None,
     ):
         if reader not in READERS:
             raise ValueError(f"unknown reader {reader!r}")
         self.f = f
+        #: observe(ref) is asked once per new global for a callable that sees each of its calls
+        self.observe = observe
         self._fast = _fast_run if accelerate else None
         self.size = size
         self.memo_budget = memo_budget
@@ -531,6 +546,10 @@ class PickleVM:
         msparse: dict = {}
         memo_left = self.memo_budget
         refs: dict[tuple[str, str], GlobalRef] = {}
+        #: (module, name) -> {attribute: value}: names the pickle rewrote (BUILD/SETITEM on a global)
+        patches: dict[tuple[str, str], dict] = {}
+        observe = self.observe
+        planted_any = False  # some BUILD replaced a method the load calls
         ops = 0
         sync = self._sync
         take = self._take
@@ -547,6 +566,10 @@ class PickleVM:
                 if len(facts.unresolved) < KEEP_EVENTS:
                     facts.unresolved.append((at, f"{opname} operands are not static strings: {module!r}, {name!r}"))
                 return Unknown(f"name computed at load time ({opname})")
+            if patches:
+                patched = _patched_name(patches, module, name)
+                if patched is not _MISSING:
+                    return patched_value(patched, module, name, at, opname)
             key = (module, name)
             ref = refs.get(key)
             if ref is None:
@@ -554,7 +577,25 @@ class PickleVM:
                     raise PickleError(f"more than {MAX_GLOBALS:,} distinct globals", at, incomplete=True)
                 ref = refs[key] = GlobalRef(module, name, at, opname)
                 facts.globals.append(ref)
+                if observe is not None:
+                    ref.observer = observe(ref)
             return ref
+
+        def patched_value(patched: object, module: str, name: str, at: int, opname: str) -> object:
+            """find_class of a name the pickle itself rewrote returns what it wrote there."""
+            value, rest = patched
+            if rest and isinstance(value, GlobalRef):
+                return new_global(value.module, f"{value.name}.{rest}" if value.name else rest, at, opname)
+            if rest or isinstance(value, Unknown):
+                event(facts.unresolved, (at, f"{opname} {module}.{name}: a name the pickle rewrote earlier"))
+                return Unknown(f"name rewritten at load time ({module}.{name})")
+            return value
+
+        def event(events: list, item: object) -> None:
+            if len(events) < KEEP_EVENTS:
+                events.append(item)
+            else:
+                facts.dropped_events += 1
 
         def note_call(func: object, call: Call, use: int) -> None:
             facts.calls += 1
@@ -567,8 +608,78 @@ class PickleVM:
                     for arg in call.args:
                         if type(arg) is GlobalRef and arg not in func.arg_refs:
                             func.arg_refs.append(arg)
-            elif len(facts.dynamic_calls) < KEEP_EVENTS:
-                facts.dynamic_calls.append(call)
+                if func.observer is not None:
+                    func.observer(call)
+            else:
+                event(facts.dynamic_calls, call)
+
+        def mutate(target: object, bit: int, at: int, detail: object) -> None:
+            """An opcode changed `target` after it was made; a global changed is a finding."""
+            if type(target) is Call:
+                target.mutated |= bit
+            elif type(target) is GlobalRef:
+                target.mutated |= bit
+                event(facts.mutations, (at, target, bit, detail))
+            elif target is _EVICTED and planted_any:
+                # the object may be one whose methods an earlier BUILD replaced: fail closed
+                event(facts.blind, (at, "a method call on an object the scanner did not keep (memo budget)"))
+
+        def call_planted(target: object, attribute: str, at: int) -> None:
+            """The loader calls `target.<attribute>`: run what an earlier BUILD planted there."""
+            planted = target.planted if type(target) is Call else None
+            if planted and attribute in planted:
+                value = planted[attribute]
+                note_call(value, Call(value, Unknown(f"argument of a planted {attribute}"), attribute, at), CALLED)
+
+        def build(target: object, state: object, at: int) -> None:
+            nonlocal planted_any
+            call_planted(target, "__setstate__", at)
+            mutate(target, MUT_BUILD, at, state)
+            _mark_built(target)
+            attributes, blind = _state_attributes(state)
+            if blind:
+                event(facts.blind, (at, f"BUILD with {blind}"))
+            if type(target) is GlobalRef:
+                # into a class, a function or a module: every value becomes an attribute that the
+                # loader and the interpreter call later (`__new__`, `__setstate__`, `__del__`...)
+                record_patch(target, attributes, blind, at)
+                for _, value in attributes:
+                    if _symbolic(value):
+                        note_call(value, Call(value, Unknown("class attribute"), "setstate", at), CALLED)
+                if len(attributes) >= DISPLAY_ITEMS:
+                    event(facts.unresolved, (at, "BUILD sets more class attributes than the scanner keeps; "
+                                                 "any of them may be called later"))
+                return
+            planted = None
+            for key, value in attributes:
+                if type(key) is not str:
+                    if _symbolic(value):  # a key computed at load time may spell any method
+                        note_call(value, Call(value, Unknown("object state"), "setstate", at), CALLED)
+                elif key == "__class__":
+                    if type(value) is GlobalRef:
+                        value.uses |= BUILT  # obj.__class__ = X: X's methods run on the object from now on
+                elif key in _CALLED_ATTRIBUTES and _symbolic(value):
+                    if type(target) is Call:
+                        if planted is None:
+                            planted = target.planted = dict(target.planted or {})
+                        planted[key] = value
+                        planted_any = True
+                    else:  # an object the scanner cannot follow: assume the load calls it
+                        note_call(value, Call(value, Unknown("object state"), "setstate", at), CALLED)
+
+        def record_patch(target: GlobalRef, attributes: list, blind: str, at: int) -> None:
+            names = patches.setdefault((target.module, target.name), {})
+            if blind or any(type(k) is not str for k, _ in attributes):
+                names[_ANY] = Unknown("attributes set at load time")
+            for key, value in attributes:
+                if type(key) is str:
+                    names[key] = value
+
+        def setitems(target: object, items: list, start: int, at: int) -> None:
+            """SETITEM(S) on something that is not a dict literal: its __setitem__ runs."""
+            mutate(target, MUT_ITEMS, at, items[start : start + 2 * DISPLAY_ITEMS])
+            if type(target) is GlobalRef:
+                _loader_table_patch(patches, target, items, start)
 
         def pop_mark(at: int) -> list:
             nonlocal fence
@@ -696,6 +807,8 @@ class PickleVM:
                                 target.extend(stack[k : k + room])
                         elif isinstance(target, (Call, GlobalRef, Unknown)):
                             _mark_built(target)  # its own extend/append gets the items
+                            mutate(target, MUT_APPEND, base + pos - 1, stack[k : k + DISPLAY_ITEMS])
+                            call_planted(target, "extend", base + pos - 1)
                         else:
                             raise err(f"APPENDS to {type(target).__name__}", base + pos - 1)
                         del stack[k:]
@@ -739,6 +852,7 @@ class PickleVM:
                             _set_items(target, stack, k, at)
                         elif isinstance(target, (Call, GlobalRef, Unknown)):
                             _mark_built(target)  # its own __setitem__ gets the items
+                            setitems(target, stack, k, at)
                         else:
                             raise err(f"SETITEMS on {type(target).__name__}", at)
                         del stack[k:]
@@ -787,6 +901,8 @@ class PickleVM:
                             target.append(value)
                     elif isinstance(target, (Call, GlobalRef, Unknown)):
                         _mark_built(target)  # its own extend/append gets the item
+                        mutate(target, MUT_APPEND, base + pos - 1, [value])
+                        call_planted(target, "append", base + pos - 1)
                     else:
                         raise err(f"APPEND to {type(target).__name__}", base + pos - 1)
                     continue
@@ -827,14 +943,7 @@ class PickleVM:
                         raise err("BUILD needs an object and its state", at)
                     state = stack.pop()
                     target = stack[-1]
-                    _mark_built(target)
-                    planted, missing = _planted(target, state)
-                    for value in planted:
-                        # stored where the loader (or the interpreter) calls it later
-                        note_call(value, Call(value, Unknown("object state"), "setstate", at), CALLED)
-                    if missing and len(facts.unresolved) < KEEP_EVENTS:
-                        facts.unresolved.append((at, "BUILD sets more class attributes than the scanner keeps; "
-                                                     "any of them may be called later"))
+                    build(target, state, at)
                     if self.build_hook is not None:
                         replacement = self.build_hook(self, target, state, at)
                         if replacement is not None:
@@ -966,6 +1075,8 @@ class PickleVM:
                         target.extend(items[: max(0, DISPLAY_ITEMS - len(target))])
                     elif items and isinstance(target, (Call, GlobalRef, Unknown)):
                         _mark_built(target)  # its own add gets the items
+                        mutate(target, MUT_ADD, at, items[:DISPLAY_ITEMS])
+                        call_planted(target, "add", at)
                     elif items:
                         raise err(f"ADDITEMS on {type(target).__name__}", at)
                 elif op == 0x91:  # FROZENSET
@@ -1023,22 +1134,36 @@ except ImportError:  # pragma: no cover - depends on the build
 ACCELERATED = _fast_run is not None
 
 
+#: keys of plain data: a dict keyed by these loses nothing a loader acts on when capped
+_PLAIN_KEYS = (str, int, float, bool, bytes, type(None))
+#: pairs with a computed key kept past the display cap (then the dict is marked lossy)
+_EXTRA_KEYS = 64
+
+
 def _set_items(target: PDict, items: list, start: int, at: int) -> None:
     """Key/value pairs into a dict value: the first DISPLAY_ITEMS for people, and after them
     every key BUILD can plant as something the loader calls later (`_LATE_CALLED`), the last
-    value of each (as in a real dict), so a hostile dict of any size costs bounded memory."""
+    value of each (as in a real dict), and pairs whose key was computed at load time (it may
+    spell any of them), up to _EXTRA_KEYS, then the dict is marked lossy: a hostile dict of
+    any size costs bounded memory and hides nothing."""
     _check_hashable(items, start, 2, at)
     for i in range(start, len(items) - 1, 2):
         key = items[i]
         if len(target) < DISPLAY_ITEMS:
             target.append((key, items[i + 1]))
-        elif type(key) is str and key in _LATE_CALLED:
-            for j in range(DISPLAY_ITEMS, len(target)):
-                if target[j][0] == key:
-                    target[j] = (key, items[i + 1])
-                    break
-            else:
+        elif type(key) is str:
+            if key in _LATE_CALLED:
+                for j in range(DISPLAY_ITEMS, len(target)):
+                    if target[j][0] == key:
+                        target[j] = (key, items[i + 1])
+                        break
+                else:
+                    target.append((key, items[i + 1]))
+        elif not isinstance(key, _PLAIN_KEYS):
+            if len(target) < DISPLAY_ITEMS + _EXTRA_KEYS:
                 target.append((key, items[i + 1]))
+            else:
+                target.lossy = True
 
 
 def _spreadable(args: object) -> bool:
@@ -1076,51 +1201,128 @@ def _unhashable(value: object) -> bool:
 
 
 #: instance attributes the loader itself calls later: BUILD calls `__setstate__`, APPEND(S) on a
-#: non-list calls `append`/`extend`, ADDITEMS on a non-set calls `add`
-_CALLED_ATTRIBUTES = frozenset({"__setstate__", "append", "extend", "add"})
-#: ...and `__class__` set through slot state, which makes another class's methods run on the object
-_LATE_CALLED = _CALLED_ATTRIBUTES | {"__class__"}
-_DICT_BUILDERS = frozenset({("collections", "OrderedDict"), ("builtins", "dict"), ("__builtin__", "dict")})
+#: non-list calls `append`/`extend`, ADDITEMS on a non-set calls `add`; `dict(obj)` and
+#: `update(obj)` call `keys`
+_CALLED_ATTRIBUTES = frozenset({"__setstate__", "append", "extend", "add", "keys"})
+#: ...and what replaces them all: `__class__` set through slot state (another class's methods
+#: then run on the object) and `__dict__` (its keys become the attributes). The C accelerator
+#: keeps the same keys past the display cap (`late_key` in _fastvm.c).
+_LATE_CALLED = _CALLED_ATTRIBUTES | {"__class__", "__dict__"}
+#: the constructors of the dicts BUILD accepts as state, given pairs
+_DICT_BUILDERS = frozenset({("collections", "OrderedDict"), ("builtins", "dict"), ("__builtin__", "dict"),
+                            ("collections", "defaultdict")})
+_ANY = object()  # a patch of every attribute (the keys were not static)
 
 
-def _planted(target: object, state: object) -> tuple[list, bool]:
-    """Values a BUILD of `state` into `target` makes the loader call later, and whether some
-    may be missing (a state too large to have been kept whole).
+def _symbolic(value: object) -> bool:
+    """A value the load made or imported, which may be callable (not plain data)."""
+    return isinstance(value, (GlobalRef, Call, Unknown))
 
-    Into an object: what goes under a name the loader calls (`_CALLED_ATTRIBUTES`), from the
-    dict state or the slot state, given as a dict literal or OrderedDict/dict of pairs; and a
-    class set as `__class__` through the slot state (CPython's setattr), whose methods then run.
-    Into a class (the target is a global): every value of the slot state becomes a class
-    attribute (`__new__`, `__setstate__`, `__del__`, `__setitem__`...), which the loader and
-    the interpreter call later: each counts as called.
-    """
-    parts = list(state) if type(state) is tuple and len(state) == 2 else [state, None]
-    planted: list = []
-    missing = False
-    for i, part in enumerate(parts):
-        pairs = _pairs(part)
-        if pairs is None:
+
+def _state_attributes(state: object) -> tuple[list, str]:
+    """The (key, value) pairs BUILD stores in an object, from the dict state and the slot
+    state, given as dict literals or as OrderedDict/dict of pairs, with nested `__dict__`
+    states flattened; and why the scanner cannot see all of them ("" when it can)."""
+    parts = list(state) if type(state) is tuple and len(state) == 2 else [state]
+    pairs: list = []
+    blind = ""
+    depth = 0
+    while parts and depth < 16:
+        depth += 1
+        part = parts.pop()
+        if part is None:
             continue
-        if i == 1 and isinstance(target, GlobalRef):
-            planted += [value for _, value in pairs]
-            missing = missing or len(pairs) >= DISPLAY_ITEMS
+        if type(part) is PDict:
+            items = list(part)
+            if is_lossy(part):
+                blind = "a state whose computed keys the scanner did not keep"
+        elif type(part) is Call and type(part.func) is GlobalRef and (part.func.module, part.func.name) in _DICT_BUILDERS:
+            items, why = _pairs_of(part)
+            blind = blind or why
+        elif type(part) is GlobalRef:
+            # a module-level mapping as the state (`sys.modules`, a registry): every key it holds
+            items = []
+            blind = blind or f"the mapping {part.module}.{part.name} as the state"
+        elif part is _EVICTED:
+            items = []
+            blind = blind or "a state the scanner did not keep (memo budget)"
+        else:
+            # not a dict literal: the class's own __setstate__ gets it, or the loader raises;
+            # a value made by a call was judged where it was made
             continue
-        names = _LATE_CALLED if i == 1 else _CALLED_ATTRIBUTES
-        planted += [value for key, value in pairs if type(key) is str and key in names]
-    return planted, missing
+        for key, value in items:
+            pairs.append((key, value))
+            if key == "__dict__":
+                parts.append(value)  # setattr(obj, "__dict__", d): d's keys become attributes
+    return pairs, blind
 
 
-def _pairs(part: object) -> list | None:
-    """(key, value) pairs of a state given as a dict literal or as OrderedDict/dict of pairs."""
-    if type(part) is PDict:
-        return part
-    if type(part) is Call and type(part.func) is GlobalRef and (part.func.module, part.func.name) in _DICT_BUILDERS:
-        pairs = part.args[0] if type(part.args) is tuple and part.args else ()
-        if type(pairs) is PDict:
-            return pairs
-        if isinstance(pairs, (list, tuple)):
-            return [p for p in pairs if type(p) is tuple and len(p) == 2]
-    return None
+def _pairs_of(call: Call) -> tuple[list, str]:
+    """(key, value) pairs given to a dict constructor, and why they may be incomplete."""
+    args = call.args if type(call.args) is tuple else ()
+    items: list = []
+    blind = ""
+    pairs = args[0] if args else None
+    if call.func.name == "defaultdict":
+        pairs = args[1] if len(args) > 1 else None
+    if type(pairs) is PDict:
+        items = list(pairs)
+        if is_lossy(pairs):
+            blind = "a state whose computed keys the scanner did not keep"
+    elif isinstance(pairs, (list, tuple)):
+        for p in pairs:
+            if isinstance(p, (list, tuple)) and len(p) == 2:
+                items.append((p[0], p[1]))
+            elif _symbolic(p):
+                blind = blind or "a state built from pairs computed at load time"
+        if type(pairs) is list and len(pairs) >= DISPLAY_ITEMS:
+            blind = blind or "a state built from more pairs than the scanner keeps"
+    elif pairs is not None:
+        blind = "a state built from a value the scanner cannot read"
+    if isinstance(call.kwargs, PDict):
+        items += list(call.kwargs)
+    return items, blind
+
+
+def _patched_name(patches: dict, module: str, name: str) -> object:
+    """What find_class(module, name) returns once the pickle rewrote a prefix of the name:
+    (value, rest of the dotted name), or _MISSING when no rewrite applies."""
+    segments = name.split(".")
+    for i in range(len(segments) - 1, 0, -1):
+        names = patches.get((module, ".".join(segments[:i])))
+        if names is None:
+            continue
+        attribute = segments[i]
+        if attribute in names:
+            return names[attribute], ".".join(segments[i + 1 :])
+        if _ANY in names:
+            return names[_ANY], ""
+    table = patches.get(_LOADER_TABLES)
+    if table is not None:
+        mapped = table.get((module, name)) or table.get(module)
+        if mapped is not None:
+            return mapped, ""
+    return _MISSING
+
+
+#: the tables `find_class` consults: rewriting one redirects every later name
+_LOADER_TABLES = ("<loader tables>",)
+_MODULE_TABLES = {("sys", "modules"), ("_compat_pickle", "IMPORT_MAPPING")}
+_NAME_TABLES = {("_compat_pickle", "NAME_MAPPING")}
+
+
+def _loader_table_patch(patches: dict, target: GlobalRef, items: list, start: int) -> None:
+    """`sys.modules[m] = x` and `_compat_pickle`'s mappings change what later names import."""
+    key = (target.module, target.name)
+    if key not in _MODULE_TABLES and key not in _NAME_TABLES:
+        return
+    table = patches.setdefault(_LOADER_TABLES, {})
+    for i in range(start, len(items) - 1, 2):
+        k, v = items[i], items[i + 1]
+        if key in _NAME_TABLES and type(k) is tuple and type(v) is tuple and len(v) == 2 and all(type(x) is str for x in v):
+            table[k] = Unknown(f"name mapped to {v[0]}.{v[1]} at load time")
+        elif type(k) is str:
+            table[k] = Unknown(f"module {k} replaced at load time")
 
 
 def _mark_built(target: object) -> None:
