@@ -49,6 +49,9 @@ def default_settings() -> dict[str, Any]:
             "unresolved": "HIGH",
             "dynamic_call": "HIGH",
             "call_before_error": "MEDIUM",
+            "suspicious_args": "HIGH",
+            "mutation": "HIGH",
+            "blind": "HIGH",
         },
         "limits": {
             "max_depth": Limits.max_depth,
@@ -141,7 +144,8 @@ class Settings:
                         else:
                             unsafe[other][module] = [n for n in unsafe[other][module] if n not in names]
                 unsafe.setdefault(level, {})[module] = names
-        return Policy(unsafe, self.data["safe_globals"], tuple(self.data["ecosystem_packages"]), unknown)
+        return Policy(unsafe, self.data["safe_globals"], tuple(self.data["ecosystem_packages"]), unknown,
+                      reasons=lists.SAFE_REASONS)
 
 
 #: modelscan 0.8.8's settings files carry these; they mean nothing here and are accepted as is
@@ -248,7 +252,10 @@ def settings_toml() -> str:
         "call (a function is called), class_call (a class is constructed with arguments),\n"
         "new (instantiated without __init__), reference (only imported), unresolved (a name\n"
         "computed at load time), dynamic_call (a value built at load time is called),\n"
-        "call_before_error (the stream breaks after calls were made).",
+        "call_before_error (the stream breaks after calls were made), suspicious_args (a class\n"
+        "is constructed with an argument that reads as code, a command, a path or a URL),\n"
+        "mutation (the pickle rewrites a class, function, module or registry it imported),\n"
+        "blind (a value the scanner could not keep is used where it matters).",
         "limits": "Bounds against hostile files: nesting depth, archive members, decompressed bytes,\n"
         "compression ratio, pickle memo entries kept with their values.",
         "reporting": "Report module for -r custom: a module with a `render(report, settings) -> str`.",

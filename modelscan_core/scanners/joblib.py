@@ -135,7 +135,7 @@ class JoblibHook:
 
     def _object_array(self, vm: PickleVM, offset: int) -> None:
         """joblib reads an object array with a fresh Unpickler from the same file: scan that pickle."""
-        from modelscan_core.scanners.pickle.scanner import report_facts
+        from modelscan_core.scanners.pickle.scanner import new_vm, report_facts
         from modelscan_core.sources.window import Window
 
         stream = self.stream
@@ -150,7 +150,7 @@ class JoblibHook:
         view = Window(stream, 0, self.size)
         view.seek(start)
         # a fresh pure-Python unpickler on the same file: a frame it reads whole is consumed whole
-        inner = PickleVM(view, size=self.size, memo_budget=self.ctx.limits.max_memo_values, reader="python")
+        inner = new_vm(view, self.size, self.ctx, reader="python")
         facts = inner.run()
         stream.seek(saved)
         report_facts(facts, self.ctx, scanner=self.scanner, stream=stream)

@@ -33,3 +33,30 @@ def binunicode_op(text: str) -> bytes:
     """BINUNICODE (protocol 1+): a 4-byte length and UTF-8."""
     data = text.encode()
     return b"X" + struct.pack("<I", len(data)) + data
+
+
+def stack_global_op(module: str, name: str) -> bytes:
+    """STACK_GLOBAL (protocol 4) fed by two SHORT_BINUNICODE operands."""
+    return unicode_op(module) + unicode_op(name) + b"\x93"
+
+
+def call_op(func: bytes, *args: bytes) -> bytes:
+    """func(*args) with REDUCE: each argument is the opcodes that push it."""
+    return func + b"(" + b"".join(args) + b"tR"
+
+
+def dict_op(*pairs: tuple[bytes, bytes]) -> bytes:
+    """A dict literal: EMPTY_DICT, then SETITEMS of (key, value) opcodes."""
+    if not pairs:
+        return b"}"
+    return b"}(" + b"".join(k + v for k, v in pairs) + b"u"
+
+
+def build_op(target: bytes, state: bytes) -> bytes:
+    """target, then BUILD with state."""
+    return target + state + b"b"
+
+
+def proto(body: bytes, version: int = 4) -> bytes:
+    """PROTO, body, STOP."""
+    return b"\x80" + bytes([version]) + body + b"."

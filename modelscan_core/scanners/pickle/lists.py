@@ -43,8 +43,13 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "functools": ["reduce", "singledispatch"], "_functools": ["reduce"],
         "itertools": ["starmap"], "logging.config": ALL, "cgi": ALL, "cgitb": ALL,
         # nested deserialisation: a pickle inside the pickle, or another code-running loader
-        "pickle": ALL, "_pickle": ALL, "cPickle": ALL, "pickletools": ALL, "shelve": ALL, "copyreg":
-        ["add_extension", "remove_extension", "pickle", "constructor"], "copy_reg": ["add_extension", "pickle"],
+        "pickle": ALL, "_pickle": ALL, "cPickle": ALL, "pickletools": ALL, "shelve": ALL,
+        # the unpickler's own tables: the extension registry, the reducers, the Python 2 name mappings
+        "copyreg": ["add_extension", "remove_extension", "pickle", "constructor", "clear_extension_cache",
+                    "_extension_registry", "_inverted_registry", "_extension_cache", "dispatch_table"],
+        "copy_reg": ["add_extension", "remove_extension", "pickle", "constructor", "clear_extension_cache",
+                     "_extension_registry", "_inverted_registry", "_extension_cache", "dispatch_table"],
+        "_compat_pickle": ALL,
         "dill": ALL, "cloudpickle": ALL, "joblib": ["load", "Parallel", "Memory"],
         "joblib.numpy_pickle": ["load", "_unpickle", "NumpyUnpickler"], "joblib.externals": ALL, "joblib.parallel": ALL,
         "joblib._parallel_backends": ALL, "joblib.memory": ALL, "joblib._store_backends": ALL, "joblib.pool": ALL,
@@ -77,9 +82,13 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "sympy.core.sympify": ALL, "sympy.utilities.lambdify": ALL,
     },
     "HIGH": {
-        # network
-        "socket": ALL, "_socket": ALL, "ssl": ALL, "select": ALL, "selectors": ALL, "http": ALL, "httplib": ALL,
-        "urllib": ALL, "urllib2": ALL, "urllib3": ALL, "requests": ALL, "requests.api": ALL, "aiohttp": ALL,
+        # network: clients, servers, cookie jars that read and write files (the enums and constants
+        # of these modules are data types, trusted through names.txt)
+        "socket": ALL, "_socket": ALL, "ssl": ALL, "_ssl": ALL, "select": ALL, "selectors": ALL,
+        "http.client": ALL, "http.server": ALL, "http.cookiejar": ["FileCookieJar", "MozillaCookieJar", "LWPCookieJar"],
+        "httplib": ALL, "cookielib": ALL, "Cookie": ALL,
+        "urllib.request": ALL, "urllib.robotparser": ALL, "urllib": ["urlopen", "urlretrieve", "URLopener", "FancyURLopener"],
+        "urllib2": ALL, "urllib3": ALL, "requests": ALL, "requests.api": ALL, "aiohttp": ALL,
         "aiohttp.client": ALL, "httpx": ALL, "ftplib": ALL, "smtplib": ALL, "poplib": ALL, "imaplib": ALL,
         "telnetlib": ALL, "nntplib": ALL, "socketserver": ALL, "SocketServer": ALL, "wsgiref": ALL,
         "asyncore": ALL, "asynchat": ALL, "paramiko": ALL, "websocket": ALL, "websockets": ALL, "smtpd": ALL,
@@ -90,7 +99,7 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "io": ["TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
         "_io": ["TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
         "codecs": ["EncodedFile", "StreamReaderWriter", "StreamRecoder"], "fileinput": ALL,
-        "linecache": ALL, "glob": ALL, "fnmatch": ALL, "filecmp": ALL, "zipfile": ALL, "tarfile": ALL,
+        "linecache": ALL, "glob": ALL, "filecmp": ALL, "zipfile": ALL, "tarfile": ALL,
         "gzip": ["open", "GzipFile"], "bz2": ["open", "BZ2File"], "lzma": ["open", "LZMAFile"], "sqlite3": ALL,
         "dbm": ALL, "mmap": ALL, "logging": ["FileHandler", "basicConfig"], "logging.handlers": ALL,
         "pathlib": ALL, "mailcap": ALL, "netrc": ALL, "configparser": ALL, "pandas.io": ALL,
@@ -99,197 +108,219 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
                    "read_stata", "read_fwf", "read_hdf", "read_gbq", "HDFStore", "ExcelWriter"],
         "operator": ALL, "_operator": ALL, "functools": ["partialmethod"], "builtins": ["print", "exit", "quit"],
         "__builtin__": ["print", "exit", "quit"], "threading": ALL, "concurrent": ALL, "sched": ALL,
-        "queue": ALL, "weakref": ALL, "contextlib": ALL, "abc": ["ABCMeta"],
+        "queue": ALL, "contextlib": ALL, "abc": ["ABCMeta"],
+        # weak references call a function when their object dies: a call the load arranges
+        "weakref": ["ref", "proxy", "finalize", "WeakMethod", "ReferenceType", "ProxyType", "CallableProxyType"],
+        "_weakref": ALL,
     },
     "MEDIUM": {},
     "LOW": {},
 }
 
-# Names the ML ecosystem's pickles are rebuilt from. A name here is trusted whatever it is
-# used for; a dangerous name is never added here, it is left to the unknown-name rules.
-SAFE_GLOBALS: dict[str, object] = {
-    "builtins": ["set", "frozenset", "bytearray", "bytes", "slice", "complex", "range", "list", "dict", "tuple",
-                 "int", "float", "bool", "str", "object", "type", "Ellipsis", "NotImplemented", "True", "False",
-                 "None", "reversed", "enumerate"],
-    "__builtin__": ["set", "frozenset", "bytearray", "slice", "complex", "xrange", "list", "dict", "tuple", "int",
-                    "float", "bool", "str", "unicode", "long", "object", "type", "Ellipsis", "NotImplemented", "True",
-                    "False", "None", "reversed", "enumerate", "basestring"],
-    "copyreg": ["_reconstructor", "__newobj__", "__newobj_ex__"],
-    "copy_reg": ["_reconstructor", "__newobj__", "__newobj_ex__"],
-    "_codecs": ["encode", "decode"],
-    "codecs": ["encode", "decode"],
-    "collections": ["OrderedDict", "defaultdict", "deque", "Counter", "ChainMap", "namedtuple"],
-    "functools": ["partial"],
-    "datetime": ["date", "datetime", "time", "timedelta", "timezone", "tzinfo"],
-    "decimal": ["Decimal", "Context"],
-    "fractions": ["Fraction"],
-    "types": ["SimpleNamespace"],
-    # sklearn's Cython trees rebuild through a module-level newObj(cls) = cls.__new__(cls)
-    "sklearn.neighbors._kd_tree": ["newObj"],
-    "sklearn.neighbors._ball_tree": ["newObj"],
-    "sklearn.neighbors._binary_tree": ["newObj"],
-    "sklearn.metrics._dist_metrics": ["newObj"],
-    # statsmodels' Cython state-space classes (d/s/c/z prefixes per dtype)
-    "statsmodels.tsa.statespace._representation": ALL,
-    "statsmodels.tsa.statespace._kalman_filter": ALL,
-    "statsmodels.tsa.statespace._kalman_smoother": ALL,
-    "statsmodels.tsa.statespace._simulation_smoother": ALL,
-    "statsmodels.tsa.statespace._initialization": ALL,
-    "statsmodels.tsa.statespace._cfa_simulation_smoother": ALL,
-    "statsmodels.tsa.statespace._tools": ALL,
-    "ml_dtypes": ALL,
-    "operator": ["getitem"],
-    "_operator": ["getitem"],
-    "pytz": ["_p", "_UTC", "UTC", "utc", "timezone", "FixedOffset"],
-    "dateutil.tz.tz": ALL,
-    "dateutil.tz": ["tzutc", "tzoffset", "tzlocal", "tzfile", "tzstr", "tzrange", "UTC"],
-    "uuid": ["UUID", "SafeUUID"],
-    "array": ["array", "_array_reconstructor"],
-    "re": ["_compile", "compile", "Pattern", "RegexFlag"],
-    "argparse": ["Namespace"],
-    "pathlib": ["Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"],
-    "pathlib._local": ["Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"],
-    "random": ["Random"],
-    "enum": ["Enum", "IntEnum", "Flag", "IntFlag", "StrEnum"],
-    "zoneinfo": ["ZoneInfo", "ZoneInfo._unpickle"],
-    "ipaddress": ALL,
-    "numbers": ALL,
-    "string": ["Template", "Formatter"],
-    "numpy": ["dtype", "ndarray", "matrix", "bool_", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
-              "uint32", "uint64", "float16", "float32", "float64", "float128", "complex64", "complex128",
-              "complex256", "object_", "str_", "bytes_", "void", "datetime64", "timedelta64", "longlong",
-              "ulonglong", "intc", "uintc", "intp", "uintp", "half", "single", "double", "longdouble", "csingle",
-              "cdouble", "clongdouble", "generic", "number", "float_", "int_", "uint", "complex_", "unicode_",
-              "string_", "short", "ushort", "byte", "ubyte", "longfloat", "clongfloat", "record", "recarray",
-              "random"],
-    "numpy.core": ["_ufunc_reconstruct"],
-    "numpy._core": ["_ufunc_reconstruct"],
-    "numpy.core.multiarray": ["_reconstruct", "scalar", "ndarray", "dtype"],
-    "numpy._core.multiarray": ["_reconstruct", "scalar", "ndarray", "dtype"],
-    "numpy.core.numeric": ["_frombuffer"],
-    "numpy._core.numeric": ["_frombuffer"],
-    "numpy.core.records": ["recarray", "record"],
-    "numpy.rec": ["recarray", "record"],
-    "numpy._core._internal": ["_convert_to_stringdtype_kwargs"],
-    "numpy.core._internal": ["_convert_to_stringdtype_kwargs"],
-    "numpy._core.records": ["recarray", "record"],
-    "numpy.dtypes": ALL,
-    "numpy.ma.core": ["_mareconstruct", "MaskedArray", "MaskedConstant"],
-    "numpy.random._pickle": ALL,
-    "numpy.random": ["RandomState", "Generator", "MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64", "SeedSequence",
-                     "BitGenerator", "__RandomState_ctor"],
-    "numpy.random.mtrand": ["RandomState", "__RandomState_ctor"],
-    "numpy.random._generator": ["Generator"],
-    "numpy.random._mt19937": ["MT19937"],
-    "numpy.random._pcg64": ["PCG64", "PCG64DXSM"],
-    "numpy.random._philox": ["Philox"],
-    "numpy.random._sfc64": ["SFC64"],
-    "numpy.random.bit_generator": ["SeedSequence", "BitGenerator"],
-    "torch": ["Size", "device", "dtype", "layout", "memory_format", "finfo", "iinfo", "Tensor", "FloatStorage",
-              "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage", "IntStorage", "ShortStorage",
-              "CharStorage", "ByteStorage", "BoolStorage", "ComplexFloatStorage", "ComplexDoubleStorage",
-              "QUInt8Storage", "QInt8Storage", "QInt32Storage", "QUInt4x2Storage", "QUInt2x4Storage",
-              "UntypedStorage", "TypedStorage", "float32", "float", "float64", "double", "float16", "half",
-              "bfloat16", "complex32", "complex64", "complex128", "cfloat", "cdouble", "uint8", "uint16", "uint32",
-              "uint64", "int8", "int16", "short", "int32", "int", "int64", "long", "bool", "quint8", "qint8",
-              "qint32", "quint4x2", "quint2x4", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-              "float8_e5m2fnuz", "strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc",
-              "_mkldnn", "contiguous_format", "channels_last", "channels_last_3d", "preserve_format",
-              "per_tensor_affine", "per_channel_affine", "per_tensor_symmetric", "per_channel_symmetric",
-              "per_channel_affine_float_qparams", "Generator", "nn"],
-    "torch._utils": ["_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                     "_rebuild_parameter_with_state", "_rebuild_sparse_tensor", "_rebuild_nested_tensor",
-                     "_rebuild_qtensor", "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor",
-                     "_rebuild_meta_tensor_no_storage", "_rebuild_wrapper_subclass", "_rebuild_xla_tensor",
-                     "_rebuild_mtia_tensor", "_rebuild_mkldnn_tensor", "_set_obj_state"],
-    "torch._tensor": ["_rebuild_from_type", "_rebuild_from_type_v2"],
-    "torch.storage": ["_load_from_bytes", "UntypedStorage", "TypedStorage", "_TypedStorage"],
-    "torch.serialization": ["_get_layout"],
-    "torch.nn.parameter": ["Parameter", "UninitializedParameter", "Buffer"],
-    "torch.nn.modules": ALL,
-    "torch.nn.utils.parametrize": ALL,
-    "torch.nn.utils.weight_norm": ALL,
-    "torch.nn.utils.spectral_norm": ALL,
-    "torch.nn.functional": ALL,
-    "torch.nn.init": ALL,
-    "torch.nn": ["Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict"],
-    "torch.optim": ALL,
-    "torch.amp": ["GradScaler"],
-    "torch.amp.grad_scaler": ["GradScaler", "_refresh_per_optimizer_state", "OptState"],
-    "torch.cuda.amp.grad_scaler": ["GradScaler", "_refresh_per_optimizer_state", "OptState"],
-    "torch.cuda.amp": ["GradScaler"],
-    "torch.ao.quantization": ALL,
-    "torch.quantization": ALL,
-    "torch.ao.nn": ALL,
-    "torch.nn.quantized": ALL,
-    "torch.nn.intrinsic": ALL,
-    "torch.nn.qat": ALL,
-    "torch._C": ["_nn", "_VariableFunctions", "Size", "device", "dtype", "layout", "memory_format", "Generator",
-                 "_TensorBase", "TensorBase", "qscheme"],
-    "torch._C._nn": ALL,
-    "torch._VF": ALL,
-    "torch.return_types": ALL,
-    "torch.distributions": ALL,
-    "torch.utils.data.dataset": ALL,
-    "torch.utils.data.sampler": ALL,
-    "torch.utils.hooks": ["RemovableHandle", "BackwardHook"],
-    "torch.ao.quantization.observer": ALL,
-    "torch.distributed._shard.sharded_tensor": ALL,
-    "torch.distributed._tensor": ALL,
-    "torch.distributed.tensor": ALL,
-    "torch.distributed.checkpoint": ["metadata"],
-    "torch.distributed.checkpoint.metadata": ALL,
-    "torch.distributed.checkpoint.filesystem": ["_StorageInfo"],
-    "torch.distributed.checkpoint.planner": ALL,
-    "torch.distributed._shard.metadata": ALL,
-    "torch.distributed._shard.sharding_spec": ALL,
-    "torch.distributed.device_mesh": ["DeviceMesh"],
-    "torch.fx.graph_module": ["GraphModule"],
-    "torch._dynamo.decorators": ["_DimRange"],
-    # TorchScript archives: torch.jit.load's C++ unpickler accepts only these and __torch__ classes
-    "torch.jit._pickle": ["build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
-                          "build_tensor_from_id", "restore_type_tag"],
-    "torch.fx.immutable_collections": ALL,
-    "torchvision.transforms": ALL,
-    "_io": ["BytesIO"],
-    "io": ["BytesIO", "StringIO"],
-    "sklearn.utils._bunch": ["Bunch"],
-    "scipy.sparse": ALL,
-    "scipy.sparse._csr": ALL,
-    "scipy.sparse._csc": ALL,
-    "scipy.sparse._coo": ALL,
-    "scipy.stats._distn_infrastructure": ALL,
-    "pandas._libs.internals": ["_unpickle_block"],
-    "pandas.core.internals.blocks": ALL,
-    "pandas.core.internals.managers": ALL,
-    "pandas.core.frame": ["DataFrame"],
-    "pandas.core.series": ["Series"],
-    "pandas.core.indexes.base": ["_new_Index", "Index"],
-    "pandas.core.indexes.range": ["RangeIndex"],
-    "pandas.core.indexes.multi": ["MultiIndex"],
-    "pandas.core.indexes.datetimes": ["_new_DatetimeIndex", "DatetimeIndex"],
-    "pandas.core.indexes.period": ["_new_PeriodIndex", "PeriodIndex"],
-    "pandas.core.arrays": ALL,
-    "pandas.core.dtypes.dtypes": ALL,
-    "pandas._libs.tslibs.timestamps": ["_unpickle_timestamp", "Timestamp"],
-    "pandas._libs.tslibs.timedeltas": ["_timedelta_unpickle", "Timedelta"],
-    "pandas._libs.tslibs.nattype": ["__nat_unpickle"],
-    "pandas._libs.tslibs.offsets": ALL,
-    "pandas._libs.arrays": ["__pyx_unpickle_NDArrayBacked"],
-    "pandas.core.arrays.categorical": ["Categorical"],
-    "dill._dill": ["_load_type", "_create_array"],
-    "sklearn.compose._column_transformer": ["make_column_selector"],
-    "omegaconf": ["DictConfig", "ListConfig"],
-    "omegaconf.dictconfig": ["DictConfig"],
-    "omegaconf.listconfig": ["ListConfig"],
-    "omegaconf.base": ["ContainerMetadata", "Metadata"],
-    "omegaconf.nodes": ALL,
+# Names the ML ecosystem's pickles are rebuilt from, each with why it is safe to let a
+# pickle call it with arguments the attacker chooses. An entry is one object ("module:name",
+# matched after the name is resolved to the object it really is, see names.py). A "module:*"
+# entry trusts that module's classes, its pickle-support helpers and references to its
+# names, never calls of its other functions. A dangerous name is never added here.
+_SAFE_BY_REASON: dict[str, list[str]] = {
+    "builtin value types: they build a value from their arguments and run nothing else": [
+        "builtins:set", "builtins:frozenset", "builtins:bytearray", "builtins:bytes", "builtins:slice",
+        "builtins:complex", "builtins:range", "builtins:list", "builtins:dict", "builtins:tuple", "builtins:int",
+        "builtins:float", "builtins:bool", "builtins:str", "builtins:object", "builtins:reversed", "builtins:enumerate",
+        "__builtin__:set", "__builtin__:frozenset", "__builtin__:bytearray", "__builtin__:slice", "__builtin__:complex",
+        "__builtin__:xrange", "__builtin__:list", "__builtin__:dict", "__builtin__:tuple", "__builtin__:int",
+        "__builtin__:float", "__builtin__:bool", "__builtin__:str", "__builtin__:unicode", "__builtin__:long",
+        "__builtin__:object", "__builtin__:reversed", "__builtin__:enumerate", "__builtin__:basestring",
+    ],
+    "builtin constants": [
+        "builtins:Ellipsis", "builtins:NotImplemented", "builtins:True", "builtins:False", "builtins:None",
+        "__builtin__:Ellipsis", "__builtin__:NotImplemented", "__builtin__:True", "__builtin__:False", "__builtin__:None",
+    ],
+    "type(x) is how pickle writes NoneType and its kin; the three-argument form, which builds a class, "
+    "is judged by what the class holds": ["builtins:type", "__builtin__:type"],
+    "the reconstructors pickle itself writes for objects (protocols 0-1 and 2+); the class they are "
+    "given is judged as instantiated": [
+        "copyreg:_reconstructor", "copyreg:__newobj__", "copyreg:__newobj_ex__", "copy_reg:_reconstructor",
+        "copy_reg:__newobj__", "copy_reg:__newobj_ex__",
+    ],
+    "protocol 2 writes bytes as _codecs.encode(text, 'latin1'); a codec is looked up only inside the "
+    "encodings package": ["_codecs:encode", "_codecs:decode", "codecs:encode", "codecs:decode"],
+    "containers: they store the items they are given (a defaultdict's factory is judged as called when "
+    "the pickle looks a key up)": [
+        "collections:OrderedDict", "collections:defaultdict", "collections:deque", "collections:Counter",
+        "collections:ChainMap", "collections:UserDict", "collections:UserList", "collections:UserString",
+    ],
+    "stores a callable and arguments; calling the partial is judged as calling that callable":
+        ["functools:partial"],
+    "typing's generic aliases (Optional[int]) pickle as getitem(origin, args)": ["operator:getitem", "_operator:getitem"],
+    "values of the standard library: dates, numbers, ids, addresses, paths (making one touches no file)": [
+        "datetime:date", "datetime:datetime", "datetime:time", "datetime:timedelta", "datetime:timezone",
+        "datetime:tzinfo", "decimal:Decimal", "decimal:Context", "fractions:Fraction", "uuid:UUID", "uuid:SafeUUID",
+        "array:array", "array:_array_reconstructor", "argparse:Namespace", "types:SimpleNamespace", "random:Random",
+        "zoneinfo:ZoneInfo", "zoneinfo:ZoneInfo._unpickle", "ipaddress:*", "numbers:*", "string:Template",
+        "pathlib:Path", "pathlib:PosixPath", "pathlib:WindowsPath", "pathlib:PurePath", "pathlib:PurePosixPath",
+        "pathlib:PureWindowsPath", "pathlib._local:Path", "pathlib._local:PosixPath", "pathlib._local:WindowsPath",
+        "pathlib._local:PurePath", "pathlib._local:PurePosixPath", "pathlib._local:PureWindowsPath",
+        "io:BytesIO", "io:StringIO", "_io:BytesIO",
+    ],
+    "compiled regular expressions: compiling a pattern runs no code": [
+        "re:_compile", "re:compile", "re:Pattern", "re:RegexFlag",
+    ],
+    "returns the logger of that name (how a Logger pickles); making one adds no handler":
+        ["logging:getLogger"],
+    "the base classes of enums and type hints, and the dataclass field markers; a class built from them "
+    "is a plain class": ["enum:*", "typing:*", "dataclasses:*"],
+    "time zones": [
+        "pytz:_p", "pytz:_UTC", "pytz:UTC", "pytz:utc", "pytz:timezone", "pytz:FixedOffset", "dateutil.tz.tz:*",
+        "dateutil.tz:tzutc", "dateutil.tz:tzoffset", "dateutil.tz:tzlocal", "dateutil.tz:tzfile", "dateutil.tz:tzstr",
+        "dateutil.tz:tzrange", "dateutil.tz:UTC",
+    ],
+    "sklearn's Cython trees rebuild through newObj(cls) = cls.__new__(cls); the class is judged as "
+    "instantiated": [
+        "sklearn.neighbors._kd_tree:newObj", "sklearn.neighbors._ball_tree:newObj",
+        "sklearn.neighbors._binary_tree:newObj", "sklearn.metrics._dist_metrics:newObj",
+    ],
+    "statsmodels' Cython state-space classes (d/s/c/z prefixes per dtype)": [
+        "statsmodels.tsa.statespace._representation:*", "statsmodels.tsa.statespace._kalman_filter:*",
+        "statsmodels.tsa.statespace._kalman_smoother:*", "statsmodels.tsa.statespace._simulation_smoother:*",
+        "statsmodels.tsa.statespace._initialization:*", "statsmodels.tsa.statespace._cfa_simulation_smoother:*",
+        "statsmodels.tsa.statespace._tools:*",
+    ],
+    "numpy arrays, scalars, dtypes and masked arrays": [
+        "ml_dtypes:*", "numpy:dtype", "numpy:ndarray", "numpy:matrix", "numpy:bool_", "numpy:bool", "numpy:int8",
+        "numpy:int16", "numpy:int32", "numpy:int64", "numpy:uint8", "numpy:uint16", "numpy:uint32", "numpy:uint64",
+        "numpy:float16", "numpy:float32", "numpy:float64", "numpy:float128", "numpy:complex64", "numpy:complex128",
+        "numpy:complex256", "numpy:object_", "numpy:str_", "numpy:bytes_", "numpy:void", "numpy:datetime64",
+        "numpy:timedelta64", "numpy:longlong", "numpy:ulonglong", "numpy:intc", "numpy:uintc", "numpy:intp",
+        "numpy:uintp", "numpy:half", "numpy:single", "numpy:double", "numpy:longdouble", "numpy:csingle",
+        "numpy:cdouble", "numpy:clongdouble", "numpy:generic", "numpy:number", "numpy:float_", "numpy:int_",
+        "numpy:uint", "numpy:complex_", "numpy:unicode_", "numpy:string_", "numpy:short", "numpy:ushort",
+        "numpy:byte", "numpy:ubyte", "numpy:longfloat", "numpy:clongfloat", "numpy:record", "numpy:recarray",
+        "numpy:random", "numpy.core.multiarray:_reconstruct", "numpy.core.multiarray:scalar",
+        "numpy.core.multiarray:ndarray", "numpy.core.multiarray:dtype", "numpy._core.multiarray:_reconstruct",
+        "numpy._core.multiarray:scalar", "numpy._core.multiarray:ndarray", "numpy._core.multiarray:dtype",
+        "numpy.core.numeric:_frombuffer", "numpy._core.numeric:_frombuffer", "numpy.core.records:recarray",
+        "numpy.core.records:record", "numpy.rec:recarray", "numpy.rec:record", "numpy._core.records:recarray",
+        "numpy._core.records:record", "numpy._core._internal:_convert_to_stringdtype_kwargs",
+        "numpy.core._internal:_convert_to_stringdtype_kwargs", "numpy.dtypes:*", "numpy.ma.core:_mareconstruct",
+        "numpy.ma.core:MaskedArray", "numpy.ma.core:MaskedConstant",
+    ],
+    "numpy's ufunc reconstructor: it imports module.name given as strings, which are judged as that name": [
+        "numpy.core:_ufunc_reconstruct", "numpy._core:_ufunc_reconstruct",
+    ],
+    "numpy random generators and their states": [
+        "numpy.random._pickle:*", "numpy.random:RandomState", "numpy.random:Generator", "numpy.random:MT19937",
+        "numpy.random:PCG64", "numpy.random:PCG64DXSM", "numpy.random:Philox", "numpy.random:SFC64",
+        "numpy.random:SeedSequence", "numpy.random:BitGenerator", "numpy.random:__RandomState_ctor",
+        "numpy.random.mtrand:RandomState", "numpy.random.mtrand:__RandomState_ctor",
+        "numpy.random._generator:Generator", "numpy.random._mt19937:MT19937", "numpy.random._pcg64:PCG64",
+        "numpy.random._pcg64:PCG64DXSM", "numpy.random._philox:Philox", "numpy.random._sfc64:SFC64",
+        "numpy.random.bit_generator:SeedSequence", "numpy.random.bit_generator:BitGenerator",
+    ],
+    "torch tensors, storages and their value types (dtypes, layouts... are generated from torch into "
+    "names.txt)": [
+        "torch:Size", "torch:device", "torch:dtype", "torch:layout", "torch:memory_format", "torch:finfo",
+        "torch:iinfo", "torch:Tensor", "torch:FloatStorage", "torch:DoubleStorage", "torch:HalfStorage",
+        "torch:BFloat16Storage", "torch:LongStorage", "torch:IntStorage", "torch:ShortStorage", "torch:CharStorage",
+        "torch:ByteStorage", "torch:BoolStorage", "torch:ComplexFloatStorage", "torch:ComplexDoubleStorage",
+        "torch:QUInt8Storage", "torch:QInt8Storage", "torch:QInt32Storage", "torch:QUInt4x2Storage",
+        "torch:QUInt2x4Storage", "torch:UntypedStorage", "torch:TypedStorage", "torch:Generator", "torch:nn",
+        "torch:qscheme", "torch._C:_nn", "torch._C:_VariableFunctions", "torch._C:Size", "torch._C:device",
+        "torch._C:dtype", "torch._C:layout", "torch._C:memory_format", "torch._C:Generator", "torch._C:_TensorBase",
+        "torch._C:TensorBase", "torch._C:qscheme", "torch.storage:UntypedStorage", "torch.storage:TypedStorage",
+        "torch.storage:_TypedStorage", "torch.serialization:_get_layout", "torch.nn.parameter:Parameter",
+        "torch.nn.parameter:UninitializedParameter", "torch.nn.parameter:Buffer",
+    ],
+    "torch's rebuild helpers: they make a tensor or parameter from storage and metadata": [
+        "torch._utils:_rebuild_tensor", "torch._utils:_rebuild_tensor_v2", "torch._utils:_rebuild_tensor_v3",
+        "torch._utils:_rebuild_parameter", "torch._utils:_rebuild_parameter_with_state",
+        "torch._utils:_rebuild_sparse_tensor", "torch._utils:_rebuild_nested_tensor", "torch._utils:_rebuild_qtensor",
+        "torch._utils:_rebuild_device_tensor_from_numpy", "torch._utils:_rebuild_device_tensor_from_cpu_tensor",
+        "torch._utils:_rebuild_meta_tensor_no_storage", "torch._utils:_rebuild_wrapper_subclass",
+        "torch._utils:_rebuild_xla_tensor", "torch._utils:_rebuild_mtia_tensor", "torch._utils:_rebuild_mkldnn_tensor",
+    ],
+    "sets an object's attributes from a state, as BUILD does; the state is judged as BUILD's":
+        ["torch._utils:_set_obj_state"],
+    "calls its first argument with the given arguments; that argument is judged as called": [
+        "torch._tensor:_rebuild_from_type", "torch._tensor:_rebuild_from_type_v2",
+    ],
+    "torch.load of bytes (how a storage pickles): the bytes are scanned as a pickle of their own":
+        ["torch.storage:_load_from_bytes"],
+    "torch modules, optimizers, schedulers, quantization, distributions, datasets: classes rebuilt from "
+    "their state": [
+        "torch.nn.modules:*", "torch.nn.utils.parametrize:*", "torch.nn.utils.weight_norm:*",
+        "torch.nn.utils.spectral_norm:*", "torch.nn.functional:*", "torch.nn.init:*", "torch.nn:Module",
+        "torch.nn:Sequential", "torch.nn:ModuleList", "torch.nn:ModuleDict", "torch.nn:ParameterList",
+        "torch.nn:ParameterDict", "torch.optim:*", "torch.amp:GradScaler", "torch.amp.grad_scaler:GradScaler",
+        "torch.amp.grad_scaler:_refresh_per_optimizer_state", "torch.amp.grad_scaler:OptState",
+        "torch.cuda.amp.grad_scaler:GradScaler", "torch.cuda.amp.grad_scaler:_refresh_per_optimizer_state",
+        "torch.cuda.amp.grad_scaler:OptState", "torch.cuda.amp:GradScaler", "torch.ao.quantization:*",
+        "torch.quantization:*", "torch.ao.nn:*", "torch.nn.quantized:*", "torch.nn.intrinsic:*", "torch.nn.qat:*",
+        "torch._C._nn:*", "torch._VF:*", "torch.return_types:*", "torch.distributions:*",
+        "torch.utils.data.dataset:*", "torch.utils.data.sampler:*", "torch.utils.hooks:RemovableHandle",
+        "torch.utils.hooks:BackwardHook", "torch.ao.quantization.observer:*", "torch.fx.immutable_collections:*",
+        "torchvision.transforms:*",
+    ],
+    "distributed checkpoints: tensor sharding metadata": [
+        "torch.distributed._shard.sharded_tensor:*", "torch.distributed._tensor:*", "torch.distributed.tensor:*",
+        "torch.distributed.checkpoint:metadata", "torch.distributed.checkpoint.metadata:*",
+        "torch.distributed.checkpoint.filesystem:_StorageInfo", "torch.distributed.checkpoint.planner:*",
+        "torch.distributed._shard.metadata:*", "torch.distributed._shard.sharding_spec:*",
+        "torch.distributed.device_mesh:DeviceMesh",
+    ],
+    "torch classes whose pickles are data (an fx GraphModule's code is judged where it is rebuilt)": [
+        "torch.fx.graph_module:GraphModule", "torch._dynamo.decorators:_DimRange",
+    ],
+    "TorchScript archives: torch.jit.load's C++ unpickler accepts only these and __torch__ classes": [
+        "torch.jit._pickle:build_intlist", "torch.jit._pickle:build_tensorlist", "torch.jit._pickle:build_doublelist",
+        "torch.jit._pickle:build_boollist", "torch.jit._pickle:build_tensor_from_id", "torch.jit._pickle:restore_type_tag",
+    ],
+    "scikit-learn, scipy and pandas containers and values": [
+        "sklearn.utils._bunch:Bunch", "sklearn.compose._column_transformer:make_column_selector", "scipy.sparse:*",
+        "scipy.sparse._csr:*", "scipy.sparse._csc:*", "scipy.sparse._coo:*", "scipy.stats._distn_infrastructure:*",
+        "pandas._libs.internals:_unpickle_block", "pandas.core.internals.blocks:*",
+        "pandas.core.internals.managers:*", "pandas.core.frame:DataFrame", "pandas.core.series:Series",
+        "pandas.core.indexes.base:_new_Index", "pandas.core.indexes.base:Index", "pandas.core.indexes.range:RangeIndex",
+        "pandas.core.indexes.multi:MultiIndex", "pandas.core.indexes.datetimes:_new_DatetimeIndex",
+        "pandas.core.indexes.datetimes:DatetimeIndex", "pandas.core.indexes.period:_new_PeriodIndex",
+        "pandas.core.indexes.period:PeriodIndex", "pandas.core.arrays:*", "pandas.core.dtypes.dtypes:*",
+        "pandas._libs.tslibs.timestamps:_unpickle_timestamp", "pandas._libs.tslibs.timestamps:Timestamp",
+        "pandas._libs.tslibs.timedeltas:_timedelta_unpickle", "pandas._libs.tslibs.timedeltas:Timedelta",
+        "pandas._libs.tslibs.nattype:__nat_unpickle", "pandas._libs.tslibs.offsets:*",
+        "pandas._libs.arrays:__pyx_unpickle_NDArrayBacked", "pandas.core.arrays.categorical:Categorical",
+    ],
+    "dill's helpers for plain data: a built-in type by name (calling what it returns is a dynamic call) "
+    "and numpy arrays": ["dill._dill:_load_type", "dill._dill:_create_array"],
+    "omegaconf configs (interpolations are resolved on access, not on load)": [
+        "omegaconf:DictConfig", "omegaconf:ListConfig", "omegaconf.dictconfig:DictConfig",
+        "omegaconf.listconfig:ListConfig", "omegaconf.base:ContainerMetadata", "omegaconf.base:Metadata",
+        "omegaconf.nodes:*",
+    ],
 }
 
-# Packages whose classes (CapWords names) are reconstructed by the thousands in real
-# checkpoints: a class from here used for construction is trusted, as is a function named
-# like a pickle-support helper (`_rebuild_*`, `_unpickle*`, `_reconstruct*`, `*_ctor`).
-# Their other functions are not: calling one is reported like any unknown call.
+#: "module:name" (or "module:*") -> why a pickle may use it
+SAFE_REASONS: dict[str, str] = {entry: reason for reason, entries in _SAFE_BY_REASON.items() for entry in entries}
+
+
+def _by_module(entries) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for entry in entries:
+        module, _, name = entry.partition(":")
+        if name == ALL:
+            out[module] = ALL
+        elif out.get(module) != ALL:
+            out.setdefault(module, []).append(name)
+    return out
+
+
+# modelscan's shape (module -> [names] or "*"), which a settings file extends entry by entry
+SAFE_GLOBALS: dict[str, object] = _by_module(SAFE_REASONS)
+
+# Packages whose classes are reconstructed by the thousands in real checkpoints: a class from
+# here used for construction is trusted (unless its arguments look like code or a path), as is
+# a function named like a pickle-support helper (`_rebuild_*`, `_unpickle*`, `_reconstruct*`,
+# `*_ctor`). Their other functions are not: calling one is reported like any unknown call.
+# Standard-library modules are not here: their safe names are listed one by one above.
 ECOSYSTEM_PACKAGES: tuple[str, ...] = (
     "torch", "torchvision", "torchaudio", "torchtext", "numpy", "scipy", "sklearn", "pandas", "xgboost",
     "lightgbm", "catboost", "ml_dtypes", "pytz", "dateutil", "transformers", "tokenizers", "accelerate", "peft", "trl", "diffusers",
@@ -298,5 +329,5 @@ ECOSYSTEM_PACKAGES: tuple[str, ...] = (
     "gensim", "statsmodels", "imblearn", "category_encoders", "optuna", "omegaconf", "hydra", "ultralytics",
     "mmcv", "mmengine", "detectron2", "fairseq", "sentencepiece", "open_clip", "onnx", "skops", "prophet",
     "sktime", "fastai", "fastcore", "nltk", "networkx", "PIL", "shap", "umap", "hdbscan", "pynndescent", "numba", "llvmlite",
-    "joblib", "__torch__", "collections", "enum", "datetime", "argparse", "pathlib", "typing", "dataclasses",
+    "joblib", "__torch__",
 )

@@ -1,14 +1,17 @@
-"""Turn the VM's facts into findings: which names are dangerous, and how dangerous.
+"""Judge the names a pickle imports: by the object each name reaches, and by how it is used.
 
-Names are resolved the way `Unpickler.find_class` resolves them before they are judged:
-Python 2 names are mapped as `fix_imports` maps them, a dotted name is an attribute chain
-(`("pathlib", "os.system")` is `os.system`, `("builtins", "eval.__call__")` starts at
-`eval`), and a listed module covers its submodules (`asyncio.subprocess`).
+A name is resolved the way `Unpickler.find_class` resolves it before it is judged: Python 2
+names are mapped as `fix_imports` maps them, and a dotted name is an attribute walk that the
+generated table (names.py) follows through modules and re-exports to the object it reaches
+(`("pathlib", "os.system")` is `posix.system`, `sklearn.datasets._base.NamedTemporaryFile`
+is `tempfile.NamedTemporaryFile`). Trust belongs to that object, never to the spelling.
 
-Order of judgement for one name: an exact denylist entry, then an exact allowlist entry,
-then a denylisted module, then an allowlisted module, then the rules for names on neither
-list, which follow how the pickle uses the name (called, instantiated, given state, only
-referenced). A dotted name is never allowlisted unless listed whole.
+Order of judgement for one object: an exact denylist entry; an exact allowlist entry; a data
+type the generator vouched for (an enum, a namedtuple, a torch dtype); the most specific module
+listing (a denied module covers its submodules); then the rules for names on neither list,
+which follow how the pickle uses the name (called, instantiated, given state, referenced).
+An allowlisted module ("module:*") or an ecosystem package trusts its classes and its
+pickle-support helpers, and references to any of its names, never a call of its functions.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import _compat_pickle
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 from modelscan_core.model import Severity
-from modelscan_core.scanners.pickle.values import BUILT, CALLED, NEW, Call, GlobalRef, PDict, PSet, Unknown
+from modelscan_core.scanners.pickle import names as names_mod
+from modelscan_core.scanners.pickle.names import CLASS, CONSTANT, DATA_TYPE, FUNCTION, INTROSPECTION, NameTable, Resolved
+from modelscan_core.scanners.pickle.values import BUILT, CALLED, NEW
 
 ALL = "*"
 
@@ -39,11 +43,13 @@ class Judgement:
     rule_id: str
     reason: str
     matched: str = ""  # the list entry (module.name or module.*) that decided it
+    resolved: str = ""  # the object the name reaches, when it is not the name as written
 
 
 @dataclass(frozen=True)
 class UnknownSeverities:
-    """Severities for names on neither list, by their strongest use."""
+    """Severities for names on neither list, by their strongest use, and for what the load
+    does beyond importing names (settings key `unknown_globals`)."""
 
     call: Severity = Severity.HIGH
     class_call: Severity = Severity.MEDIUM
@@ -52,6 +58,25 @@ class UnknownSeverities:
     unresolved: Severity = Severity.HIGH
     dynamic_call: Severity = Severity.HIGH
     call_before_error: Severity = Severity.MEDIUM
+    #: a class constructed with arguments that read as code, a shell command, a path or a URL
+    suspicious_args: Severity = Severity.HIGH
+    #: BUILD/SETITEM/APPEND on an imported class, function, module or registry
+    mutation: Severity = Severity.HIGH
+    #: a security-relevant use of a value the scanner did not keep (memo budget, capped keys)
+    blind: Severity = Severity.HIGH
+
+
+@dataclass(frozen=True)
+class Name:
+    """A name as the policy sees it: as written, and the object it resolves to."""
+
+    module: str
+    name: str
+    resolved: Resolved
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.resolved.module, self.resolved.name
 
 
 class Policy:
@@ -63,9 +88,13 @@ class Policy:
         safe: dict[str, object],
         ecosystem: tuple[str, ...],
         unknown: UnknownSeverities,
+        table: NameTable | None = None,
+        reasons: dict[str, str] | None = None,
     ):
         self.unknown = unknown
         self.ecosystem = frozenset(ecosystem)
+        self.table = table if table is not None else names_mod.default_table()
+        self.reasons = reasons or {}
         self._deny_exact: dict[tuple[str, str], Severity] = {}
         self._deny_module: dict[str, Severity] = {}
         for level in ("LOW", "MEDIUM", "HIGH", "CRITICAL"):  # later (higher) levels win
@@ -85,50 +114,122 @@ class Policy:
             else:
                 self._safe_exact.update((module, name) for name in names)
 
-    # -- lookup ----------------------------------------------------------------
+    # -- the lists, resolved to objects (lazily: only names off the exact allowlist need it) ----
 
     @cached_property
-    def reexports(self) -> dict[tuple[str, str], tuple[str, str]]:
-        """(module, name) -> where it is really defined, for names the ecosystem re-exports
-        from elsewhere (generated by scripts/gen_reexports.py from the installed packages)."""
-        table: dict[tuple[str, str], tuple[str, str]] = {}
-        path = Path(__file__).with_name("reexports.txt")
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                parts = line.split("\t")
-                if len(parts) == 4 and not line.startswith("#"):
-                    table[(parts[0], parts[1])] = (parts[2], parts[3])
-        return table
+    def _safe_objects(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """object identity -> the allowlist entry that names it."""
+        out = {}
+        for module, name in self._safe_exact:
+            r = self.table.resolve(module, name)
+            if not r.is_module and not r.dunder:
+                out.setdefault((r.module, r.name), (module, name))
+        return out
+
+    @cached_property
+    def _deny_objects(self) -> dict[tuple[str, str], tuple[Severity, tuple[str, str]]]:
+        """object identity -> (severity, the denylist entry that names it)."""
+        out: dict[tuple[str, str], tuple[Severity, tuple[str, str]]] = {}
+        for (module, name), severity in self._deny_exact.items():
+            r = self.table.resolve(module, name)
+            key = (r.module, r.name)
+            if key not in out or out[key][0] < severity:
+                out[key] = (severity, (module, name))
+        return out
+
+    def resolve(self, module: str, name: str) -> Resolved:
+        return self.table.resolve(module, name)
+
+    def is_exactly_allowed(self, module: str, name: str) -> bool:
+        """On the exact allowlist, as written or as the object it resolves to."""
+        if (module, name) in self._safe_exact and (module, name) not in self._deny_exact:
+            return True
+        r = self.table.resolve(module, name)
+        return not r.dunder and (r.module, r.name) in self._safe_objects and self._exact_deny(module, name, r) is None
+
+    def reason(self, module: str, name: str) -> str:
+        return self.reasons.get(f"{module}:{name}") or self.reasons.get(f"{module}:*") or "on the allowlist"
+
+    # -- judging ---------------------------------------------------------------------------------
 
     def judge(self, module: str, name: str, uses: int) -> Judgement:
-        """The verdict for `find_class(module, name)` used as `uses` (a bit set)."""
-        head, _, rest = name.partition(".")
-        real = self.reexports.get((module, head))
-        if real is not None:
-            # find_class returns the object itself: judge it where it is defined
-            found = self.judge(real[0], real[1] + ("." + rest if rest else ""), uses)
-            if found.severity is not None:
-                return Judgement(found.severity, found.rule_id, f"re-export of {real[0]}.{real[1]}: {found.reason}",
-                                 found.matched)
-        candidates = _candidates(module, name)
-        exact = [(self._deny_exact[(m, n.split(".", 1)[0])], (m, n)) for m, n in candidates
-                 if (m, n.split(".", 1)[0]) in self._deny_exact]
-        if exact:
-            return _unsafe(*max(exact, key=lambda item: item[0]))
-        originals = _compat_names(module, name)
-        if any(key in self._safe_exact for key in originals):
-            return Judgement(None, "pickle/allowed", "on the allowlist")
-        # A listed module covers its submodules; the most specific listing decides, so an
-        # allowlisted `torch.distributed.checkpoint.metadata` is not denied by `torch.distributed`.
-        safe_depth = max((self._safe_module_depth(m) for m, _ in originals), default=0) if "." not in name else 0
-        wild = [(sev, depth, (m, n)) for m, n in candidates for sev, depth in [self._denied_module(m)] if sev is not None]
-        own_depth = max((depth for _, depth, key in wild if key in originals), default=0)
-        if wild and not (safe_depth > own_depth and all(key in originals for _, _, key in wild)):
-            sev, _, key = max(wild, key=lambda item: item[0])
-            return _unsafe(sev, key)
+        """The verdict for `find_class(module, name)` used as `uses` (a bit set): the worst of
+        the name as written and as Python 3's `fix_imports` maps it."""
+        names = _compat_names(module, name)
+        verdicts = [self._judge_one(m, n, uses) for m, n in names]
+        if len(names) > 1 and not self.table.covers(module) and verdicts[0].rule_id != "pickle/unsafe-global":
+            verdicts = verdicts[1:]  # a Python 2 name Python 3 lacks: only its mapping can be imported
+        flagged = [v for v in verdicts if v.severity is not None]
+        if not flagged:
+            return verdicts[0]
+        return max(flagged, key=lambda v: v.severity)
+
+    def _judge_one(self, module: str, name: str, uses: int) -> Judgement:
+        key = (module, name)
+        if key in self._deny_exact:
+            return _unsafe(self._deny_exact[key], key)
+        if key in self._safe_exact:
+            return Judgement(None, "pickle/allowed", self.reason(module, name), f"{module}.{name}")
+        r = self.table.resolve(module, name)
+        via = r.qualname if r.aliased else ""
+        denied = self._exact_deny(module, name, r)
+        if denied is not None:
+            return _with(_unsafe(*denied), via)
+        if r.dunder and (r.dunder in INTROSPECTION or "." in name):
+            if r.dunder in INTROSPECTION:
+                return Judgement(Severity.CRITICAL, "pickle/introspection",
+                                 f"walks to the interpreter's internals through {r.dunder}", resolved=via)
+            if uses & (CALLED | NEW | BUILT):
+                return Judgement(self.unknown.unresolved, "pickle/unresolved-attribute",
+                                 f"a dunder attribute ({r.dunder}) the scanner cannot resolve is used", resolved=via)
+        obj = (r.module, r.name)
+        entry = self._safe_objects.get(obj) if not r.dunder else None
+        if entry is not None:
+            return Judgement(None, "pickle/allowed", self.reason(*entry), f"{entry[0]}.{entry[1]}", via)
+        if r.kind in (DATA_TYPE, CONSTANT):
+            return Judgement(None, "pickle/data-type", "an enum, a namedtuple or a dtype: constructing one runs nothing",
+                             resolved=via)
+        if "." in r.name and not uses & (CALLED | NEW | BUILT) and not r.dunder \
+                and self.table.kind(r.module, r.name.split(".")[0]) == DATA_TYPE:
+            return Judgement(None, "pickle/data-type", "a member of an enum (how Python 3.12 pickles one)", resolved=via)
+        # module listings: the most specific decides, so an allowlisted
+        # `torch.distributed.checkpoint.metadata` is not denied by `torch.distributed`
+        deny_sev, deny_depth, deny_key = self._module_deny(module, name, r)
+        safe_depth = self._safe_module_depth(r.module) if not r.is_module else 0
+        if deny_sev is not None and not (safe_depth > deny_depth and deny_key[0] == r.module):
+            return _with(_unsafe(deny_sev, deny_key), via)
+        if r.is_module:
+            if uses & (CALLED | NEW):
+                return Judgement(self.unknown.unresolved, "pickle/unresolved-attribute",
+                                 f"a module object ({r.module}) is called", resolved=via)
+            return Judgement(self.unknown.reference, "pickle/unknown-reference",
+                             f"a module object ({r.module}) is imported", resolved=via)
         if safe_depth:
-            return Judgement(None, "pickle/allowed", "module on the allowlist")
-        return self._unknown(module, name, uses)
+            return _with(self._lenient(r, uses, "module on the allowlist", "pickle/allowed"), via)
+        return _with(self._unknown(r, uses), via)
+
+    def _exact_deny(self, module: str, name: str, r: Resolved) -> tuple[Severity, tuple[str, str]] | None:
+        found = []
+        for m, n in _candidates(module, name):
+            sev = self._deny_exact.get((m, n.split(".", 1)[0]))
+            if sev is not None:
+                found.append((sev, (m, n)))
+        # the object itself, and any prefix of its qualified name (`Popen.communicate` is Popen's)
+        parts = r.name.split(".") if r.name else []
+        for i in range(len(parts), 0, -1):
+            hit = self._deny_objects.get((r.module, ".".join(parts[:i])))
+            if hit is not None:
+                found.append(hit)
+                break
+        return max(found, key=lambda item: item[0]) if found else None
+
+    def _module_deny(self, module: str, name: str, r: Resolved) -> tuple[Severity | None, int, tuple[str, str]]:
+        best: tuple[Severity | None, int, tuple[str, str]] = (None, 0, ("", ""))
+        for m, n in [(r.module, r.name), *_candidates(module, name)]:
+            sev, depth = self._denied_module(m)
+            if sev is not None and (best[0] is None or sev > best[0]):
+                best = (sev, depth, (m, n))
+        return best
 
     def _denied_module(self, module: str) -> tuple[Severity | None, int]:
         """The severity of the most specific denylisted module covering `module`, and its depth."""
@@ -146,19 +247,36 @@ class Policy:
                 return i
         return 0
 
-    def _unknown(self, module: str, name: str, uses: int) -> Judgement:
-        class_like = _class_like(name)
-        helper = "." not in name and bool(_HELPER_NAME.match(name) or _CYTHON_UNPICKLE.match(name))
-        package = module.split(".", 1)[0]
-        if package in self.ecosystem:
-            if class_like or helper:
-                return Judgement(None, "pickle/ecosystem", f"{'class' if class_like else 'pickle helper'} of {package}")
-            if not uses & (CALLED | NEW | BUILT):
-                # imported and stored (an activation function, an enum member by name): an
-                # ecosystem import runs no payload; calling it later needs a gadget we flag
-                return Judgement(None, "pickle/ecosystem", f"reference into {package}")
+    def is_class(self, r: Resolved) -> bool:
+        """A class, as the generated table knows it, else as its name reads."""
+        if r.kind in (CLASS, DATA_TYPE):
+            return True
+        if r.kind == FUNCTION or "." in r.name:
+            return False
+        return _class_like(r.name)
+
+    def is_helper(self, r: Resolved) -> bool:
+        return "." not in r.name and bool(_HELPER_NAME.match(r.name) or _CYTHON_UNPICKLE.match(r.name))
+
+    def _lenient(self, r: Resolved, uses: int, what: str, rule: str) -> Judgement:
+        """An allowlisted module or an ecosystem package: classes, helpers and references pass."""
+        if self.is_class(r) or self.is_helper(r):
+            return Judgement(None, rule, f"{'class' if self.is_class(r) else 'pickle helper'} of a {what}")
+        if not uses & (CALLED | NEW | BUILT):
+            # imported and stored (an activation function, an enum member by name): an import
+            # runs no payload, and calling it later is judged where it is called
+            return Judgement(None, rule, f"reference into a {what}")
+        return self._unknown(r, uses, lenient=False)
+
+    def in_ecosystem(self, r: Resolved) -> bool:
+        return r.module.split(".", 1)[0] in self.ecosystem
+
+    def _unknown(self, r: Resolved, uses: int, lenient: bool = True) -> Judgement:
+        if lenient and self.in_ecosystem(r):
+            return self._lenient(r, uses, f"package of the ecosystem ({r.module.split('.', 1)[0]})", "pickle/ecosystem")
         u = self.unknown
-        if "." not in name and _CYTHON_UNPICKLE.match(name):
+        class_like = self.is_class(r)
+        if "." not in r.name and _CYTHON_UNPICKLE.match(r.name):
             return Judgement(u.new, "pickle/unknown-instance", "a Cython class is rebuilt (its module is imported)")
         if uses & CALLED:
             if class_like:
@@ -169,6 +287,32 @@ class Policy:
         if uses & BUILT:
             return Judgement(u.new, "pickle/unknown-instance", "an unknown object is given state")
         return Judgement(u.reference, "pickle/unknown-reference", "an unknown name is imported but not called")
+
+    # -- roles: what some trusted callables do with their arguments --------------------------
+
+    @cached_property
+    def _roles(self) -> dict[tuple[str, str], str]:
+        """object identity -> role, for the callables listed in ROLES (resolved like the lists)."""
+        out = {}
+        for (module, name), role in ROLES.items():
+            r = self.table.resolve(module, name)
+            out[(r.module, r.name)] = role
+            out[(module, name)] = role
+        return out
+
+    def role(self, module: str, name: str) -> str:
+        """What a callable does with its arguments (see ROLES), "" for nothing special."""
+        role = ROLES.get((module, name))
+        if role is not None:
+            return role
+        r = self.table.resolve(module, name)
+        return self._roles.get((r.module, r.name), "")
+
+
+def _with(j: Judgement, via: str) -> Judgement:
+    if not via or j.resolved:
+        return j
+    return Judgement(j.severity, j.rule_id, j.reason, j.matched, via)
 
 
 def _unsafe(severity: Severity, key: tuple[str, str]) -> Judgement:
@@ -187,156 +331,16 @@ def _compat_names(module: str, name: str) -> list[tuple[str, str]]:
 
 
 def _candidates(module: str, name: str) -> list[tuple[str, str]]:
-    """Every (module, name) that `find_class(module, name)` may really return.
-
-    A dotted name walks attributes: its head may be a re-exported module (`pathlib.os`) or
-    a submodule (`torch.serialization`), so each split point is a candidate too.
-    """
-    out: list[tuple[str, str]] = []
-    for mod, nm in _compat_names(module, name):
-        out.append((mod, nm))
-        parts = nm.split(".")
-        for j in range(1, len(parts)):
-            head, rest = ".".join(parts[:j]), ".".join(parts[j:])
-            out.append((head, rest))  # re-exported module: pathlib.os -> os
-            out.append((f"{mod}.{head}", rest))  # submodule reached as an attribute
+    """Every (module, name) that `find_class(module, name)` may really return, for modules the
+    table does not cover: a dotted name's head may be a re-exported module (`pathlib.os`) or a
+    submodule (`torch.serialization`), so each split point is a candidate too."""
+    out: list[tuple[str, str]] = [(module, name)]
+    parts = name.split(".")
+    for j in range(1, len(parts)):
+        head, rest = ".".join(parts[:j]), ".".join(parts[j:])
+        out.append((head, rest))  # re-exported module: pathlib.os -> os
+        out.append((f"{module}.{head}", rest))  # submodule reached as an attribute
     return out
-
-
-# -- reading calls the way the loader runs them ---------------------------------
-
-#: allowlisted callables that construct their first argument (it is instantiated, not just named)
-INSTANTIATORS = {("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"), ("copyreg", "__newobj__"),
-                 ("copy_reg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("numpy.core.multiarray", "_reconstruct"),
-                 ("numpy._core.multiarray", "_reconstruct"), ("sklearn.neighbors._kd_tree", "newObj"),
-                 ("sklearn.neighbors._ball_tree", "newObj"), ("sklearn.neighbors._binary_tree", "newObj"),
-                 ("sklearn.metrics._dist_metrics", "newObj")}
-
-#: callables that import `module.name` given as string arguments (positions of the two):
-#: what they return is judged like a GLOBAL of those names
-IMPORTERS = {("numpy.core", "_ufunc_reconstruct"): (0, 1), ("numpy._core", "_ufunc_reconstruct"): (0, 1),
-             ("numpy.core.multiarray", "_ufunc_reconstruct"): (0, 1),
-             ("scipy._lib._uarray._backend", "unpickle_function"): (0, 1)}
-
-#: getattr(owner, "name"): with a static owner and a plain name, it is the global owner.name
-ATTRIBUTE_GETTERS = {("builtins", "getattr"), ("__builtin__", "getattr")}
-
-#: trusted callables that store the callables they are given without calling them; any other
-#: trusted callable is assumed to call the names passed to it (torch's _rebuild_from_type_v2
-#: calls its first argument, numpy's RNG constructors call theirs)
-NON_CALLING = {("functools", "partial"), ("functools", "partialmethod"), ("collections", "defaultdict"),
-               ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "list"), ("builtins", "tuple"),
-               ("builtins", "dict"), ("__builtin__", "set"), ("__builtin__", "frozenset"), ("__builtin__", "list"),
-               ("__builtin__", "tuple"), ("__builtin__", "dict"), ("operator", "getitem"), ("_operator", "getitem"),
-               ("numpy", "dtype"), ("numpy.core.multiarray", "dtype"), ("numpy._core.multiarray", "dtype")}
-
-#: callables whose first argument is a pickle the loader unpickles in turn
-NESTED_LOADERS = {("pickle", "loads"), ("_pickle", "loads"), ("cPickle", "loads"), ("dill", "loads"),
-                  ("dill._dill", "loads"), ("torch.storage", "_load_from_bytes"), ("numpy", "loads"),
-                  ("numpy.core.numeric", "loads"), ("joblib.numpy_pickle", "loads"), ("cloudpickle", "loads"),
-                  ("joblib.numpy_pickle", "_unpickle"), ("joblib.externals.loky.cloudpickle_wrapper", "_reconstruct_wrapper")}
-
-_OBJECT = {("builtins", "object"), ("__builtin__", "object")}
-
-
-@dataclass
-class Indirect:
-    """What the calls in a stream do beyond their own names (see `resolve_indirect`)."""
-
-    globals: list[GlobalRef]  # the stream's globals plus names reached through importers and getattr
-    suppressed: set[int]  # ids of getattr refs fully explained by the names they resolve to
-    dynamic_calls: list[Call]  # calls of computed values that could not be explained
-
-
-def resolve_indirect(globals_: list[GlobalRef], dynamic_calls: list[Call], policy: "Policy") -> Indirect:
-    """Mark names used indirectly, the way the loader would use them:
-
-    - a class handed to copyreg (or numpy's _reconstruct) is instantiated;
-    - a name handed to any other trusted callable is called (call laundering through
-      `_rebuild_from_type_v2(func, ...)` or an RNG constructor is still a call);
-    - `module.name` imported by an importer helper, or `owner.attr` fetched with getattr, is a
-      global of its own, judged like one; getattr then needs no finding of its own;
-    - a name inside a value computed at load time and then called is called.
-    """
-    out = list(globals_)
-    produced: dict[int, GlobalRef] = {}  # id(Call) -> the global that call returns
-    suppressed: set[int] = set()
-    for ref in globals_:
-        key = (ref.module, ref.name)
-        if key in IMPORTERS:
-            mod_i, name_i = IMPORTERS[key]
-            for call in ref.calls:
-                args = call.args if isinstance(call.args, tuple) else ()
-                if len(args) > max(mod_i, name_i) and isinstance(args[mod_i], str) and isinstance(args[name_i], str):
-                    target = GlobalRef(args[mod_i], args[name_i], call.offset, f"{ref.name}()")
-                    out.append(target)
-                    produced[id(call)] = target
-        elif key in ATTRIBUTE_GETTERS:
-            resolved = 0
-            for call in ref.calls:
-                target = _attribute_global(call)
-                if target is not None:
-                    out.append(target)
-                    produced[id(call)] = target
-                    resolved += 1
-            if ref.calls and resolved == ref.ncalls:
-                suppressed.add(id(ref))
-    for ref in globals_:
-        key = (ref.module, ref.name)
-        if key in INSTANTIATORS:
-            for call in ref.calls:
-                args = call.args if isinstance(call.args, tuple) else ()
-                if args and isinstance(args[0], GlobalRef):
-                    args[0].uses |= NEW
-                if len(args) > 1 and isinstance(args[1], GlobalRef) and (args[1].module, args[1].name) not in _OBJECT:
-                    args[1].uses |= CALLED
-            first_args = {id(c.args[0]) for c in ref.calls if isinstance(c.args, tuple) and c.args}
-            if ref.ncalls > len(ref.calls):
-                first_args = set()  # not every call was kept: assume any name passed is called
-            for arg in ref.arg_refs:
-                if id(arg) not in first_args and (arg.module, arg.name) not in _OBJECT:
-                    arg.uses |= CALLED
-        elif ref.arg_refs and key not in NON_CALLING and key not in ATTRIBUTE_GETTERS and key not in IMPORTERS:
-            if policy.judge(ref.module, ref.name, CALLED).severity is None:
-                for arg in ref.arg_refs:
-                    if (arg.module, arg.name) not in _OBJECT:
-                        arg.uses |= CALLED
-    unexplained: list[Call] = []
-    for call in dynamic_calls:
-        target = produced.get(id(call.func))
-        if target is not None:
-            target.uses |= CALLED
-            continue
-        unexplained.append(call)
-        for ref in reachable_globals(call.func):
-            ref.uses |= CALLED
-    return Indirect(out, suppressed, unexplained)
-
-
-def _attribute_global(call: Call) -> GlobalRef | None:
-    """getattr(owner, "attr") as the global `owner.attr`, when both are static and attr is no dunder."""
-    args = call.args if isinstance(call.args, tuple) else ()
-    if len(args) != 2 or not isinstance(args[1], str) or not args[1].isidentifier() or args[1].startswith("__"):
-        return None
-    owner = _owner_class(args[0])
-    if owner is None:
-        return None
-    return GlobalRef(owner.module, f"{owner.name}.{args[1]}", call.offset, "getattr()")
-
-
-def _owner_class(value: object) -> GlobalRef | None:
-    """The class (or module-level name) whose attribute getattr reads: a global itself, or the
-    class of an object the pickle built from one."""
-    if isinstance(value, GlobalRef):
-        return value
-    if isinstance(value, Call) and isinstance(value.func, GlobalRef):
-        func = value.func
-        args = value.args if isinstance(value.args, tuple) else ()
-        if (func.module, func.name) in INSTANTIATORS:
-            return args[0] if args and isinstance(args[0], GlobalRef) else None
-        if value.kind in ("newobj", "newobj_ex") or (value.kind in ("reduce", "inst", "obj") and _class_like(func.name)):
-            return func
-    return None
 
 
 def _class_like(name: str) -> bool:
@@ -346,23 +350,49 @@ def _class_like(name: str) -> bool:
     return "." not in name and bool(core) and core[0].isupper()
 
 
-def reachable_globals(value: object, depth: int = 6) -> list[GlobalRef]:
-    """GlobalRefs inside a value (for callables built at load time)."""
-    out: list[GlobalRef] = []
-    stack = [(value, depth)]
-    while stack:
-        v, d = stack.pop()
-        if d < 0:
-            continue
-        if isinstance(v, GlobalRef):
-            out.append(v)
-        elif isinstance(v, Call):
-            stack.append((v.func, d - 1))
-            stack.append((v.args, d - 1))
-        elif isinstance(v, PDict):
-            stack.extend((x, d - 1) for pair in v for x in pair)
-        elif isinstance(v, (tuple, list, PSet)):
-            stack.extend((x, d - 1) for x in v)
-        elif isinstance(v, Unknown) and v.detail is not None:
-            stack.append((v.detail, d - 1))
-    return out
+# -- what trusted callables do with their arguments ------------------------------------------
+
+INSTANTIATE = "instantiate"  # makes an instance of its first argument (copyreg, numpy _reconstruct)
+IMPORT = "import"  # returns module.name given as two strings
+GETATTR = "getattr"  # getattr(owner, "name")
+NESTED = "nested"  # unpickles its first argument
+CALL_FIRST = "call-first"  # calls its first argument
+BUILD_CLASS = "build-class"  # type(name, bases, namespace)
+STATE = "state"  # sets its first argument's attributes from its second, as BUILD does
+MAPPING = "mapping"  # builds a dict from its argument: calls a non-dict argument's keys()
+LOOKUP = "lookup"  # getitem(container, key): a defaultdict's factory runs for a missing key
+STORE = "store"  # keeps the callables it is given without calling them
+
+ROLES: dict[tuple[str, str], str] = {
+    **{key: INSTANTIATE for key in [
+        ("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"), ("copyreg", "__newobj__"),
+        ("copy_reg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("sklearn.neighbors._kd_tree", "newObj"),
+        ("sklearn.neighbors._ball_tree", "newObj"), ("sklearn.neighbors._binary_tree", "newObj"),
+        ("sklearn.metrics._dist_metrics", "newObj")]},
+    **{key: IMPORT for key in [
+        ("numpy.core", "_ufunc_reconstruct"), ("numpy._core", "_ufunc_reconstruct"),
+        ("numpy.core.multiarray", "_ufunc_reconstruct"), ("scipy._lib._uarray._backend", "unpickle_function")]},
+    ("builtins", "getattr"): GETATTR, ("__builtin__", "getattr"): GETATTR,
+    **{key: NESTED for key in [
+        ("pickle", "loads"), ("_pickle", "loads"), ("cPickle", "loads"), ("dill", "loads"), ("dill._dill", "loads"),
+        ("torch.storage", "_load_from_bytes"), ("numpy", "loads"), ("numpy.core.numeric", "loads"),
+        ("joblib.numpy_pickle", "loads"), ("cloudpickle", "loads"), ("joblib.numpy_pickle", "_unpickle"),
+        ("joblib.externals.loky.cloudpickle_wrapper", "_reconstruct_wrapper")]},
+    ("torch._tensor", "_rebuild_from_type"): CALL_FIRST, ("torch._tensor", "_rebuild_from_type_v2"): CALL_FIRST,
+    ("builtins", "type"): BUILD_CLASS, ("__builtin__", "type"): BUILD_CLASS, ("abc", "ABCMeta"): BUILD_CLASS,
+    ("enum", "EnumMeta"): BUILD_CLASS, ("enum", "EnumType"): BUILD_CLASS,
+    ("torch._utils", "_set_obj_state"): STATE,
+    **{key: MAPPING for key in [
+        ("builtins", "dict"), ("__builtin__", "dict"), ("collections", "OrderedDict"), ("collections", "Counter"),
+        ("collections", "UserDict"), ("collections", "ChainMap"), ("types", "SimpleNamespace")]},
+    ("operator", "getitem"): LOOKUP, ("_operator", "getitem"): LOOKUP,
+    **{key: STORE for key in [
+        ("functools", "partial"), ("functools", "partialmethod"), ("collections", "defaultdict"), ("builtins", "set"),
+        ("builtins", "frozenset"), ("builtins", "list"), ("builtins", "tuple"), ("__builtin__", "set"),
+        ("__builtin__", "frozenset"), ("__builtin__", "list"), ("__builtin__", "tuple"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "dtype"), ("numpy._core.multiarray", "dtype"), ("collections", "deque")]},
+}
+
+#: kept for callers that read the nested loaders directly
+NESTED_LOADERS = frozenset(key for key, role in ROLES.items() if role == NESTED)

@@ -7,11 +7,13 @@ torch's legacy format is five pickles in a row, joblib interleaves arrays with o
 from __future__ import annotations
 
 import io
+import weakref
 from typing import BinaryIO, Callable
 
 from modelscan_core.model import Severity
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner
-from modelscan_core.scanners.pickle.policy import NESTED_LOADERS, reachable_globals, resolve_indirect
+from modelscan_core.scanners.pickle.flow import analyse, observer_factory, reachable_globals
+from modelscan_core.scanners.pickle.policy import NESTED, Policy
 from modelscan_core.scanners.pickle.values import Blob, Call, GlobalRef, render, render_call
 from modelscan_core.scanners.pickle.vm import BuildHook, PickleVM, StreamFacts
 from modelscan_core.sources.window import Window
@@ -65,8 +67,8 @@ def _read_streams(stream, start, size, ctx, scanner, reader, choices, hooks, max
           speculative: bool = False) -> tuple[list[StreamFacts], PickleVM]:
     """One reading: the pickles from `start` on, reported into `ctx` as they are read."""
     stream.seek(start)
-    vm = PickleVM(stream, size=size, memo_budget=ctx.limits.max_memo_values, reader=reader,
-                  frame_choices=choices, build_hook=hooks(ctx) if hooks is not None else None)
+    vm = new_vm(stream, size, ctx, reader=reader, frame_choices=choices,
+                build_hook=hooks(ctx) if hooks is not None else None)
     done: list[StreamFacts] = []
     while max_streams is None or len(done) < max_streams:
         facts = vm.run()
@@ -186,6 +188,18 @@ class _Reporting(ScanContext):
         return self._ctx.charge_bytes(nbytes)
 
 
+_OBSERVERS: "weakref.WeakKeyDictionary[Policy, object]" = weakref.WeakKeyDictionary()
+
+
+def new_vm(stream: BinaryIO, size: int | None, ctx: ScanContext, **kwargs) -> PickleVM:
+    """A VM whose globals are observed call by call for the settings' policy (see flow.py)."""
+    policy = ctx.settings.pickle_policy
+    observe = _OBSERVERS.get(policy)
+    if observe is None:
+        observe = _OBSERVERS[policy] = observer_factory(policy)
+    return PickleVM(stream, size=size, memo_budget=ctx.limits.max_memo_values, observe=observe, **kwargs)
+
+
 def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: BinaryIO, errors: bool = True) -> None:
     """Judge one stream's facts with the settings' policy and report them.
 
@@ -194,11 +208,10 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
     """
     policy = ctx.settings.pickle_policy
     unknown = policy.unknown
-    indirect = resolve_indirect(facts.globals, facts.dynamic_calls, policy)
+    indirect = analyse(facts, policy)
     payloads: dict[int, object] = {}  # offset -> bytes or Blob that a loader may unpickle
     for ref in indirect.globals:
-        key = (ref.module, ref.name)
-        if key in NESTED_LOADERS:
+        if policy.role(ref.module, ref.name) == NESTED:
             _nested_payloads(ref, ctx, stream, payloads)
         for call in ref.calls:  # bytes holding a pickle, passed to anything: scan it too
             for arg in call.args if isinstance(call.args, tuple) else ():
@@ -208,16 +221,41 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
         if id(ref) in indirect.suppressed:
             continue
         judgement = policy.judge(ref.module, ref.name, ref.uses)
+        suspicious = indirect.suspicious.get(id(ref))
+        if suspicious is not None and (judgement.severity is None or judgement.severity < unknown.suspicious_args):
+            call, why = suspicious
+            ctx.report(
+                "pickle/suspicious-arguments",
+                unknown.suspicious_args,
+                f"Construction of '{ref.name}' from module '{ref.module}' with an argument that reads as {why}",
+                module=ref.module,
+                operator=ref.name,
+                offset=call.offset,
+                call=render_call(call),
+            )
         if judgement.severity is None:
             continue
+        description = _describe(judgement.rule_id, ref.module, ref.name)
+        if judgement.resolved and judgement.resolved != f"{ref.module}.{ref.name}":
+            description += f" (it is {judgement.resolved})"
         ctx.report(
             judgement.rule_id,
             judgement.severity,
-            _describe(judgement.rule_id, ref.module, ref.name),
+            description,
             module=ref.module,
             operator=ref.name,
             offset=ref.offset,
             call=render_call(ref.calls[0]) if ref.calls else None,
+        )
+    for issue in indirect.issues:
+        ctx.report(
+            issue.rule_id,
+            issue.severity,
+            issue.message,
+            module=issue.module,
+            operator=issue.operator,
+            offset=issue.offset,
+            call=render_call(issue.call) if issue.call is not None else None,
         )
     for offset, detail in facts.unresolved:
         ctx.report(
@@ -256,7 +294,8 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
 def _nested_payloads(ref, ctx: ScanContext, stream: BinaryIO, payloads: dict[int, object]) -> None:
     """The pickles a nested loader is handed; a payload that cannot be worked out is a finding."""
     severity = ctx.settings.pickle_policy.unknown.unresolved
-    for call in ref.calls:
+    calls = getattr(ref.observer, "calls", None) or ref.calls
+    for call in calls:
         args = call.args if isinstance(call.args, tuple) else ()
         payload = static_bytes(args[0], stream) if args else None
         if payload is None:
@@ -271,11 +310,11 @@ def _nested_payloads(ref, ctx: ScanContext, stream: BinaryIO, payloads: dict[int
             )
         else:
             payloads[call.offset] = payload
-    if ref.ncalls > len(ref.calls):
+    if ref.ncalls > len(calls):
         ctx.report(
             "pickle/nested-unresolved",
             severity,
-            f"'{ref.module}.{ref.name}' is called {ref.ncalls} times; only the first {len(ref.calls)} payloads were scanned",
+            f"'{ref.module}.{ref.name}' is called {ref.ncalls} times; only the first {len(calls)} payloads were scanned",
             module=ref.module,
             operator=ref.name,
             offset=ref.offset,
@@ -358,6 +397,8 @@ def _describe(rule_id: str, module: str, name: str) -> str:
     if rule_id == "pickle/unsafe-global":
         return f"Use of unsafe operator '{name}' from module '{module}'"
     what = {
+        "pickle/introspection": "Attribute walk into the interpreter's internals through",
+        "pickle/unresolved-attribute": "Use of an unresolvable attribute",
         "pickle/unknown-call": "Call of unknown callable",
         "pickle/unknown-class-call": "Construction of unknown class",
         "pickle/unknown-instance": "Instantiation of unknown class",
