@@ -64,10 +64,10 @@ def test_a_finding_followed_by_a_break_stays_a_finding(scan_bytes):
 def test_an_internal_error_in_the_vm_keeps_what_was_found_before_it(scan_bytes, monkeypatch):
     from modelscan_core.scanners.pickle import vm
 
-    def broken(target, state):
+    def broken(state):
         raise RuntimeError("simulated VM defect")
 
-    monkeypatch.setattr(vm, "_planted", broken)
+    monkeypatch.setattr(vm, "_state_attributes", broken)  # what BUILD reads a state with
     data = EVIL[:-1] + b"0\x80\x02cbuiltins\nobject\n)\x81}b."  # a BUILD after the call
     scanned = scan_bytes(data)
     assert scanned.verdict == "issues"

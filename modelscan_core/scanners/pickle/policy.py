@@ -396,3 +396,14 @@ ROLES: dict[tuple[str, str], str] = {
 
 #: kept for callers that read the nested loaders directly
 NESTED_LOADERS = frozenset(key for key, role in ROLES.items() if role == NESTED)
+
+
+def resolve_indirect(globals_: list, dynamic_calls: list, policy: Policy):
+    """The uses of a stream's names once indirect calls are counted (flow.analyse on the
+    globals and dynamic calls alone), for callers that hold no StreamFacts."""
+    from types import SimpleNamespace
+
+    from modelscan_core.scanners.pickle import flow
+
+    facts = SimpleNamespace(globals=globals_, dynamic_calls=dynamic_calls, mutations=[], blind=[], dropped_events=0)
+    return flow.analyse(facts, policy)
