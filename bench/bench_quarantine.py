@@ -9,9 +9,10 @@
 3. ``modelscand quarantine list`` (whole process, as an operator runs it) over a ledger of
    --records quarantined files (begin + done records each, findings and HF names like the
    daemon writes), table and --json;
-4. the running daemon in quarantine mode on a Hugging Face cache layout: from the rename of
-   ``blobs/<etag>.<8hex>.incomplete`` to ``blobs/<etag>`` until the malicious bytes are no longer
-   at that name (an observer polls the name's inode every millisecond), p50/p99.
+4. the running daemon in quarantine mode on a Hugging Face cache layout (a new repo per file,
+   its directories made 100 ms before the download ends, as huggingface_hub does): from the
+   rename of ``blobs/<etag>.<8hex>.incomplete`` to ``blobs/<etag>`` until the malicious bytes
+   are no longer at that name (an observer polls the name's inode every millisecond), p50/p99.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def bench_daemon(tmp: str, n: int, interval: float) -> dict:
             tmpname = os.path.join(blobs, f"{etag}.{os.urandom(4).hex()}.incomplete")
             with open(tmpname, "wb") as fh:
                 fh.write(data)
+            time.sleep(0.1)  # the download itself: the repo dirs exist (and are watched) before its rename
             final = os.path.join(blobs, etag)
             os.rename(tmpname, final)
             t0 = time.time()

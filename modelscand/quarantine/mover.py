@@ -43,7 +43,7 @@ from typing import Callable
 from modelscand.text import safe_text
 from modelscand.quarantine import QuarantineError, tombstone
 from modelscand.quarantine import hf as hfnames
-from modelscand.quarantine.index import Entry
+from modelscand.quarantine.index import Entry, Index
 from modelscand.quarantine.store import DIR_FLAGS, Store, open_private_dir, try_chown
 from modelscand.workers import Escape, open_beneath
 
@@ -392,7 +392,7 @@ def restore(store: Store, qid: str, *, force: bool = False, by: dict | None = No
 
 
 def _entry(store: Store, qid: str, state: str, verb: str) -> Entry:
-    entry = store.index().entries.get(qid)
+    entry = Index.of(store.ledger.records_of(qid)).entries.get(qid)
     if entry is None:
         raise QuarantineError(f"no quarantine entry {qid!r} (see 'modelscand quarantine list')")
     if entry.state != state:

@@ -91,7 +91,7 @@ def select(index: Index, *, since: float | None = None, user: str | None = None,
 
 
 def entry(store: Store, qid: str) -> Entry:
-    e = store.index().entries.get(qid)
+    e = Index.of(store.ledger.records_of(qid)).entries.get(qid)
     if e is None:
         raise QuarantineError(f"no quarantine entry {qid!r} (see 'modelscand quarantine list')")
     return e

@@ -244,3 +244,21 @@ def test_summary_lines_round_trip_any_text():
     assert back["path"] == rec["path"] and back["findings"][0]["call"] == "f('\t\n\\\\')"
     assert back["hf"]["files"] == [{"revision": "c", "file": "a\tb"}] and back["owner"] == {"uid": 0, "user": None}
     assert decode_digest(line.replace(b"d1\t", b"d9\t", 1)) is None and decode_digest(b"d1\tx") is None
+
+
+def test_records_of_one_id_are_read_where_the_digests_point(tmp_path, monkeypatch):
+    led = _ledger(tmp_path, rotate_bytes=700)
+    for i in range(8):
+        led.append("quarantine.begin", id=f"Q{i}", sha256=f"{i:064x}", findings=[{"severity": "high"}] * 3)
+    for i in range(8):
+        led.append("quarantine.done", id=f"Q{i}", sha256=f"{i:064x}")
+    want = [r for r in led.records() if r.get("id") == "Q5"]
+    assert [r["type"] for r in want] == ["quarantine.begin", "quarantine.done"]
+    full = []
+    monkeypatch.setattr(Ledger, "records", lambda self, *a, **kw: full.append(1) or iter(()))
+    assert Ledger(led.dir).records_of("Q5") == want and not full  # no full parse
+    monkeypatch.undo()
+    summary = os.path.join(led.dir, Ledger.SUMMARY)
+    text = open(summary).read().replace("\tQ5\t", "\tQ4\t")  # a summary out of step: the ledger decides
+    open(summary, "w").write(text)
+    assert Ledger(led.dir).records_of("Q5") == want
