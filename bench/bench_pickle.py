@@ -106,6 +106,32 @@ def detection() -> None:
             flagged += worst is not None and worst >= Severity.HIGH
     print(f"class A gadgets caught at HIGH/CRITICAL: {caught}/{len(CLASS_A)}")
     print(f"benign fixtures flagged at HIGH/CRITICAL: {flagged}/{len(BENIGN)}")
+    families()
+
+
+def families() -> None:
+    """Counts over the generated technique families of the policy tests (issue 8)."""
+    from tests.modelscan_core import test_policy_calls as calls
+    from tests.modelscan_core import test_policy_mutation as mutation
+    from tests.modelscan_core import test_policy_unknown as unknown
+    from tests.modelscan_core.pickle_ops import call_op, global_op, proto
+    from tests.modelscan_core.policy_util import high_or_worse, scan
+
+    cases = {
+        "callable values x who calls them": [proto(calls.CALLERS[k](calls.CALLABLES[c][0]))
+                                             for c in calls.CALLABLES for k in calls.CALLERS],
+        "planted methods x key spellings": [proto(calls._namespace() + calls._states(calls.CALLABLES["partial"][0], a)[sp]
+                                                  + b"b" + calls._TRIGGERS[a])
+                                            for a in calls._TRIGGERS for sp in calls._states(b"N", "x")],
+        "mutations of imported objects": [proto(mutation.OPS[o](mutation.TARGETS[t][0]))
+                                          for t in mutation.TARGETS for o in mutation.OPS],
+        "classes constructed with code/paths": [proto(call_op(global_op(*unknown.CLASSES[c]), *unknown.POSITIONS[pos](p)))
+                                                for c in unknown.CLASSES for p in unknown.PAYLOADS
+                                                for pos in unknown.POSITIONS],
+    }
+    for family, blobs in cases.items():
+        caught = sum(high_or_worse(scan(b)) for b in blobs)
+        print(f"{family}: {caught}/{len(blobs)} at HIGH/CRITICAL")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 SUFFIXES = frozenset({
     ".pkl", ".pickle", ".joblib", ".dill", ".npy", ".npz", ".pt", ".pth", ".ckpt", ".bin", ".dat", ".data",
     ".gz", ".gzip", ".bz2", ".xz", ".lzma", ".z", ".zip", ".tar", ".mat", ".h5", ".hdf5", ".keras", ".pb",
+    ".onnx", ".gguf", ".safetensors", ".nemo", ".tflite", ".msgpack",
 })
 
 

@@ -633,6 +633,12 @@ class PickleVM:
 
         def build(target: object, state: object, at: int) -> None:
             nonlocal planted_any
+            if type(target) is Call and target.planted is None and type(state) is tuple and len(state) != 2:
+                # the common case (numpy dtypes and arrays, __setstate__ of a tuple): nothing planted
+                target.mutated |= MUT_BUILD
+                if type(target.func) is GlobalRef:
+                    target.func.uses |= BUILT
+                return
             call_planted(target, "__setstate__", at)
             mutate(target, MUT_BUILD, at, state)
             _mark_built(target)
