@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tarfile
@@ -171,3 +172,67 @@ def test_a_modelscan_settings_file_still_loads(tmp_path):
         'pickle = [".pkl"]\n[unsafe_globals.CRITICAL]\nos = "*"\n[reporting]\nmodule = "modelscan.reports.ConsoleReport"\n'
         "[reporting.settings]\nanything = 1\n")
     assert Settings.load(settings).scanner_enabled("savedmodel_ops")
+
+
+# -- memo and nesting bombs: an explicit verdict, within limits --------------------------------
+
+
+def _put(i: int) -> bytes:
+    return b"r" + struct.pack("<I", i)
+
+
+def _get(i: int) -> bytes:
+    return b"j" + struct.pack("<I", i)
+
+
+def _laughs_lists(levels: int = 40) -> bytes:
+    # each level is a list of ten references to the one before: 10**40 values for a walk
+    data = b"\x80\x04]" + _put(0)
+    for level in range(1, levels):
+        data += b"]" + _put(level) + b"(" + _get(level - 1) * 10 + b"e0"
+    return data + _get(levels - 1) + b"."
+
+
+def _laughs_tuples(levels: int = 80) -> bytes:
+    data = b"\x80\x04)" + _put(0)
+    for level in range(1, levels):
+        data += _get(level - 1) + _get(level - 1) + b"\x86" + _put(level) + b"0"
+    return data + _get(levels - 1) + b"."
+
+
+BOMBS = {
+    "billion laughs in lists": (_laughs_lists(), "pickle/expansion-bomb"),
+    "billion laughs in tuples": (_laughs_tuples(), "pickle/expansion-bomb"),
+    # hashing a tuple DAG as a dict key walks all of it: pickle.loads never returns
+    "hash bomb, dict key": (_laughs_tuples()[:-1] + b"0}" + _get(79) + b"Ns.", "pickle/hash-bomb"),
+    "hash bomb, frozenset": (_laughs_tuples()[:-1] + b"0(" + _get(79) + b"\x91.", "pickle/hash-bomb"),
+    "deep nesting, marks": (b"\x80\x04" + b"(" * 200_000 + b"N" + b"t" * 200_000 + b".", "pickle/deep-nesting"),
+    "deep nesting, appends": (b"\x80\x04" + b"]" * 200_000 + b"a" * 199_999 + b".", "pickle/deep-nesting"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOMBS))
+def test_bombs_get_an_explicit_verdict(scan_bytes, case):
+    data, rule = BOMBS[case]
+    scanned = scan_bytes(data)
+    assert scanned.verdict == "issues"
+    assert rule in scanned.rules()
+
+
+def test_a_wide_shared_tuple_as_call_arguments_is_shown_shortly(scan_bytes):
+    # three levels of 20000-wide tuples, each the one below 20000 times, passed to a call:
+    # showing the call used to render all 8e12 leaves
+    wide = 20_000
+    data = b"\x80\x04N" + _put(0) + b"0"
+    data += b"(" + _get(0) * wide + b"t" + _put(1) + b"0"
+    data += b"(" + _get(1) * wide + b"t" + _put(2) + b"0"
+    data += b"cmypkg\nf\n(" + _get(2) * wide + b"tR."
+    scanned = scan_bytes(data)
+    call = next(f.call for f in scanned.report.findings() if f.operator == "f")
+    assert len(call) < 10_000
+
+
+def test_shared_but_small_structures_are_no_bomb(scan_bytes):
+    shared = list(range(1000))
+    data = pickle.dumps({"a": [shared] * 500, "b": (shared, shared)}, protocol=4)
+    assert scan_bytes(data).verdict == "clean"

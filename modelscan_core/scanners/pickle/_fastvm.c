@@ -141,7 +141,90 @@ keep_pair(PyObject *target, PyObject *key, PyObject *value, Py_ssize_t cap)
     return push(target, pair);
 }
 
-/* run(buf, pos, limit, stack, marks, mseq, memo_left, fence, sparse_empty, pdict, cap, keep, evicted[, stop])
+/* Sizes as a walk over a value meets them (repr, deepcopy, the hash of a key): a container
+ * weighs 1 + its items' weights, a shared one counted each time it is met; depth is the
+ * nesting. vm.py keeps the size of every container of weight HEAVY_WEIGHT or depth
+ * HEAVY_DEPTH and more in `heavy` (id -> [value, weight, depth]); the others are tiny and are
+ * weighed by walking them. Anything past the limits goes back to vm.py, which reports it. */
+#define HEAVY_WEIGHT 16
+#define HEAVY_DEPTH 4
+
+static int
+weigh_at(PyObject *v, PyObject *heavy, long long *w, long long *d, int *budget)
+{
+    int is_tuple = PyTuple_CheckExact(v);
+    if (!is_tuple && !PyList_Check(v)) {
+        *w = 1;
+        *d = 0;
+        return 0;
+    }
+    PyObject *key = PyLong_FromVoidPtr(v);
+    if (key == NULL) return -1;
+    PyObject *e = PyDict_GetItemWithError(heavy, key);
+    Py_DECREF(key);
+    if (e != NULL && PyList_GET_ITEM(e, 0) == v) {
+        *w = PyLong_AsLongLong(PyList_GET_ITEM(e, 1));
+        *d = PyLong_AsLongLong(PyList_GET_ITEM(e, 2));
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (e == NULL && PyErr_Occurred()) return -1;
+    /* tiny: walk it (a few nodes; the budget only guards against stale sizes) */
+    Py_ssize_t n = is_tuple ? PyTuple_GET_SIZE(v) : PyList_GET_SIZE(v);
+    *w = 1;
+    *d = 1;
+    if (--*budget <= 0) {
+        *w += n;
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long iw, id;
+        PyObject *item = is_tuple ? PyTuple_GET_ITEM(v, i) : PyList_GET_ITEM(v, i);
+        if (weigh_at(item, heavy, &iw, &id, budget) < 0) return -1;
+        *w += iw;
+        if (id + 1 > *d) *d = id + 1;
+    }
+    return 0;
+}
+
+#define WALK_BUDGET 64
+
+static int
+weigh(PyObject *v, PyObject *heavy, long long *w, long long *d)
+{
+    int budget = WALK_BUDGET;
+    return weigh_at(v, heavy, w, d, &budget);
+}
+
+/* The weight of items[i:i+n] and the deepest of them. */
+static int
+weigh_items(PyObject *stack, Py_ssize_t i, Py_ssize_t n, PyObject *heavy, long long *w, long long *d)
+{
+    *w = 0;
+    *d = 0;
+    for (Py_ssize_t j = i; j < i + n; j++) {
+        long long iw, id;
+        if (weigh(PyList_GET_ITEM(stack, j), heavy, &iw, &id) < 0) return -1;
+        *w += iw;
+        if (id > *d) *d = id;
+    }
+    return 0;
+}
+
+static int
+remember(PyObject *heavy, PyObject *v, long long w, long long d)
+{
+    if (w < HEAVY_WEIGHT && d < HEAVY_DEPTH) return 0;
+    PyObject *key = PyLong_FromVoidPtr(v);
+    if (key == NULL) return -1;
+    PyObject *entry = Py_BuildValue("[OLL]", v, w, d);
+    int rc = entry == NULL ? -1 : PyDict_SetItem(heavy, key, entry);
+    Py_DECREF(key);
+    Py_XDECREF(entry);
+    return rc;
+}
+
+/* run(buf, pos, limit, stack, marks, mseq, memo_left, fence, sparse_empty, pdict, cap, keep, evicted[, stop,
+ *     heavy, max_weight, max_depth])
  *   -> (pos, fence, memo_left, ops)
  * Opcodes start before `limit`; no operand is read at or past `stop` (a frame end, where the
  * readers disagree: vm.py handles what comes near it). FRAME itself is left to vm.py. */
@@ -153,10 +236,15 @@ fast_run(PyObject *self, PyObject *args)
     PyObject *stack, *marks, *mseq, *pdict, *keep, *evicted;
     int sparse_empty;
     Py_ssize_t stop = PY_SSIZE_T_MAX;
-    if (!PyArg_ParseTuple(args, "y*nnO!O!O!nnpOnO!O|n", &view, &pos, &limit, &PyList_Type, &stack, &PyList_Type, &marks,
-                          &PyList_Type, &mseq, &memo_left, &fence, &sparse_empty, &pdict, &cap, &PyTuple_Type, &keep,
-                          &evicted, &stop))
+    PyObject *heavy = NULL;
+    long long max_weight = 1LL << 32, max_depth = 10000;
+    if (!PyArg_ParseTuple(args, "y*nnO!O!O!nnpOnO!O|nOLL", &view, &pos, &limit, &PyList_Type, &stack, &PyList_Type,
+                          &marks, &PyList_Type, &mseq, &memo_left, &fence, &sparse_empty, &pdict, &cap, &PyTuple_Type,
+                          &keep, &evicted, &stop, &heavy, &max_weight, &max_depth))
         return NULL;
+    /* no table (None): sizes are no longer counted (vm.py has reported a bomb already) */
+    if (heavy != NULL && !PyDict_Check(heavy)) heavy = NULL;
+    long long w, d, tw, td;
     const unsigned char *buf = view.buf;
     Py_ssize_t end = view.len < stop ? view.len : stop;
     Py_ssize_t ops = 0;
@@ -233,6 +321,14 @@ fast_run(PyObject *self, PyObject *args)
             if (k < len) {
                 PyObject *target = PyList_GET_ITEM(stack, k - 1);
                 if (!PyList_CheckExact(target)) goto done;
+                if (heavy != NULL) {
+                    if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, k, len - k, heavy, &w, &d) < 0)
+                        goto error;
+                    w += tw;
+                    d = d + 1 > td ? d + 1 : td;
+                    if (w > max_weight || d > max_depth) goto done;
+                    if (remember(heavy, target, w, d) < 0) goto error;
+                }
                 Py_ssize_t room = cap - PyList_GET_SIZE(target);
                 if (room > len - k) room = len - k;
                 for (Py_ssize_t i = 0; i < room; i++)
@@ -250,6 +346,14 @@ fast_run(PyObject *self, PyObject *args)
                 if ((PyObject *)Py_TYPE(target) != pdict || needs_reference(stack, target, k, len, cap)) goto done;
                 for (Py_ssize_t i = k; i < len; i += 2)
                     if (hash_in_doubt(PyList_GET_ITEM(stack, i), pdict)) goto done;
+                if (heavy != NULL) {
+                    if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, k, len - k, heavy, &w, &d) < 0)
+                        goto error;
+                    w += tw;
+                    d = d + 1 > td ? d + 1 : td;
+                    if (w > max_weight || d > max_depth) goto done;
+                    if (remember(heavy, target, w, d) < 0) goto error;
+                }
                 for (Py_ssize_t i = k; i < len; i += 2) {
                     if (keep_pair(target, PyList_GET_ITEM(stack, i), PyList_GET_ITEM(stack, i + 1), cap) < 0)
                         goto error;
@@ -266,6 +370,13 @@ fast_run(PyObject *self, PyObject *args)
             if ((PyObject *)Py_TYPE(target) != pdict || hash_in_doubt(PyList_GET_ITEM(stack, k), pdict) ||
                 needs_reference(stack, target, k, len, cap))
                 goto done;
+            if (heavy != NULL) {
+                if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, k, 2, heavy, &w, &d) < 0) goto error;
+                w += tw;
+                d = d + 1 > td ? d + 1 : td;
+                if (w > max_weight || d > max_depth) goto done;
+                if (remember(heavy, target, w, d) < 0) goto error;
+            }
             if (keep_pair(target, PyList_GET_ITEM(stack, k), PyList_GET_ITEM(stack, k + 1), cap) < 0) goto error;
             if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
             break;
@@ -274,6 +385,14 @@ fast_run(PyObject *self, PyObject *args)
             if (len < 2) goto done;
             PyObject *target = PyList_GET_ITEM(stack, len - 2);
             if (!PyList_CheckExact(target)) goto done;
+            if (heavy != NULL) {
+                if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, len - 1, 1, heavy, &w, &d) < 0)
+                    goto error;
+                w += tw;
+                d = d + 1 > td ? d + 1 : td;
+                if (w > max_weight || d > max_depth) goto done;
+                if (remember(heavy, target, w, d) < 0) goto error;
+            }
             if (PyList_GET_SIZE(target) < cap && PyList_Append(target, PyList_GET_ITEM(stack, len - 1)) < 0) goto error;
             if (PyList_SetSlice(stack, len - 1, len, NULL) < 0) goto error;
             break;
@@ -283,21 +402,35 @@ fast_run(PyObject *self, PyObject *args)
         case 0x87: { /* TUPLE3 */
             Py_ssize_t n = op - 0x84;
             if (len - fence < n) goto done;
+            w = d = 0;
+            if (heavy != NULL && weigh_items(stack, len - n, n, heavy, &w, &d) < 0) goto error;
+            if (w + 1 > max_weight || d + 1 > max_depth) goto done;
             PyObject *t = PyList_GetSlice(stack, len - n, len);
             if (t == NULL) goto error;
             PyObject *tuple = PyList_AsTuple(t);
             Py_DECREF(t);
-            if (tuple == NULL || PyList_SetSlice(stack, len - n, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
+            if (tuple == NULL || (heavy != NULL && remember(heavy, tuple, w + 1, d + 1) < 0)) {
+                Py_XDECREF(tuple);
+                goto error;
+            }
+            if (PyList_SetSlice(stack, len - n, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
             break;
         }
         case 0x74: { /* TUPLE */
             Py_ssize_t k = last_mark(marks);
             if (k < 0 || k > len) goto done;
+            w = d = 0;
+            if (heavy != NULL && weigh_items(stack, k, len - k, heavy, &w, &d) < 0) goto error;
+            if (w + 1 > max_weight || d + 1 > max_depth) goto done;
             PyObject *t = PyList_GetSlice(stack, k, len);
             if (t == NULL) goto error;
             PyObject *tuple = PyList_AsTuple(t);
             Py_DECREF(t);
-            if (tuple == NULL || PyList_SetSlice(stack, k, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
+            if (tuple == NULL || (heavy != NULL && remember(heavy, tuple, w + 1, d + 1) < 0)) {
+                Py_XDECREF(tuple);
+                goto error;
+            }
+            if (PyList_SetSlice(stack, k, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
             if (pop_mark(marks, &fence) < 0) goto error;
             break;
         }

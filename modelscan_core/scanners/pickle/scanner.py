@@ -153,6 +153,26 @@ def _other_readings(stream, start, size, ctx, seen, scanner, reader, hooks, max_
     return out
 
 
+def _report_bombs(facts: StreamFacts, ctx: ScanContext) -> None:
+    """Values built to exhaust whoever loads or walks them (billion laughs, deep nesting, a
+    key whose hash never finishes): no code runs, but the process loading them is stuck."""
+    if facts.hash_bomb is not None:
+        at, weight = facts.hash_bomb
+        ctx.report("pickle/hash-bomb", Severity.MEDIUM,
+                   f"Pickle makes the unpickler hash a key of more than {weight:,} values (shared parts counted each "
+                   "time): loading it does not finish", offset=at)
+    if facts.expansion is not None:
+        at, weight = facts.expansion
+        ctx.report("pickle/expansion-bomb", Severity.MEDIUM,
+                   f"Pickle builds a value of more than {weight:,} values for a walk over it (repr, copy, json, "
+                   "hashing), shared parts counted each time: a resource-exhaustion payload", offset=at)
+    if facts.nesting is not None:
+        at, depth = facts.nesting
+        ctx.report("pickle/deep-nesting", Severity.MEDIUM,
+                   f"Pickle nests values more than {depth:,} deep (no writer does): code that walks the loaded "
+                   "object recursively crashes", offset=at)
+
+
 def _call_offsets(facts: StreamFacts) -> list[int]:
     """Where a stream calls something (the kept calls of each name, and calls of computed values)."""
     return sorted([c.offset for ref in facts.globals for c in ref.calls] + [c.offset for c in facts.dynamic_calls])
@@ -272,6 +292,7 @@ def report_facts(facts: StreamFacts, ctx: ScanContext, *, scanner: str, stream: 
             offset=dyn.offset,
             call=render_call(dyn),
         )
+    _report_bombs(facts, ctx)
     if facts.error and errors:
         ctx.error(
             f"pickle stream starting at offset {facts.start} cannot be read past offset "

@@ -119,19 +119,25 @@ def _render(v: object, depth: int) -> str:
     if isinstance(v, Blob):
         kind = "str" if v.is_text else "bytes"
         return f"<{kind} of {v.length} bytes at offset {v.offset}>"
+    # at most DISPLAY_ITEMS items of each container: a wide tuple shared at every level would
+    # otherwise make the text (and the time) exponential
     if isinstance(v, PDict):
-        inner = ", ".join(f"{_render(k, depth - 1)}: {_render(x, depth - 1)}" for k, x in v)
-        return "{" + inner + "}"
+        inner = ", ".join(f"{_render(k, depth - 1)}: {_render(x, depth - 1)}" for k, x in v[:DISPLAY_ITEMS])
+        return "{" + inner + _more(v) + "}"
     if isinstance(v, PSet):
-        return "{" + ", ".join(_render(x, depth - 1) for x in v) + "}"
+        return "{" + ", ".join(_render(x, depth - 1) for x in v[:DISPLAY_ITEMS]) + _more(v) + "}"
     if isinstance(v, list):
-        return "[" + ", ".join(_render(x, depth - 1) for x in v) + "]"
+        return "[" + ", ".join(_render(x, depth - 1) for x in v[:DISPLAY_ITEMS]) + _more(v) + "]"
     if isinstance(v, tuple):
-        inner = ", ".join(_render(x, depth - 1) for x in v)
-        return "(" + inner + ("," if len(v) == 1 else "") + ")"
+        inner = ", ".join(_render(x, depth - 1) for x in v[:DISPLAY_ITEMS])
+        return "(" + inner + ("," if len(v) == 1 else "") + _more(v) + ")"
     if isinstance(v, (str, bytes)) and len(v) > 120:
         return repr(v[:120]) + "..."
     return repr(v)
+
+
+def _more(items) -> str:
+    return ", ..." if len(items) > DISPLAY_ITEMS else ""
 
 
 def render_call(call: Call, depth: int = 3) -> str:
@@ -139,11 +145,12 @@ def render_call(call: Call, depth: int = 3) -> str:
     args = call.args
     parts: list[str] = []
     if isinstance(args, tuple):
-        parts = [_render(a, depth - 1) for a in args]
+        parts = [_render(a, depth - 1) for a in args[:DISPLAY_ITEMS]] + (["..."] if len(args) > DISPLAY_ITEMS else [])
     elif args is not None:
         parts = ["*" + _render(args, depth - 1)]
     if isinstance(call.kwargs, PDict):
-        parts += [f"{k}={_render(x, depth - 1)}" if isinstance(k, str) else f"**{{{_render(k, 0)}: ...}}" for k, x in call.kwargs]
+        parts += [f"{k}={_render(x, depth - 1)}" if isinstance(k, str) else f"**{{{_render(k, 0)}: ...}}"
+                  for k, x in call.kwargs[:DISPLAY_ITEMS]]
     prefix = f"{func}.__new__" if call.kind in ("newobj", "newobj_ex") else func
     if call.kind in ("newobj", "newobj_ex"):
         parts.insert(0, func)

@@ -77,6 +77,18 @@ MAX_STACK = 5_000_000
 MAX_MEMO = 20_000_000
 MAX_GLOBALS = 200_000
 
+#: a walk over a loaded value (repr, copy, json, a hash) meeting more values than this, shared
+#: parts counted each time, is a billion-laughs payload; nesting deeper than this crashes any
+#: recursive walk (no writer nests that deep: pickle.dumps itself recurses); hashing a key of
+#: more values than MAX_HASHED keeps the unpickler busy for seconds to forever
+MAX_EXPANSION = 1 << 32
+MAX_NESTING = 10_000
+MAX_HASHED = 1 << 24
+#: containers this big or deep are remembered with their size; the rest are tiny and walked
+_HEAVY_WEIGHT = 16
+_HEAVY_DEPTH = 4
+_WALK_BUDGET = 64
+
 #: how each reader reads FRAMEs (see the module docstring)
 READERS = ("bytes", "file", "python")
 #: FRAMEs open at once (nested ones fit inside each other); more is no writer's pickle
@@ -121,6 +133,15 @@ class PickleLoadError(PickleError):
     bytes are a pickle, one that breaks when loaded."""
 
 
+class PickleHashBomb(PickleLoadError):
+    """A key whose hash walks so many values the load never finishes: nothing after it runs."""
+
+    def __init__(self, weight: int, offset: int):
+        super().__init__(f"the unpickler hashes a key of more than {weight:,} values here: loading does not finish",
+                         offset)
+        self.weight = weight
+
+
 @dataclass
 class StreamFacts:
     """What one pickle stream (PROTO ... STOP) would make a loader do."""
@@ -140,6 +161,11 @@ class StreamFacts:
     calls: int = 0  # calls of any kind made before the end
     ops: int = 0
     next_start: int = 0  # where the loader's next load() begins (the end of a frame read whole)
+    #: (offset, size) of resource bombs: a value walks expand past MAX_EXPANSION, nesting past
+    #: MAX_NESTING, a hashed key past MAX_HASHED
+    expansion: tuple[int, int] | None = None
+    nesting: tuple[int, int] | None = None
+    hash_bomb: tuple[int, int] | None = None
     value: object = None  # what the pickle returns (the top of the stack at STOP)
     #: (offset, target, MUT_* bit, detail): BUILD/SETITEM/APPEND/ADDITEMS on an imported object
     #: itself (a class, a function, a module, a registry), not on an object the pickle made
@@ -521,6 +547,8 @@ class PickleVM:
             facts.error, facts.error_offset, facts.error_incomplete = str(exc), exc.offset, exc.incomplete
             facts.error_truncated = isinstance(exc, PickleTruncated)
             facts.error_at_load = isinstance(exc, PickleLoadError)
+            if isinstance(exc, PickleHashBomb):
+                facts.hash_bomb = (exc.offset, exc.weight)
         except (ValueError, OverflowError, struct.error) as exc:
             facts.error, facts.error_offset = f"{type(exc).__name__}: {exc}", self.tell()
         except (MemoryError, RecursionError) as exc:
@@ -719,6 +747,48 @@ class PickleVM:
             else:
                 msparse[idx] = value
 
+        heavy: dict[int, list] = {}  # id -> [container, weight, depth] of the big ones (see _weigh)
+        counting = [heavy]  # [None] once a bomb is reported: sizes are no longer counted
+
+        def sized(c: object, w: int, d: int, at: int) -> None:
+            """Remember a container's size and report a bomb once. Past the nesting limit sizes
+            are no longer counted (a chain of a million levels would cost a million entries);
+            past the expansion limit weights saturate, so a hashed key made of it still shows."""
+            if w < _HEAVY_WEIGHT and d < _HEAVY_DEPTH:
+                return
+            if d > MAX_NESTING:
+                facts.nesting = (at, d)
+                counting[0] = None
+                heavy.clear()
+                return
+            if w > MAX_EXPANSION:
+                if facts.expansion is None:
+                    facts.expansion = (at, w)
+                w = MAX_EXPANSION + 1
+            heavy[id(c)] = [c, w, d]
+
+        def size_new(c: object, items, start: int, at: int) -> None:
+            if counting[0] is None:
+                return
+            w, d = 1, 0
+            for i in range(start, len(items)):
+                iw, idepth = _weigh(items[i], heavy)
+                w += iw
+                if idepth > d:
+                    d = idepth
+            sized(c, w, d + 1, at)
+
+        def size_add(target: object, items, start: int, at: int) -> None:
+            if counting[0] is None:
+                return
+            w, d = _weigh(target, heavy)
+            for i in range(start, len(items)):
+                iw, idepth = _weigh(items[i], heavy)
+                w += iw
+                if idepth + 1 > d:
+                    d = idepth + 1
+            sized(target, w, d, at)
+
         def memo_get(idx: int, at: int) -> object:
             if 0 <= idx < len(mseq):
                 return mseq[idx]
@@ -755,7 +825,7 @@ class PickleVM:
                     if pos < limit:
                         pos, fence, memo_left, n = fast(
                             buf, pos, limit, stack, marks, mseq, memo_left, fence, not msparse, PDict, DISPLAY_ITEMS,
-                            _KEEP_PAST_BUDGET, _EVICTED, blim,
+                            _KEEP_PAST_BUDGET, _EVICTED, blim, counting[0], MAX_EXPANSION, MAX_NESTING,
                         )
                         ops += n
                         if pos >= limit:
@@ -808,6 +878,7 @@ class PickleVM:
                     if k < len(stack):
                         target = stack[k - 1]
                         if type(target) is list:
+                            size_add(target, stack, k, base + pos - 1)
                             room = DISPLAY_ITEMS - len(target)
                             if room > 0:
                                 target.extend(stack[k : k + room])
@@ -855,7 +926,8 @@ class PickleVM:
                                 _mark_built(target)  # the pure-Python unpickler sets the pairs before it fails
                             raise err("odd number of items for SETITEMS", at)
                         if type(target) is PDict:
-                            _set_items(target, stack, k, at)
+                            _set_items(target, stack, k, at, heavy)
+                            size_add(target, stack, k, at)
                         elif isinstance(target, (Call, GlobalRef, Unknown)):
                             _mark_built(target)  # its own __setitem__ gets the items
                             setitems(target, stack, k, at)
@@ -872,6 +944,7 @@ class PickleVM:
                         raise err("stack underflow building a tuple", base + pos - 1)
                     t = tuple(stack[-n:])
                     del stack[-n:]
+                    size_new(t, t, 0, base + pos - 1)
                     stack.append(t)
                     continue
                 if op == 0x29:  # ) EMPTY_TUPLE
@@ -903,6 +976,7 @@ class PickleVM:
                     value = stack.pop()
                     target = stack[-1]
                     if type(target) is list:
+                        size_add(target, (value,), 0, base + pos - 1)
                         if len(target) < DISPLAY_ITEMS:
                             target.append(value)
                     elif isinstance(target, (Call, GlobalRef, Unknown)):
@@ -913,7 +987,9 @@ class PickleVM:
                         raise err(f"APPEND to {type(target).__name__}", base + pos - 1)
                     continue
                 if op == 0x74:  # t TUPLE
-                    stack.append(tuple(pop_mark(base + pos - 1)))
+                    t = tuple(pop_mark(base + pos - 1))
+                    size_new(t, t, 0, base + pos - 1)
+                    stack.append(t)
                     continue
                 if op == 0x2E:  # . STOP
                     if len(stack) <= fence:
@@ -1061,13 +1137,17 @@ class PickleVM:
                     else:
                         stack.append(memo_get(idx, at))
                 elif op == 0x6C:  # l LIST
-                    stack.append(pop_mark(at)[:DISPLAY_ITEMS])
+                    items = pop_mark(at)
+                    lst = items[:DISPLAY_ITEMS]
+                    size_new(lst, items, 0, at)
+                    stack.append(lst)
                 elif op == 0x64:  # d DICT
                     items = pop_mark(at)
                     if len(items) % 2:
                         raise err("odd number of items for DICT", at)
                     d = PDict()
-                    _set_items(d, items, 0, at)
+                    _set_items(d, items, 0, at, heavy)
+                    size_new(d, items, 0, at)
                     stack.append(d)
                 elif op == 0x8F:  # EMPTY_SET
                     stack.append(PSet())
@@ -1077,7 +1157,8 @@ class PickleVM:
                         raise err("ADDITEMS without a set", at)
                     target = stack[-1]
                     if items and type(target) is PSet:
-                        _check_hashable(items, 0, 1, at)
+                        _check_hashable(items, 0, 1, at, heavy)
+                        size_add(target, items, 0, at)
                         target.extend(items[: max(0, DISPLAY_ITEMS - len(target))])
                     elif items and isinstance(target, (Call, GlobalRef, Unknown)):
                         _mark_built(target)  # its own add gets the items
@@ -1087,8 +1168,10 @@ class PickleVM:
                         raise err(f"ADDITEMS on {type(target).__name__}", at)
                 elif op == 0x91:  # FROZENSET
                     items = pop_mark(at)
-                    _check_hashable(items, 0, 1, at)
-                    stack.append(PSet(items[:DISPLAY_ITEMS]))
+                    _check_hashable(items, 0, 1, at, heavy)
+                    frozen = PSet(items[:DISPLAY_ITEMS])
+                    size_new(frozen, items, 0, at)
+                    stack.append(frozen)
                 elif op == 0x50 or op == 0x51:  # P PERSID / Q BINPERSID
                     if op == 0x50:
                         pid = _ascii(readline()[:-1], at)
@@ -1146,13 +1229,13 @@ _PLAIN_KEYS = (str, int, float, bool, bytes, type(None))
 _EXTRA_KEYS = 64
 
 
-def _set_items(target: PDict, items: list, start: int, at: int) -> None:
+def _set_items(target: PDict, items: list, start: int, at: int, heavy: dict) -> None:
     """Key/value pairs into a dict value: the first DISPLAY_ITEMS for people, and after them
     every key BUILD can plant as something the loader calls later (`_LATE_CALLED`), the last
     value of each (as in a real dict), and pairs whose key was computed at load time (it may
     spell any of them), up to _EXTRA_KEYS, then the dict is marked lossy: a hostile dict of
     any size costs bounded memory and hides nothing."""
-    _check_hashable(items, start, 2, at)
+    _check_hashable(items, start, 2, at, heavy)
     for i in range(start, len(items) - 1, 2):
         key = items[i]
         if len(target) < DISPLAY_ITEMS:
@@ -1178,15 +1261,47 @@ def _spreadable(args: object) -> bool:
     return not (args is None or type(args) in (int, float, bool))
 
 
-def _check_hashable(items: list, start: int, step: int, at: int) -> None:
+def _check_hashable(items: list, start: int, step: int, at: int, heavy: dict) -> None:
     """CPython hashes dict keys and set items as it inserts them: a list or dict there raises
-    TypeError and the load stops (`N}]Nsb.`). Values the VM cannot know (calls) may hash."""
+    TypeError and the load stops (`N}]Nsb.`), and a tuple's hash walks all of it, shared
+    parts each time (a tuple of tuples doubling at each level never finishes). Values the
+    VM cannot know (calls) may hash."""
     for i in range(start, len(items), step):
+        if type(items[i]) is tuple:
+            weight = _weigh(items[i], heavy)[0]
+            if weight > MAX_HASHED:
+                raise PickleHashBomb(weight, at)
         if _unhashable(items[i]):
             raise PickleLoadError(f"unhashable type: '{_TYPE_NAMES.get(type(items[i]), 'tuple')}' as a dict key or set item", at)
 
 
 _TYPE_NAMES = {list: "list", PDict: "dict"}
+
+
+def _weigh(value: object, heavy: dict, budget: list | None = None) -> tuple[int, int]:
+    """(weight, depth) of a value as a walk over it meets it: a container weighs 1 + its
+    items' weights, shared parts counted each time. Known for the big or deep ones (`heavy`,
+    kept as containers are built, in C too); a container not there is tiny and is walked.
+
+    Sizes are counted as containers are built: a container filled after it was shared keeps
+    the size it had then (the walk a loader's consumer makes would meet the later items)."""
+    t = type(value)
+    if t is tuple or t is list or t is PDict or t is PSet:
+        entry = heavy.get(id(value))
+        if entry is not None and entry[0] is value:
+            return entry[1], entry[2]
+        budget = budget if budget is not None else [_WALK_BUDGET]
+        budget[0] -= 1
+        if budget[0] <= 0:  # (the budget only guards against sizes gone stale)
+            return 1 + len(value), 1
+        w, d = 1, 1
+        for item in value:
+            for part in item if t is PDict else (item,):  # a PDict holds (key, value) pairs
+                iw, idepth = _weigh(part, heavy, budget)
+                w += iw
+                d = max(d, idepth + 1)
+        return w, d
+    return 1, 0
 
 
 def _unhashable(value: object) -> bool:
