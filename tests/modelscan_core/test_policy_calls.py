@@ -47,6 +47,10 @@ def _callables(module: str, name: str) -> dict[str, tuple[bytes, str]]:
         "getattr of an object": (call_op(g("builtins", "getattr"), call_op(g(module, "Runner")), s(name)),
                                  f"{module}.Runner.{name}"),
         "ufunc reconstructor": (call_op(g("numpy.core", "_ufunc_reconstruct"), s(module), s(name)), f"{module}.{name}"),
+        # protocol 2+ pickles a partial as partial(func) then BUILD (func, args, kwargs, dict):
+        # the state's func is the one the partial calls
+        "partial whose BUILD replaces the func": (call_op(g("functools", "partial"), g("builtins", "int"))
+                                                  + b"(" + target + b")NNtb", f"{module}.{name}"),
     }
 
 
@@ -82,6 +86,12 @@ def _callers() -> dict[str, callable]:
         "_set_obj_state, BUILD": lambda f: _namespace() + b"q\x070"
         + call_op(g("torch._utils", "_set_obj_state"), b"h\x07", dict_op((s("__setstate__"), f))) + b"0h\x07Nb",
         "handed to a trusted class": lambda f: call_op(g("torch.nn.modules.linear", "Linear"), f),
+        "_rebuild_parameter_with_state state, BUILD": lambda f: call_op(
+            g("torch._utils", "_rebuild_parameter_with_state"), call_op(g("torch", "Tensor")), b"\x89",
+            call_op(g("collections", "OrderedDict")), dict_op((s("__setstate__"), f))) + s("state") + b"b",
+        "_rebuild_from_type_v2 state, BUILD": lambda f: call_op(
+            g("torch._tensor", "_rebuild_from_type_v2"), g("torch._utils", "_rebuild_tensor_v2"), g("torch", "Tensor"),
+            b")", dict_op((s("__setstate__"), f))) + s("state") + b"b",
     }
     for dunder in _DUNDERS:
         out[f"type() namespace {dunder}"] = (lambda d: lambda f: call_op(

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 from modelscan_core.model import Severity
 from modelscan_core.scanners.pickle import policy as pol
+from modelscan_core.scanners.pickle.vm import _CALLED_ATTRIBUTES, STATE, _state_attributes, _symbolic
 from modelscan_core.scanners.pickle.values import (
     BUILT,
     CALLED,
@@ -117,11 +118,13 @@ class Observer:
     role; every list is bounded, and what it had to drop is counted (the analysis then fails
     closed for that global)."""
 
-    __slots__ = ("ref", "role", "trusted", "check_args", "calls", "values", "suspicious", "dropped", "blind")
+    __slots__ = ("ref", "role", "trusted", "check_args", "state_index", "calls", "values", "suspicious", "dropped",
+                 "blind")
 
-    def __init__(self, ref: GlobalRef, role: str, trusted: bool, check_args: bool):
+    def __init__(self, ref: GlobalRef, role: str, trusted: bool, check_args: bool, state_index: int | None = None):
         self.ref = ref
         self.role = role
+        self.state_index = state_index  # the argument it sets its result's attributes from
         self.trusted = trusted  # the policy trusts calling it: the names it is handed may be called
         self.check_args = check_args  # a class not on the exact allowlist: arguments are judged
         self.calls: list[Call] = []
@@ -159,6 +162,8 @@ class Observer:
             for arg in args:  # a callable value handed to a trusted callable is assumed called
                 if type(arg) is Call and _callable_value(arg):
                     self._keep_value(arg)
+        if self.state_index is not None and args is not None and len(args) > self.state_index:
+            self._plant(call, call, args[self.state_index])
         if self.check_args and len(self.suspicious) < 8:
             why = _suspicious_args(call)
             if why:
@@ -189,16 +194,19 @@ class Observer:
 
     def _state(self, call: Call, args: tuple | None) -> None:
         """torch's `_set_obj_state(obj, state)` does what BUILD does with a dict state."""
-        from modelscan_core.scanners.pickle.vm import _CALLED_ATTRIBUTES, _state_attributes, _symbolic
+        if args and len(args) >= 2:
+            self._plant(call, args[0], args[1])
 
-        if not args or len(args) < 2:
-            return
-        target, state = args[0], args[1]
+    def _plant(self, call: Call, target: object, state: object) -> None:
+        """Attributes set on `target` from `state`, as BUILD sets them: a method the load calls
+        later is kept on the object (the VM calls it then); one under a computed key is called."""
         attributes, blind = _state_attributes(state)
         if blind:
-            self.blind.append((call.offset, f"_set_obj_state with {blind}"))
+            self.blind.append((call.offset, f"{self.ref.module}.{self.ref.name} sets attributes from {blind}"))
         for key, value in attributes:
-            if type(key) is not str or (key in _CALLED_ATTRIBUTES and _symbolic(value)):
+            if key == "__class__" and type(value) is GlobalRef:
+                value.uses |= BUILT  # the object's class is replaced: that class's methods run on it
+            elif type(key) is not str or (key in _CALLED_ATTRIBUTES and _symbolic(value)):
                 if type(key) is not str and not _symbolic(value):
                     continue
                 if type(target) is Call and type(key) is str:
@@ -224,7 +232,7 @@ def _callable_value(call: Call) -> bool:
 
 def observer_factory(policy: pol.Policy):
     """observe(ref) for PickleVM: an Observer for the globals whose calls matter one by one."""
-    cache: dict[tuple[str, str], tuple[str, bool, bool] | None] = {}
+    cache: dict[tuple[str, str], tuple | None] = {}
 
     def observe(ref: GlobalRef) -> Observer | None:
         key = (ref.module, ref.name)
@@ -238,18 +246,19 @@ def observer_factory(policy: pol.Policy):
     return observe
 
 
-def _plan(policy: pol.Policy, module: str, name: str) -> tuple[str, bool, bool] | None:
+def _plan(policy: pol.Policy, module: str, name: str) -> tuple | None:
     role = policy.role(module, name)
+    state_index = policy.result_state(module, name)
     verdict = policy.judge(module, name, CALLED)
     trusted = verdict.severity is None
     exact = trusted and verdict.rule_id == "pickle/allowed" and policy.is_exactly_allowed(module, name)
     r = policy.resolve(module, name)
     check_args = not exact and not role and policy.is_class(r) and verdict.rule_id != "pickle/unsafe-global"
-    if not role and not trusted and not check_args:
+    if not role and not trusted and not check_args and state_index is None:
         return None
     if not role and trusted and not check_args and exact and _data_only(module, name):
         return None
-    return role, trusted, check_args
+    return role, trusted, check_args, state_index
 
 
 #: exact-allowlisted callables that are handed only data in real pickles by the thousand:
@@ -365,7 +374,12 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
                 return None  # fetched a name the scanner could not work out
             if func.name in ("partial", "partialmethod") and func.module in ("functools", "_functools"):
                 args = value.args if type(value.args) is tuple else ()
-                return callees(args[0], depth + 1) if args else None
+                found = callees(args[0], depth + 1) if args else None
+                state = (value.planted or {}).get(STATE)
+                if state:  # BUILD gave the partial another func (protocol 2+ pickles do so)
+                    replaced = callees(state[0], depth + 1)
+                    found = None if found is None or replaced is None else found + replaced
+                return found
             if role == pol.BUILD_CLASS:
                 return [func]  # a class built at load time: reported on its own
             verdict = policy.judge(func.module, func.name, CALLED)
@@ -470,8 +484,6 @@ _MACHINERY = ("builtins", "__builtin__", "sys", "copyreg", "copy_reg", "_compat_
 
 
 def _mutation_issue(policy: pol.Policy, target: GlobalRef, bit: int, offset: int, detail: object = None) -> Issue:
-    from modelscan_core.scanners.pickle.vm import _symbolic
-
     r = policy.resolve(target.module, target.name)
     what = {MUT_BUILD: "gives state to (BUILD)", 2: "sets items of (SETITEM)", 4: "appends to", 8: "adds to"}.get(
         bit & -bit, "changes")
@@ -487,8 +499,6 @@ def _mutation_issue(policy: pol.Policy, target: GlobalRef, bit: int, offset: int
 
 
 def _plants_callable(state: object, symbolic) -> bool:
-    from modelscan_core.scanners.pickle.vm import _state_attributes
-
     attributes, blind = _state_attributes(state)
     return bool(blind) or any(symbolic(value) for _, value in attributes)
 

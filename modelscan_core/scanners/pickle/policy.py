@@ -300,6 +300,22 @@ class Policy:
             out[(module, name)] = role
         return out
 
+    @cached_property
+    def _result_states(self) -> dict[tuple[str, str], int]:
+        out = {}
+        for (module, name), index in RESULT_STATE.items():
+            r = self.table.resolve(module, name)
+            out[(r.module, r.name)] = out[(module, name)] = index
+        return out
+
+    def result_state(self, module: str, name: str) -> int | None:
+        """The position of an argument a callable sets its result's attributes from (as BUILD does)."""
+        index = RESULT_STATE.get((module, name))
+        if index is None:
+            r = self.table.resolve(module, name)
+            index = self._result_states.get((r.module, r.name))
+        return index
+
     def role(self, module: str, name: str) -> str:
         """What a callable does with its arguments (see ROLES), "" for nothing special."""
         role = ROLES.get((module, name))
@@ -392,6 +408,12 @@ ROLES: dict[tuple[str, str], str] = {
         ("builtins", "frozenset"), ("builtins", "list"), ("builtins", "tuple"), ("__builtin__", "set"),
         ("__builtin__", "frozenset"), ("__builtin__", "list"), ("__builtin__", "tuple"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "dtype"), ("numpy._core.multiarray", "dtype"), ("collections", "deque")]},
+}
+
+#: callables that set their result's attributes from one argument, as BUILD does (torch calls
+#: _set_obj_state(result, state) inside them): position of that argument
+RESULT_STATE: dict[tuple[str, str], int] = {
+    ("torch._utils", "_rebuild_parameter_with_state"): 3, ("torch._tensor", "_rebuild_from_type_v2"): 3,
 }
 
 #: kept for callers that read the nested loaders directly

@@ -666,6 +666,9 @@ class PickleVM:
                 target.mutated |= MUT_BUILD
                 if type(target.func) is GlobalRef:
                     target.func.uses |= BUILT
+                if state and _symbolic(state[0]):
+                    # a callable in the state replaces what the object calls (a partial's func)
+                    target.planted = {STATE: state}
                 return
             call_planted(target, "__setstate__", at)
             mutate(target, MUT_BUILD, at, state)
@@ -1333,6 +1336,9 @@ _LATE_CALLED = _CALLED_ATTRIBUTES | {"__class__", "__dict__"}
 _DICT_BUILDERS = frozenset({("collections", "OrderedDict"), ("builtins", "dict"), ("__builtin__", "dict"),
                             ("collections", "defaultdict")})
 _ANY = object()  # a patch of every attribute (the keys were not static)
+#: `Call.planted` key of a tuple state whose first item is a callable (functools.partial's
+#: __setstate__ takes (func, args, kwargs, dict): the func the partial calls is that one)
+STATE = "<state>"
 
 
 def _symbolic(value: object) -> bool:
