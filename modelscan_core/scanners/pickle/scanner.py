@@ -100,8 +100,14 @@ def _other_readings(stream, start, size, ctx, seen, scanner, reader, hooks, max_
     out: list[StreamFacts] = []
     alternate = _Reporting(ctx, seen, alternate=True)
 
+    # a speculative reading (pickle.load of a joblib file: array bytes as opcodes, an object
+    # array's own pickle run with the outer memo) reports only names on the denylist: what a
+    # benign file's bytes spell there is noise the real load fails on, never a payload
+    speculative_ctx = _Reporting(ctx, seen, alternate=True, only=_DENYLISTED)
+
     def run(reader_: str, choices: tuple[bool, ...], hooks_, speculative=False) -> PickleVM:
-        facts, other = _read_streams(stream, start, size, alternate, scanner, reader_, choices, hooks_, max_streams, speculative)
+        facts, other = _read_streams(stream, start, size, speculative_ctx if speculative else alternate, scanner,
+                                     reader_, choices, hooks_, max_streams, speculative)
         out.extend(facts)
         return other
 
@@ -110,13 +116,14 @@ def _other_readings(stream, start, size, ctx, seen, scanner, reader, hooks, max_
         run("python", (), hooks)
     if vm.hook_consumed:
         # pickle.load of a joblib file: no hooks, the array bytes are opcodes (a benign array's
-        # bytes break off at once; only calls of names they import count)
+        # bytes break off at once; only calls of denylisted names they import count)
         first = len(out)
         root = run("bytes", (), None, speculative=True)
         if root.mattered:
             run("file", (), None, speculative=True)
         arrays = getattr(vm.build_hook, "arrays", ())
-        calls = [at for facts in out[first:] for at in _call_offsets(facts) if any(a <= at < a + n for a, n in arrays)]
+        policy = ctx.settings.pickle_policy
+        calls = [at for facts in out[first:] for at in _call_offsets(facts, policy) if any(a <= at < a + n for a, n in arrays)]
         if calls:
             ctx.report(
                 "joblib/array-bytes-are-a-pickle",
@@ -173,20 +180,27 @@ def _report_bombs(facts: StreamFacts, ctx: ScanContext) -> None:
                    "object recursively crashes", offset=at)
 
 
-def _call_offsets(facts: StreamFacts) -> list[int]:
-    """Where a stream calls something (the kept calls of each name, and calls of computed values)."""
-    return sorted([c.offset for ref in facts.globals for c in ref.calls] + [c.offset for c in facts.dynamic_calls])
+#: what a speculative reading may report
+_DENYLISTED = frozenset({"pickle/unsafe-global"})
+
+
+def _call_offsets(facts: StreamFacts, policy) -> list[int]:
+    """Where a stream calls a denylisted name (the kept calls of each)."""
+    return sorted(c.offset for ref in facts.globals if ref.ncalls
+                  and policy.judge(ref.module, ref.name, ref.uses).rule_id in _DENYLISTED for c in ref.calls)
 
 
 class _Reporting(ScanContext):
     """The scan context as one reading sees it: the first reading reports everything; the
     others report only what no reading reported before, and no errors of their own."""
 
-    def __init__(self, ctx: ScanContext, seen: set, alternate: bool):
-        self._ctx, self._seen, self.alternate = ctx, seen, alternate
+    def __init__(self, ctx: ScanContext, seen: set, alternate: bool, only: frozenset | None = None):
+        self._ctx, self._seen, self.alternate, self.only = ctx, seen, alternate, only
         self.settings, self.limits, self.depth = ctx.settings, ctx.limits, ctx.depth
 
     def report(self, rule_id, severity, description, **kw):
+        if self.only is not None and rule_id not in self.only:
+            return None
         key = (rule_id, severity, description, kw.get("module", ""), kw.get("operator", ""), kw.get("source"))
         if key in self._seen:
             return None
