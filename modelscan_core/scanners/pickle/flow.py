@@ -94,12 +94,18 @@ def suspicious_text(value: object) -> str:
     return ""
 
 
+#: values looked at per call for suspicious strings (a wide argument costs no more than this)
+_ARG_BUDGET = 64
+
+
 def _suspicious_args(call: Call, depth: int = 2) -> str:
     """The first argument of a call (or an item in it) that reads as code, a command or a path."""
     stack = [(call.args, depth)]
     if isinstance(call.kwargs, PDict):
         stack.append(([v for _, v in call.kwargs], depth))
-    while stack:
+    budget = _ARG_BUDGET
+    while stack and budget > 0:
+        budget -= 1
         value, d = stack.pop()
         why = suspicious_text(value)
         if why:
@@ -555,14 +561,22 @@ def _owner_class(value: object, policy: pol.Policy) -> GlobalRef | None:
     return None
 
 
+#: values a walk for the names inside a value looks at (each shared value once)
+_WALK_BUDGET = 100_000
+
+
 def reachable_globals(value: object, depth: int = 6) -> list[GlobalRef]:
-    """GlobalRefs inside a value (for callables built at load time)."""
+    """GlobalRefs inside a value (for callables built at load time); each shared value is
+    walked once, and at most _WALK_BUDGET values (a DUP bomb costs no more)."""
     out: list[GlobalRef] = []
     stack = [(value, depth)]
-    while stack:
+    seen: dict[int, int] = {}  # id -> the most depth left it was walked with
+    while stack and len(seen) < _WALK_BUDGET:
         v, d = stack.pop()
-        if d < 0:
+        if d < 0 or seen.get(id(v), -1) >= d:
             continue
+        if isinstance(v, (GlobalRef, Call, PDict, tuple, list, PSet, Unknown)):
+            seen[id(v)] = d
         if isinstance(v, GlobalRef):
             out.append(v)
         elif isinstance(v, Call):

@@ -70,6 +70,9 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "torch._inductor": ALL, "torch._dynamo": ALL, "torch.fx.graph_module": ALL, "torch.utils._zip": ALL,
         "torch.fx.experimental": ALL, "torch.utils.collect_env": ALL, "torch.utils.bottleneck": ALL,
         "torch.ops": ["load_library"], "torch._ops": ["load_library"], "torch.classes": ["load_library"],
+        # classes of torch's C core that compile TorchScript or load a model from a path or bytes
+        "torch._C": ["CompilationUnit", "import_ir_module", "import_ir_module_from_buffer",
+                     "_load_for_lite_interpreter", "_load_for_lite_interpreter_from_buffer", "_jit_pass_lower_all_tuples"],
         "torch.multiprocessing": ALL, "torch.distributed.rpc": ALL, "torch.testing": ALL, "torch._jit_internal": ALL,
         "torch.utils._config_module": ALL, "torch.library": ALL, "torch.utils.data.datapipes": ALL,
         "keras.models": ["load_model"], "keras.saving": ["load_model"], "keras.src.saving": ALL,
@@ -95,7 +98,12 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         "mailbox": ALL, "xmlrpclib": ALL, "BaseHTTPServer": ALL, "SimpleHTTPServer": ALL, "CGIHTTPServer": ALL,
         "torch.distributed": ALL, "tensorflow": ALL, "wave": ALL, "aifc": ALL, "sunau": ALL, "tkinter": ALL,
         "_tkinter": ALL, "turtle": ALL, "Tkinter": ALL,
-        # files: read, list, write through a side door
+        # files: read, list, write through a side door (also classes of the ecosystem that open a
+        # file by name when constructed: a relative name is no path to the argument rules)
+        "scipy.io": ["FortranFile", "netcdf_file", "netcdf_variable", "savemat", "loadmat", "whosmat", "mmread",
+                     "mmwrite", "hb_read", "hb_write", "readsav"],
+        "torch._C": ["PyTorchFileWriter", "PyTorchFileReader"], "torch.utils.tensorboard": ALL,
+        "numpy.lib._datasource": ALL, "numpy.lib.npyio": ALL,
         "io": ["TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
         "_io": ["TextIOWrapper", "BufferedReader", "BufferedWriter", "BufferedRandom"],
         "codecs": ["EncodedFile", "StreamReaderWriter", "StreamRecoder"], "fileinput": ALL,
