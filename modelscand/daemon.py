@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
+import socket
 import threading
 import time
 
@@ -178,13 +180,30 @@ class Daemon:
 
     def run(self) -> int:
         """Foreground service: signals -> stop/reload; returns the exit code."""
+        # The kernel may deliver a signal to any of our threads; Python runs its handler only
+        # when the main thread next runs bytecode. Waiting on an Event, the main thread would
+        # sleep through a SIGTERM (or SIGHUP) for an hour: it waits on the wakeup fd instead,
+        # which the C-level handler writes whichever thread the signal hit.
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-        self.start()
-        while not self.stopping.wait(3600):
-            pass
-        self.shutdown()
+        try:
+            self.start()
+            while not self.stopping.is_set():
+                select.select([wake_r], [], [], 3600)  # handlers run as this returns
+                try:
+                    wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            self.shutdown()
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            wake_r.close()
+            wake_w.close()
         return 0
 
     def run_once(self, max_wait: float | None = None) -> int:

@@ -401,3 +401,36 @@ def test_a_full_state_dir_logs_every_verdict_and_catches_up_when_space_returns(t
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+# -- found by the model-based test ------------------------------------------------------
+
+def test_sigterm_and_sighup_delivered_to_any_thread_are_handled_at_once(tmp_path):
+    import ctypes
+
+    root = tmp_path / "r"
+    root.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    proc = subprocess.Popen([sys.executable, "-m", "modelscand.cli", "run", "--root", str(root), "--state-dir",
+                             _state(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in proc.stdout:
+            if '"daemon.ready"' in line:
+                break
+        others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+
+        def to_thread(sig):  # tgkill: the kernel hands the signal to that thread, not the main one
+            assert libc.syscall(234, proc.pid, others[-1], sig) == 0, ctypes.get_errno()
+
+        to_thread(signal.SIGHUP)
+        for line in proc.stdout:
+            if '"daemon.reloaded"' in line:
+                break
+        t0 = time.monotonic()
+        to_thread(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
