@@ -236,3 +236,23 @@ def test_shared_but_small_structures_are_no_bomb(scan_bytes):
     shared = list(range(1000))
     data = pickle.dumps({"a": [shared] * 500, "b": (shared, shared)}, protocol=4)
     assert scan_bytes(data).verdict == "clean"
+
+
+def test_a_call_of_a_value_built_from_a_wide_shared_structure_is_judged_quickly(scan_bytes):
+    # calling what mypkg.f returned makes the policy look for the names inside it: five levels
+    # of 2000-wide tuples, each the one below 2000 times, used to mean 2000**5 steps
+    wide = 2000
+    data = b"\x80\x04cmypkg\ng\n" + _put(0) + b"0"
+    for level in range(1, 6):
+        data += b"(" + _get(level - 1) * wide + b"t" + _put(level) + b"0"
+    data += b"cmypkg\nf\n" + _get(5) + b"\x85R)R."
+    scanned = scan_bytes(data)
+    assert scanned.verdict == "issues"
+    assert "pickle/dynamic-call" in scanned.rules()
+
+
+def test_bytes_wrapped_a_hundred_thousand_times_is_no_crash(scan_bytes):
+    data = b"\x80\x04cpickle\nloads\n" + b"cbuiltins\nbytes\n" * 100_000 + b"C\x02\x80\x02" + b"\x85R" * 100_001 + b"."
+    scanned = scan_bytes(data)
+    assert "pickle.loads" in scanned.names()
+    assert not any("RecursionError" in e.description for e in scanned.file.all_errors())

@@ -365,7 +365,7 @@ _LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
 _MAX_TEXT_PAYLOAD = 64 << 20
 
 
-def static_bytes(value: object, stream: BinaryIO, limit: int | None = None) -> bytes | Blob | None:
+def static_bytes(value: object, stream: BinaryIO, limit: int | None = None, *, _depth: int = 0) -> bytes | Blob | None:
     """The bytes a value stands for, when the pickle fixes them: literal bytes (inline or left
     in the file), `_codecs.encode(text, "latin1")`, `bytes(...)`, `bytearray(...)`, `BytesIO(...)`.
 
@@ -396,7 +396,9 @@ def static_bytes(value: object, stream: BinaryIO, limit: int | None = None) -> b
         except (UnicodeError, LookupError):
             return None
     if key in _BYTES_WRAPPERS and len(args) == 1:
-        return static_bytes(args[0], stream, limit)
+        if _depth > 32:  # bytes(bytes(bytes(...))) a hundred thousand deep: give up, unresolved
+            return None
+        return static_bytes(args[0], stream, limit, _depth=_depth + 1)
     return None
 
 
