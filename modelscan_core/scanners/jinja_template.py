@@ -3,19 +3,31 @@
 Chat templates (GGUF `tokenizer.chat_template`, ...) are rendered by the loader. Rendered in
 a plain `jinja2.Environment` (llama-cpp-python before 0.2.72, CVE-2024-34359), a template
 can walk from any Python object to `os`: `cycler.__init__.__globals__.os.popen(...)`. Every
-such escape goes through attribute names Python keeps for its internals (`__globals__`,
-`__class__`, `__subclasses__`, ...), through frame attributes (`gi_frame.f_globals`), or
-through Jinja's own objects (`self._TemplateReference__context`, `lipsum`, `cycler`,
-`joiner`, `namespace`, Flask's `request`/`config`) used as values rather than called.
+such escape looks attributes up by names Python keeps for its internals: dunders
+(`__globals__`), private names (`_module`, `_TemplateReference__context`, `_func`), frame
+attributes (`gi_frame.f_globals`); or uses Jinja's own objects (`self`, `lipsum`, `cycler`,
+`joiner`, `namespace`, Flask's `request`/`config`) as values rather than calling them; or
+lets `str.format` do the lookups (the sandbox escapes of CVE-2024-56326 and CVE-2025-27516).
 
 The template is parsed, never rendered. Attribute names are found wherever the renderer
 takes them: `x.name`, `x["name"]` (Jinja falls back to getattr), `|attr(name)`, the
-`attribute=` of `map`/`selectattr`/`sort`/..., the fields of a `str.format` string. Names
-assembled at render time (`"__cla" ~ "ss__"`, `|join`, `|reverse`, `|replace`, `|format`,
-`"%c" % 95`, escapes, dict keys, macro arguments, loop variables, `set` variables) are
-computed by a small static evaluator; an attribute name that is assembled from strings but
-cannot be computed is reported too. Real templates (loops, `namespace()`,
-`raise_exception`, macros, `tojson`) use none of this.
+`attribute=` of `map`/`selectattr`/`sort`/..., `map('attr', name)`, the fields of a
+`str.format` string. Each name is judged by where its value comes from, not only by what
+it spells:
+
+- spelled out in the template (a literal, possibly through variables, lists and dicts):
+  judged by its text;
+- taken from the data the application renders (`messages`, `tools`, loop variables over
+  them, their keys and items): the template's author cannot choose it, so it is fine;
+- anything the template computes (`"__cla" ~ "ss__"`, `|join`, `|format`, `|replace`,
+  `%`, slicing a string, characters harvested from `(()|select|string)`, a macro's output,
+  `|attr` of a name built at render time), or a special token the model file itself
+  defines (`eos_token`, ...): reported whatever it spells, because no chat template
+  needs to compute the name of an attribute, and an escape always must. A small static
+  evaluator works out what it spells when it can, to say CRITICAL for a dunder.
+
+Real templates (loops, `namespace()`, `raise_exception`, macros, `tojson`, tool schemas)
+look attributes up only by literal names or through their data.
 """
 
 from __future__ import annotations
@@ -45,15 +57,26 @@ SPECIAL_GLOBALS = frozenset({
 #: names a template can only mean as Python's own (no loader puts them in the context)
 PYTHON_NAMES = frozenset({"os", "sys", "subprocess", "builtins", "importlib", "eval", "exec", "open", "getattr",
                           "globals", "locals", "vars", "compile", "__import__", "__builtins__"})
-#: filters that look attributes up by a name given as an argument
-_ATTRIBUTE_FILTERS = frozenset({"map", "selectattr", "rejectattr", "sort", "groupby", "sum", "unique", "min", "max"})
-#: filters that turn values into strings or pick characters out of them
-_STRING_FILTERS = frozenset({"join", "reverse", "replace", "format", "string", "lower", "upper", "title", "capitalize",
-                             "trim", "first", "last", "list", "center", "urlencode", "pprint", "tojson"})
+#: `str` methods that look attributes up by the fields of the string (the sandbox intercepts them)
+FORMAT_METHODS = frozenset({"format", "format_map"})
 _MANGLED = re.compile(r"_[A-Za-z0-9]+__\w+\Z")
 _DUNDER = re.compile(r"__\w+__\Z")
+_PRIVATE = re.compile(r"_\w*\Z")
+#: names the loader fills from the model file itself (llama-cpp-python: from the GGUF vocabulary;
+#: transformers: every special token), so the file's author chooses their text
+_TOKEN_NAME = re.compile(r"\w*_tokens?\Z")
 _MAX_VALUES = 64
+_MAX_ROUNDS = 16
 _MAX_STR = 4096
+
+# where a value comes from, besides the static values the evaluator knows
+DATA = "data"  # the application's render-time data (messages, tools, ...), navigated
+NUMBER = "number"  # a number or a truth value: never an attribute name
+BUILT = "built"  # static values the template built with string operations
+COMPUTED = "computed"  # a value the template computes at render time, or the file's own tokens
+_UNKNOWN = (frozenset(), frozenset({COMPUTED}))
+_NOTHING = (frozenset(), frozenset())  # no binding seen yet (the fixpoint's starting point)
+_CHOSEN = frozenset({BUILT, COMPUTED})  # kinds that make a looked-up name the template's choice
 
 
 @dataclass(frozen=True)
@@ -72,8 +95,8 @@ def judge_attribute(name: str) -> Severity | None:
     """How bad it is for a rendered template to look up attribute `name`."""
     if _DUNDER.match(name) or name in FRAME_ATTRS or _MANGLED.match(name):
         return Severity.CRITICAL
-    if name in MODULE_ATTRS:
-        return Severity.HIGH
+    if name in MODULE_ATTRS or _PRIVATE.match(name):
+        return Severity.HIGH  # Jinja's sandbox refuses every attribute that starts with "_"
     return None
 
 
@@ -94,6 +117,8 @@ def analyse(source: str) -> list[TemplateIssue]:
             known = tuple(_Analysis(_environment().parse(source)).run())
         except TemplateSyntaxError as exc:
             known = f"line {exc.lineno}: {exc.message}"
+        except RecursionError:
+            known = "nested too deeply for the parser"
         if len(_RESULTS) >= _RESULTS_MAX:
             _RESULTS.pop(next(iter(_RESULTS)))
         _RESULTS[key] = known
@@ -131,7 +156,7 @@ def _environment():
 
 
 class _Dynamic:
-    """Marker: part of a value is only known at render time."""
+    """Marker: the evaluator cannot know this value before rendering."""
 
 
 DYNAMIC = _Dynamic()
@@ -141,6 +166,9 @@ class _Dict(tuple):
     """A dict literal's (key, value) pairs, hashable so it can sit in a set of values."""
 
 
+Val = tuple  # (frozenset of static values, frozenset of kinds)
+
+
 class _Analysis:
     def __init__(self, tree):
         from jinja2 import nodes
@@ -148,11 +176,15 @@ class _Analysis:
         self.n = nodes
         self.tree = tree
         self.bindings: dict[str, set] = {}
-        self.dynamic_names: set[str] = set()
+        self.kinds: dict[str, set] = {}
+        self.params: set[str] = set()  # macro and call-block parameters: bound only by calls
+        self.widened: set[str] = set()  # names whose values kept growing: only their kind is tracked
         self.local_names: set[str] = set()
         self.macros: dict[str, Any] = {}
         self.issues: dict[tuple[str, str], TemplateIssue] = {}
-        self._cache: dict[int, tuple[frozenset, bool]] = {}
+        self._cache: dict[int, Val] = {}
+        self._parent_map: dict[int, Any] | None = None
+        self._binding = False  # during `_bind`, a value not known yet is "nothing yet", not "computed"
 
     # -- results -------------------------------------------------------------------
 
@@ -179,6 +211,8 @@ class _Analysis:
             elif isinstance(node, n.Macro):
                 self.macros[node.name] = node
                 self.local_names.add(node.name)
+            if isinstance(node, (n.Macro, n.CallBlock)):
+                self.params.update(arg.name for arg in node.args)
         self._bind(all_nodes)
         for node in all_nodes:
             self._check(node)
@@ -188,19 +222,34 @@ class _Analysis:
                     self._string_anywhere(value)
             if isinstance(node, n.Keyword):
                 self._string_anywhere(node.key)
+            if isinstance(node, n.Macro):
+                self._string_anywhere(node.name)
         return sorted(self.issues.values(), key=lambda i: (-i.severity, i.rule_id, i.what))
 
     def _string_anywhere(self, value: Any) -> None:
-        if isinstance(value, str) and judge_attribute(value) is Severity.CRITICAL and ("jinja/attribute", value) not in self.issues:
+        if not isinstance(value, str):
+            return
+        if judge_attribute(value) is Severity.CRITICAL and ("jinja/attribute", value) not in self.issues:
             self._issue(Severity.CRITICAL, "jinja/internal-name", value,
                         f"builds the string {value!r}, the name of a Python internal that template escapes use")
+        if "{" in value:
+            for field in _format_fields(value):
+                if judge_attribute(field) is Severity.CRITICAL:
+                    self._issue(Severity.CRITICAL, "jinja/format-string", field,
+                                f"holds the format string {_short(value)}, whose field looks up {field!r} when "
+                                "`str.format` renders it (a sandbox escape, CVE-2024-56326)")
 
     def _check(self, node) -> None:
         n = self.n
         if isinstance(node, n.Getattr):
             self._attribute(node.attr, f"`.{node.attr}`")
+            if node.attr in FORMAT_METHODS and not self._is_callee(node):
+                self._issue(Severity.HIGH, "jinja/format-reference", node.attr,
+                            f"takes `.{node.attr}` as a value: calling it later escapes the sandbox's check on "
+                            "`str.format` (CVE-2024-56326)")
         elif isinstance(node, n.Getitem):
-            self._key(node.arg, "`[...]`, which falls back to getattr")
+            if not isinstance(node.arg, n.Slice):
+                self._key(node.arg, "`[...]`, which falls back to getattr")
         elif isinstance(node, n.Filter):
             self._filter(node)
         elif isinstance(node, n.Call):
@@ -212,53 +261,56 @@ class _Analysis:
                         f"{type(node).__name__.lower()} loads another template through the renderer's loader (a file read)")
 
     def _key(self, arg, how: str) -> None:
-        values, dynamic = self.values(arg)
+        """A name the renderer looks an attribute up by: judged by its text and by its origin."""
+        values, kinds = self.values(arg)
         for value in values:
             if isinstance(value, str):
-                self._attribute(value, how)
-        if dynamic and self._assembled(arg):
+                for part in value.split(".") if "attribute" in how else (value,):
+                    self._attribute(part, how)
+        if kinds & _CHOSEN and (COMPUTED in kinds or any(isinstance(v, str) for v in values)):
+            shown = ", ".join(repr(v) for v in sorted(v for v in values if isinstance(v, str))[:3])
             self._issue(Severity.HIGH, "jinja/computed-attribute", "computed",
-                        f"looks up an attribute or key assembled from strings at render time ({how}): the name cannot be "
-                        "known before rendering")
+                        f"looks up an attribute or key whose name the template computes ({how})"
+                        + (f", e.g. {shown}" if shown else "") + ": chat templates look names up literally or "
+                        "through their data; computing a name is how escapes hide `__class__` and its kind")
 
     def _filter(self, node) -> None:
+        args = list(node.args)
+        kwargs = {kw.key: kw.value for kw in node.kwargs}
         if node.name == "attr":
-            if node.args:
-                values, dynamic = self.values(node.args[0])
-                for value in values:
-                    if isinstance(value, str):
-                        self._attribute(value, "`|attr(...)`")
-                if dynamic:
-                    self._issue(Severity.HIGH, "jinja/computed-attribute", "attr",
-                                "`|attr(...)` with an attribute name computed at render time")
+            if args:
+                self._key(args[0], "`|attr(...)`")
+                if FORMAT_METHODS & {v for v in self.values(args[0])[0] if isinstance(v, str)}:
+                    self._issue(Severity.HIGH, "jinja/format-reference", "attr",
+                                "takes `str.format` through `|attr`, out of the sandbox's sight (CVE-2025-27516)")
             return
-        if node.name in _ATTRIBUTE_FILTERS:
-            args = list(node.args) + [kw.value for kw in node.kwargs]
-            if node.name == "map" and node.args:
-                # map('attr', name) applies the attr filter to every item
-                names, _ = self.values(node.args[0])
-                if "attr" in names:
-                    for arg in node.args[1:]:
-                        self._key(arg, "`|map('attr', ...)`")
-            for arg in args:
-                values, _ = self.values(arg)
-                for value in values:
-                    if isinstance(value, str):
-                        for part in value.split("."):
-                            self._attribute(part, f"`|{node.name}(attribute=...)`")
+        attribute = kwargs.get("attribute")
+        position = _ATTRIBUTE_POSITION.get(node.name)
+        if attribute is None and position is not None and len(args) > position:
+            attribute = args[position]
+        if attribute is not None and node.name in _ATTRIBUTE_POSITION:
+            self._key(attribute, f"`|{node.name}(attribute=...)`")
+        if node.name == "map" and args:
+            names, kinds = self.values(args[0])
+            if kinds & _CHOSEN and "attribute" not in kwargs:
+                self._issue(Severity.HIGH, "jinja/computed-attribute", "map",
+                            "`|map(...)` calls a filter whose name the template computes")
+            if "attr" in names:
+                for arg in args[1:2]:
+                    self._key(arg, "`|map('attr', ...)`")
 
     def _call(self, node) -> None:
         n = self.n
         callee = node.node
-        if isinstance(callee, n.Getattr) and callee.attr in ("format", "format_map"):
-            values, dynamic = self.values(callee.node)
+        if isinstance(callee, n.Getattr) and callee.attr in FORMAT_METHODS:
+            values, kinds = self.values(callee.node)
             for value in values:
                 if isinstance(value, str):
                     for field in _format_fields(value):
                         self._attribute(field, "a `str.format` field")
-            if dynamic:
+            if kinds & _CHOSEN:
                 self._issue(Severity.HIGH, "jinja/dynamic-format", "format",
-                            "calls `.format` on a string known only at render time (format fields look attributes up)")
+                            "calls `.format` on a string the template computes (format fields look attributes up)")
 
     def _name(self, node) -> None:
         name = node.name
@@ -278,8 +330,6 @@ class _Analysis:
             self._issue(severity, "jinja/python-name", name, f"names Python's `{name}`, which no chat renderer provides "
                         "to a template")
 
-    _parent_map: dict[int, Any] | None = None
-
     def _parents(self) -> dict[int, Any]:
         if self._parent_map is None:
             self._parent_map = {}
@@ -291,206 +341,425 @@ class _Analysis:
                     stack.append(child)
         return self._parent_map
 
-    def _assembled(self, node) -> bool:
-        """The expression builds a string from parts rather than naming a value: `~`, a string
-        filter or method, or `+`/`*`/`%` with a string literal (`messages[i - 1]` is not)."""
-        n = self.n
-        subs = list(itertools.chain([node], node.find_all(n.Expr)))
-        for sub in subs:
-            if isinstance(sub, n.Concat) or (isinstance(sub, n.Filter) and sub.name in _STRING_FILTERS):
-                return True
-            if isinstance(sub, n.Call) and isinstance(sub.node, n.Getattr) and sub.node.attr in _METHODS:
-                return True
-        operators = any(isinstance(sub, (n.Add, n.Mul, n.Mod)) for sub in subs)
-        return operators and any(isinstance(sub, n.Const) and isinstance(sub.value, str) for sub in subs)
+    def _is_callee(self, node) -> bool:
+        parent = self._parents().get(id(node))
+        return isinstance(parent, self.n.Call) and parent.node is node
 
     # -- variables -----------------------------------------------------------------
 
     def _bind(self, all_nodes: list) -> None:
-        """Static values of `set`, `for`, `with`, macro and caller parameters, to a fixpoint."""
+        """Values and origins of `set`, `for`, `with`, macro and caller parameters, to a fixpoint."""
         n = self.n
-        for _round in range(6):
-            before = {k: len(v) for k, v in self.bindings.items()}
-            before_dyn = len(self.dynamic_names)
+        indirect = {node.name for node in all_nodes if isinstance(node, n.Name) and node.ctx == "load"
+                    and node.name in self.macros | {"caller": None} and not self._is_callee(node)}
+        for name in indirect:  # a macro passed around as a value is called with arguments we do not see
+            targets = [self.macros[name]] if name in self.macros else list(self.tree.find_all(n.CallBlock))
+            for target in targets:
+                for arg in target.args:
+                    self._assign_name(arg.name, _UNKNOWN)
+        self._binding = True
+        growth: dict[str, int] = {}
+        for _round in range(_MAX_ROUNDS):
+            before = self._snapshot()
             self._cache.clear()
             for node in all_nodes:
                 if isinstance(node, n.Assign):
                     self._assign(node.target, self.values(node.node))
+                    self._namespace_fields(node.target, node.node)
                 elif isinstance(node, n.AssignBlock):
-                    self._assign(node.target, self._block_value(node.body))
+                    value = self._block_value(node.body)
+                    if node.filter is not None:
+                        value = (frozenset(), value[1] | {COMPUTED})
+                    self._assign(node.target, value)
                 elif isinstance(node, n.For):
-                    values, dynamic = self.values(node.iter)
-                    items: set = set()
-                    for value in values:
-                        if isinstance(value, _Dict):
-                            items.update(k for k, _ in value)
-                        elif isinstance(value, (tuple, str)):
-                            items.update(value[:_MAX_VALUES])
-                        else:
-                            dynamic = True
-                    self._assign(node.target, (frozenset(items), dynamic))
+                    self._assign(node.target, self._items(self.values(node.iter)))
                 elif isinstance(node, n.With):
                     for target, value in zip(node.targets, node.values):
                         self._assign(target, self.values(value))
                 elif isinstance(node, n.Call) and isinstance(node.node, n.Name):
                     self._bind_call(node)
-            after = {k: len(v) for k, v in self.bindings.items()}
-            if after == before and len(self.dynamic_names) == before_dyn:
+            after = self._snapshot()
+            if after == before:
                 break
+            for name, size in after[0].items():
+                # a counter (`ns.i = ns.i + 1`) or an accumulator grows every round: widen it
+                growth[name] = growth.get(name, 0) + 1 if size > before[0].get(name, 0) else 0
+                if growth[name] >= 3:
+                    self.widened.add(name)
+                    self.kinds[name].add(_kind_of_many(self.bindings[name]))
+        else:
+            for name in list(self.kinds):  # no fixpoint in sight: whatever is still moving is unknown
+                self.kinds[name].add(COMPUTED)
+        self._binding = False
         self._cache.clear()
+
+    def _snapshot(self):
+        return ({k: len(v) for k, v in self.bindings.items()}, {k: frozenset(v) for k, v in self.kinds.items()})
+
+    def _namespace_fields(self, target, value) -> None:
+        """`{% set ns = namespace(k=v) %}` binds `ns.k` as `{% set ns.k = v %}` does."""
+        n = self.n
+        if isinstance(target, n.Name) and isinstance(value, n.Call) and isinstance(value.node, n.Name) \
+                and value.node.name in ("namespace", "dict") and value.node.name not in self.local_names:
+            for kw in value.kwargs:
+                self._assign_name(f"{target.name}.{kw.key}", self.values(kw.value))
+            for arg in value.args:
+                values, kinds = self.values(arg)
+                for d in values:
+                    if isinstance(d, _Dict):
+                        for k, v in d:
+                            if isinstance(k, str):
+                                self._assign_name(f"{target.name}.{k}", (frozenset({v}), kinds))
+                if kinds or not values:
+                    self._mark_fields_unknown(target.name, kinds or frozenset({COMPUTED}))
+
+    def _mark_fields_unknown(self, name: str, kinds) -> None:
+        self.kinds.setdefault(f"{name}.*", set()).update(kinds)
 
     def _bind_call(self, call) -> None:
         n = self.n
         macro = self.macros.get(call.node.name)
         if macro is not None:
             params = [p.name for p in macro.args]
-            for param, arg in zip(params, call.args):
-                self._assign_name(param, self.values(arg))
+            extra_args = []
+            for i, arg in enumerate(call.args):
+                if i < len(params):
+                    self._assign_name(params[i], self.values(arg))
+                else:
+                    extra_args.append(self.values(arg))
+            extra_kwargs = []
             for kw in call.kwargs:
                 if kw.key in params:
                     self._assign_name(kw.key, self.values(kw.value))
+                else:
+                    extra_kwargs.append((kw.key, self.values(kw.value)))
             for param, default in zip(params[len(params) - len(macro.defaults):], macro.defaults):
                 self._assign_name(param, self.values(default))
+            self._assign_name("varargs", _combine(extra_args, tuple, navigate=True))
+            keys = [k for k, _ in extra_kwargs]
+            self._assign_name("kwargs", _combine([v for _, v in extra_kwargs], lambda p: _Dict(zip(keys, p)), navigate=True))
+            if call.dyn_args is not None or call.dyn_kwargs is not None:
+                for param in params + ["varargs", "kwargs"]:
+                    self._assign_name(param, _UNKNOWN)
         elif call.node.name == "caller":
             for block in self.tree.find_all(n.CallBlock):
                 for param, arg in zip([p.name for p in block.args], call.args):
                     self._assign_name(param, self.values(arg))
 
-    def _assign(self, target, value: tuple[frozenset, bool]) -> None:
+    def _assign(self, target, value: Val) -> None:
         n = self.n
         if isinstance(target, n.Name):
             self._assign_name(target.name, value)
         elif isinstance(target, n.NSRef):
             self._assign_name(f"{target.name}.{target.attr}", value)
         elif isinstance(target, n.Tuple):
-            values, dynamic = value
+            values, kinds = value
             for i, item in enumerate(target.items):
-                parts = {v[i] for v in values if isinstance(v, tuple) and not isinstance(v, _Dict) and len(v) > i}
-                self._assign(item, (frozenset(parts), dynamic or len(parts) < len(values)))
+                parts = set()
+                extra = set(kinds)
+                for v in values:
+                    if isinstance(v, (tuple, str)) and not isinstance(v, _Dict) and len(v) > i:
+                        parts.add(v[i])
+                    else:
+                        extra.add(COMPUTED)
+                self._assign(item, (frozenset(parts), frozenset(extra)))
 
-    def _assign_name(self, name: str, value: tuple[frozenset, bool]) -> None:
-        values, dynamic = value
+    def _assign_name(self, name: str, value: Val) -> None:
+        values, kinds = value
         bound = self.bindings.setdefault(name, set())
-        for v in values:
-            if len(bound) < _MAX_VALUES:
-                bound.add(v)
-        if dynamic:
-            self.dynamic_names.add(name)
+        if name in self.widened:
+            kinds = kinds | {_kind_of_many(values)} if values - bound else kinds
+        else:
+            for v in values:
+                if len(bound) < _MAX_VALUES:
+                    bound.add(v)
+                else:
+                    kinds = kinds | {_kind_of_many(values)}
+                    break
+        self.kinds.setdefault(name, set()).update(kinds)
 
-    def _block_value(self, body) -> tuple[frozenset, bool]:
+    def _block_value(self, body) -> Val:
         n = self.n
-        pieces: list[tuple[frozenset, bool]] = []
+        pieces: list[Val] = []
         for stmt in body:
             if not isinstance(stmt, n.Output):
-                return frozenset(), True
+                return _UNKNOWN
             for expr in stmt.nodes:
-                pieces.append((frozenset({expr.data}), False) if isinstance(expr, n.TemplateData) else self.values(expr))
+                pieces.append((frozenset({expr.data}), frozenset()) if isinstance(expr, n.TemplateData) else self.values(expr))
         return _combine(pieces, lambda parts: "".join(map(_to_str, parts)))
 
-    # -- static values -------------------------------------------------------------
+    @staticmethod
+    def _items(value: Val) -> Val:
+        """What a `for` loop over `value` binds to its target."""
+        values, kinds = value
+        items: set = set()
+        extra = set(kinds)
+        for v in values:
+            if isinstance(v, _Dict):
+                items.update(k for k, _ in v)
+            elif isinstance(v, tuple):
+                items.update(v[:_MAX_VALUES])
+            elif isinstance(v, str):
+                items.update(v[:_MAX_VALUES])
+                extra.add(BUILT)
+            else:
+                extra.add(COMPUTED)
+        return frozenset(items), frozenset(extra)
 
-    def values(self, node) -> tuple[frozenset, bool]:
-        """(possible static values, whether a render-time value may also flow in)."""
+    # -- static values and their origin --------------------------------------------
+
+    def values(self, node) -> Val:
+        """(possible static values, where any other value comes from)."""
         key = id(node)
         cached = self._cache.get(key)
         if cached is None:
-            self._cache[key] = (frozenset(), True)  # cycles read as dynamic
+            self._cache[key] = _NOTHING if self._binding else _UNKNOWN
             try:
                 cached = self._values(node)
             except (TypeError, ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError, RecursionError):
-                cached = (frozenset(), True)
+                cached = _UNKNOWN
+            if not cached[0] and not cached[1] and not self._binding:
+                cached = _UNKNOWN  # bound nowhere we can see: a parameter of a macro never called directly
             self._cache[key] = cached
         return cached
 
-    def _values(self, node) -> tuple[frozenset, bool]:
+    def _values(self, node) -> Val:
         n = self.n
         if isinstance(node, n.Const):
-            return frozenset({node.value}), False
+            return frozenset({node.value}), frozenset()
         if isinstance(node, n.TemplateData):
-            return frozenset({node.data}), False
+            return frozenset({node.data}), frozenset()
         if isinstance(node, n.Name):
-            bound = self.bindings.get(node.name)
-            if bound is None:
-                return frozenset(), True
-            return frozenset(bound), node.name in self.dynamic_names
-        if isinstance(node, n.Getattr) and isinstance(node.node, n.Name):
-            ref = f"{node.node.name}.{node.attr}"
-            if ref in self.bindings:
-                return frozenset(self.bindings[ref]), ref in self.dynamic_names
-            return frozenset(), True
+            return self._name_value(node.name)
+        if isinstance(node, n.Getattr):
+            return self._getattr_value(node)
         if isinstance(node, (n.List, n.Tuple)):
-            return _combine([self.values(i) for i in node.items], tuple)
+            return _combine([self.values(i) for i in node.items], tuple, navigate=True)
         if isinstance(node, n.Dict):
             keys = [self.values(p.key) for p in node.items]
             vals = [self.values(p.value) for p in node.items]
-            return _combine(keys + vals, lambda parts: _Dict(zip(parts[: len(keys)], parts[len(keys):])))
+            return _combine(keys + vals, lambda parts: _Dict(zip(parts[: len(keys)], parts[len(keys):])), navigate=True)
         if isinstance(node, n.Concat):
             return _combine([self.values(x) for x in node.nodes], lambda parts: _cap("".join(map(_to_str, parts))))
         if isinstance(node, (n.Add, n.Mul, n.Mod)):
-            op = {n.Add: _add, n.Mul: _mul, n.Mod: _mod}[type(node)]
-            return _combine([self.values(node.left), self.values(node.right)], lambda p: op(p[0], p[1]))
+            return self._arithmetic(node)
+        if isinstance(node, (n.Sub, n.Div, n.FloorDiv, n.Pow, n.Neg, n.Pos, n.Not, n.Compare, n.Test)):
+            return frozenset(), frozenset({NUMBER})
+        if isinstance(node, (n.And, n.Or)):
+            return _union(self.values(node.left), self.values(node.right))
         if isinstance(node, n.CondExpr):
-            a, b = self.values(node.expr1), self.values(node.expr2) if node.expr2 is not None else (frozenset(), False)
-            return a[0] | b[0], a[1] or b[1]
+            return _union(self.values(node.expr1), self.values(node.expr2) if node.expr2 is not None else (frozenset({None}), frozenset()))
         if isinstance(node, n.Getitem):
-            if isinstance(node.arg, n.Slice):
-                parts = [self.values(node.node)] + [self.values(x) if x is not None else (frozenset({None}), False)
-                                                    for x in (node.arg.start, node.arg.stop, node.arg.step)]
-                return _combine(parts, lambda p: _cap(p[0][slice(p[1], p[2], p[3])]))
-            return _combine([self.values(node.node), self.values(node.arg)], lambda p: _index(p[0], p[1]))
+            return self._getitem_value(node)
         if isinstance(node, n.Filter):
             return self._filter_value(node)
         if isinstance(node, n.Call):
             return self._call_value(node)
-        return frozenset(), True
+        return _UNKNOWN
 
-    def _filter_value(self, node) -> tuple[frozenset, bool]:
-        func = _FILTERS.get(node.name)
-        if func is None or node.node is None:
-            return frozenset(), True
-        args = [self.values(node.node)] + [self.values(a) for a in node.args]
+    def _arithmetic(self, node) -> Val:
+        """`+`, `*` and `%`: arithmetic when a side is a number, string building otherwise."""
+        n = self.n
+        left, right = self.values(node.left), self.values(node.right)
+        op = {n.Add: _add, n.Mul: _mul, n.Mod: _mod}[type(node)]
+        values, kinds = _combine([left, right], lambda p: op(p[0], p[1]))
+        numbers = [_is_number(left), _is_number(right)]
+        lists = [isinstance(side, (n.List, n.Tuple)) or any(isinstance(v, tuple) for v in val[0])
+                 for side, val in ((node.left, left), (node.right, right))]
+        if isinstance(node, n.Add) and any(lists):
+            return _combine([left, right], lambda p: op(p[0], p[1]), navigate=True)  # lists joined: their items
+        if isinstance(node, n.Add) and any(numbers):
+            return values, frozenset({NUMBER})  # `x + 1` is a number or an error
+        if isinstance(node, n.Mod) and numbers[0]:
+            return values, frozenset({NUMBER})
+        if isinstance(node, n.Mul) and any(numbers) or isinstance(node, n.Mod) and numbers[1]:
+            other = right if numbers[0] else left
+            if not other[0]:
+                return values, other[1] | {NUMBER}  # data repeated (or reduced) stays data
+        return values, kinds
+
+    def _name_value(self, name: str) -> Val:
+        if name in self.local_names:
+            values = frozenset(self.bindings.get(name, ()))
+            kinds = set(self.kinds.get(name, ()))
+            if name not in self.params and name not in self.macros:
+                kinds.add(DATA)  # before (or without) its `set`, the name is the context's
+            if name in self.macros:
+                return frozenset(), frozenset({COMPUTED})
+            return values, frozenset(kinds)
+        if name in ("varargs", "kwargs"):
+            return frozenset(self.bindings.get(name, ())), frozenset(self.kinds.get(name, ()))
+        if name in SPECIAL_GLOBALS or _TOKEN_NAME.match(name) or name == "caller":
+            return _UNKNOWN
+        return frozenset(), frozenset({DATA})  # the application's data, `loop`, or undefined
+
+    def _getattr_value(self, node) -> Val:
+        n = self.n
+        if isinstance(node.node, n.Name):
+            owner_name = node.node.name
+            ref = f"{owner_name}.{node.attr}"
+            if ref in self.bindings or ref in self.kinds or f"{owner_name}.*" in self.kinds:
+                # a namespace field: what `set ns.k = ...` and `namespace(k=...)` put there
+                kinds = set(self.kinds.get(ref, ())) | set(self.kinds.get(f"{owner_name}.*", ()))
+                return frozenset(self.bindings.get(ref, ())), frozenset(kinds)
+            if owner_name == "loop" and owner_name not in self.local_names and node.attr in _LOOP_NUMBERS:
+                return frozenset(), frozenset({NUMBER})
+        owner = self.values(node.node)
+        if node.attr in FORMAT_METHODS or node.attr in _METHODS:
+            return frozenset(), owner[1] | (frozenset({COMPUTED}) if owner[0] else frozenset())  # a bound method
+        # Jinja's getattr falls back to item lookup: `d.k` of a dict is `d['k']`
+        return _combine([self.values(node.node), (frozenset({node.attr}), frozenset())],
+                        lambda p: _index(p[0], p[1]), navigate=True)
+
+    def _getitem_value(self, node) -> Val:
+        n = self.n
+        container = self.values(node.node)
+        strings = any(isinstance(v, str) for v in container[0])
+        if isinstance(node.arg, n.Slice):
+            parts = [container] + [self.values(x) if x is not None else (frozenset({None}), frozenset())
+                                   for x in (node.arg.start, node.arg.stop, node.arg.step)]
+            values, kinds = _combine(parts, lambda p: _cap(p[0][slice(p[1], p[2], p[3])]), navigate=True)
+        else:
+            key = self.values(node.arg)
+            if not key[0] and container[0]:
+                # an index only known at render time: any element
+                values, kinds = self._items(container)
+                kinds = kinds | (key[1] & {COMPUTED})
+            else:
+                values, kinds = _combine([container, key], lambda p: _index(p[0], p[1]), navigate=True)
+        if strings:
+            kinds = kinds | {BUILT}  # characters picked out of a string
+        return values, kinds
+
+    def _filter_value(self, node) -> Val:
+        if node.node is None:
+            return _UNKNOWN
+        subject = self.values(node.node)
+        name = node.name
+        args = [self.values(a) for a in node.args]
         kwargs = [(kw.key, self.values(kw.value)) for kw in node.kwargs]
+        if name in _NUMERIC_FILTERS:
+            return frozenset(), frozenset({NUMBER})
+        if name in ("default", "d"):
+            return _union(subject, *args[:1])
+        if name == "attr":
+            return frozenset(), subject[1] | (frozenset({COMPUTED}) if subject[0] else frozenset())
+        if name in ("map", "selectattr", "rejectattr", "select", "reject", "groupby", "batch", "slice", "items",
+                    "dictsort", "sort", "unique", "reverse", "list", "first", "last", "min", "max", "random"):
+            navigate = True
+        elif name in ("string", "safe", "e", "escape", "forceescape", "lower", "upper", "title", "capitalize", "trim",
+                      "striptags", "wordwrap", "truncate", "indent", "center"):
+            navigate = not subject[0]  # data stays data; a literal transformed is built
+        else:
+            navigate = False
+        func = _FILTERS.get(name)
+        if func is None or name in ("map", "select", "reject", "selectattr", "rejectattr", "groupby", "batch", "slice"):
+            if navigate:
+                return frozenset(), subject[1] | (frozenset({COMPUTED}) if subject[0] else frozenset())
+            return _UNKNOWN
         names = [k for k, _ in kwargs]
-        return _combine(args + [v for _, v in kwargs],
-                        lambda p: _cap(func(*p[: len(args)], **dict(zip(names, p[len(args):])))))
+        values, kinds = _combine([subject] + args + [v for _, v in kwargs],
+                                 lambda p: _cap(func(*p[: 1 + len(args)], **dict(zip(names, p[1 + len(args):])))),
+                                 navigate=navigate)
+        if navigate and any(isinstance(v, str) for v in subject[0]) and name not in ("safe", "e", "escape", "string"):
+            kinds = kinds | {BUILT}  # characters of a string
+        return values, kinds
 
-    def _call_value(self, node) -> tuple[frozenset, bool]:
+    def _call_value(self, node) -> Val:
         n = self.n
         callee = node.node
         args = [self.values(a) for a in node.args]
         kwargs = [(kw.key, self.values(kw.value)) for kw in node.kwargs]
         names = [k for k, _ in kwargs]
-        if isinstance(callee, n.Name) and callee.name == "dict" and not node.args and "dict" not in self.local_names:
-            return _combine([v for _, v in kwargs], lambda p: _Dict(zip(names, p)))
+        if isinstance(callee, n.Name) and callee.name not in self.local_names:
+            if callee.name in ("dict", "namespace") and not node.args:
+                return _combine([v for _, v in kwargs], lambda p: _Dict(zip(names, p)), navigate=True)
+            if callee.name == "range":
+                return frozenset(), frozenset({NUMBER})
+            return _UNKNOWN
         if isinstance(callee, n.Getattr):
             method = callee.attr
-            if method not in _METHODS:
-                return frozenset(), True
             owner = self.values(callee.node)
-            return _combine([owner] + args + [v for _, v in kwargs],
-                            lambda p: _cap(_METHODS[method](p[0], *p[1: 1 + len(args)], **dict(zip(names, p[1 + len(args):])))))
-        return frozenset(), True
+            if method == "cycle":  # loop.cycle(a, b) returns one of its arguments
+                return _union(*args) if args else _UNKNOWN
+            if method in _PREDICATES:
+                return frozenset(), frozenset({NUMBER})
+            if method in ("items", "keys", "values", "copy", "get", "pop", "split", "rsplit", "splitlines",
+                          "strip", "lstrip", "rstrip", "lower", "upper", "title", "capitalize", "swapcase"):
+                if not owner[0]:
+                    extra = [a for a in (args[1:2] if method == "get" else [])]
+                    return _union((frozenset(), owner[1]), *extra)
+                if method == "pop":
+                    values, kinds = self._items(owner)
+                    return values, kinds
+            func = _METHODS.get(method)
+            if func is None:
+                return _UNKNOWN
+            navigate = method in ("items", "keys", "values", "get", "copy")
+            values, kinds = _combine([owner] + args + [v for _, v in kwargs],
+                                     lambda p: _cap(func(p[0], *p[1: 1 + len(args)], **dict(zip(names, p[1 + len(args):])))),
+                                     navigate=navigate)
+            return values, kinds
+        return _UNKNOWN
 
 
 # -- the evaluator's operations (mirroring what Jinja2 does at render time) ------------
 
 
-def _combine(parts: list[tuple[frozenset, bool]], build) -> tuple[frozenset, bool]:
-    dynamic = any(d for _, d in parts)
-    if any(not values for values, _ in parts):
-        return frozenset(), True
+def _combine(parts: list[Val], build, navigate: bool = False) -> Val:
+    """Apply `build` to every combination of the parts' static values.
+
+    `navigate`: the result is a part of its inputs (an item, a key, a container of them), so
+    it keeps their origin; otherwise it is a new value: built from static values, computed
+    from anything else (numbers stay numbers).
+    """
+    if any(not v and not k for v, k in parts):
+        return _NOTHING  # an input not bound yet: wait for the next round
+    kinds: set = set()
+    for _, k in parts:
+        kinds |= k
+    known = all(values for values, _ in parts)
     out = set()
-    for combo in itertools.islice(itertools.product(*[sorted(v, key=repr) for v, _ in parts]), _MAX_VALUES):
-        try:
-            value = build(list(combo))
-        except (TypeError, ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError, AttributeError):
-            dynamic = True
-            continue
-        if value is DYNAMIC:
-            dynamic = True
-        else:
-            out.add(value)
-    return frozenset(out), dynamic
+    if known:
+        for combo in itertools.islice(itertools.product(*[sorted(v, key=repr) for v, _ in parts]), _MAX_VALUES):
+            try:
+                value = build(list(combo))
+            except (TypeError, ValueError, IndexError, KeyError, OverflowError, ZeroDivisionError, AttributeError):
+                kinds.add(COMPUTED)
+                continue
+            if value is DYNAMIC:
+                kinds.add(COMPUTED)
+            else:
+                out.add(value)
+    if navigate:
+        return frozenset(out), frozenset(kinds)
+    numeric = all(all(isinstance(v, (int, float)) for v in values) and not (k - {NUMBER}) for values, k in parts)
+    if numeric:
+        return frozenset(out), frozenset({NUMBER})
+    if out and not (kinds - {BUILT}):
+        return frozenset(out), frozenset({BUILT})
+    return frozenset(out), frozenset({BUILT, COMPUTED}) if out else frozenset({COMPUTED})
+
+
+def _kind_of_many(values) -> str:
+    """The kind that stands for values too many to list: numbers stay numbers."""
+    return NUMBER if all(isinstance(v, (int, float)) for v in values) else COMPUTED
+
+
+def _is_number(value: Val) -> bool:
+    values, kinds = value
+    if kinds - {NUMBER} or not values and not kinds:
+        return False
+    return all(isinstance(v, (int, float)) for v in values)
+
+
+def _union(*parts: Val) -> Val:
+    values: set = set()
+    kinds: set = set()
+    for v, k in parts:
+        values |= v
+        kinds |= k
+    return frozenset(values), frozenset(kinds)
 
 
 def _cap(value: Any) -> Any:
@@ -509,6 +778,10 @@ def _to_str(value: Any) -> str:
     if isinstance(value, tuple):
         return str(list(value))
     return "" if value is None else str(value)
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
 
 
 def _add(a, b):
@@ -576,6 +849,17 @@ def _tojson(value, indent=None):
     return json.dumps(plain, indent=indent)
 
 
+#: attributes of `loop` that are numbers or truth values
+_LOOP_NUMBERS = frozenset({"index", "index0", "revindex", "revindex0", "length", "depth", "depth0", "first", "last"})
+#: filters whose result is a number or a truth value
+_NUMERIC_FILTERS = frozenset({"length", "count", "int", "float", "abs", "round", "sum", "wordcount", "bool"})
+#: filters that look attributes up by a name, and the position of that name among positional arguments
+_ATTRIBUTE_POSITION = {"map": None, "selectattr": 0, "rejectattr": 0, "sort": 2, "groupby": 0, "sum": 0, "unique": 1,
+                       "min": 1, "max": 1, "join": 1}
+_PREDICATES = frozenset({"startswith", "endswith", "isdigit", "isalpha", "isalnum", "isspace", "islower", "isupper",
+                         "istitle", "isnumeric", "isdecimal", "isidentifier", "count", "find", "rfind", "index",
+                         "rindex", "__contains__"})
+
 _FILTERS = {
     "join": _join,
     "reverse": _reverse,
@@ -596,15 +880,10 @@ _FILTERS = {
     "sort": lambda v, reverse=False, case_sensitive=False, attribute=None: (
         DYNAMIC if attribute is not None else tuple(sorted(_seq(v), reverse=reverse))),
     "unique": lambda v, case_sensitive=False, attribute=None: DYNAMIC if attribute is not None else tuple(dict.fromkeys(_seq(v))),
-    "length": lambda v: len(_seq(v)),
-    "count": lambda v: len(_seq(v)),
-    "int": lambda v, default=0, base=10: int(v, base) if isinstance(v, str) else int(v),
     "items": lambda v: tuple(v) if isinstance(v, _Dict) else DYNAMIC,
     "dictsort": lambda v, *a, **k: tuple(sorted(v)) if isinstance(v, _Dict) else DYNAMIC,
     "tojson": _tojson,
     "center": lambda v, width=80: str(v).center(width),
-    "default": lambda v, *a, **k: v,
-    "d": lambda v, *a, **k: v,
 }
 
 _METHODS = {
@@ -624,6 +903,7 @@ _METHODS = {
     "keys": lambda d: tuple(k for k, _ in d) if isinstance(d, _Dict) else DYNAMIC,
     "values": lambda d: tuple(v for _, v in d) if isinstance(d, _Dict) else DYNAMIC,
     "get": lambda d, k, default=None: dict(d).get(k, default) if isinstance(d, _Dict) else DYNAMIC,
+    "copy": lambda d: d,
 }
 
 

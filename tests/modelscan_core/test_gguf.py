@@ -23,6 +23,9 @@ logging.getLogger("gguf").setLevel(logging.ERROR)
 
 TEMPLATES = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "chat_templates.json").read_text()).items()
              if not k.startswith("_")}
+#: 162 more published templates (llama.cpp's, axolotl's, unsloth's collections), see its `_source`
+CORPUS = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "chat_templates_corpus.json").read_text()).items()
+          if not k.startswith("_")}
 
 
 def write_gguf(path: Path, template: str | None = None, *, named: dict[str, str] | None = None, big_endian: bool = False,
@@ -72,6 +75,17 @@ def test_published_chat_templates_are_clean(tmp_path, name):
     report = scan_path(write_gguf(tmp_path / f"{name}.gguf", TEMPLATES[name]))
     assert report.files[0].format == "gguf"
     assert report.exit_code == 0, [(f.severity.name, f.description) for f in report.findings()] or report.all_errors()
+
+
+def test_a_corpus_of_published_templates_is_clean(tmp_path):
+    """One file carrying every template of the corpus as a named template (`tokenizer.chat_template.<n>`):
+    tool-calling, reasoning, multimodal and agent templates of some 60 model families."""
+    assert len(CORPUS) >= 150
+    names = {f"t{i}": text for i, text in enumerate(CORPUS.values())}
+    report = scan_path(write_gguf(tmp_path / "corpus.gguf", named=names))
+    findings = [(list(CORPUS)[int(f.description.split()[0].rsplit(".t", 1)[1])], f.severity.name, f.description)
+                for f in report.findings()]
+    assert report.exit_code == 0, findings or report.all_errors()
 
 
 def test_big_endian_file_with_named_templates_and_a_vocabulary_is_clean(tmp_path):
@@ -153,6 +167,90 @@ def test_template_payloads_are_reported(tmp_path, name):
     assert report.files[0].max_severity == expected, [(f.severity.name, f.description) for f in report.findings()]
     assert report.exit_code == 1
     assert all(f.rule_id.startswith("gguf/chat-template") for f in report.findings())
+
+
+#: Escapes that never spell an internal name: the template computes it at render time, or takes it
+#: from a token the file defines, or uses a private attribute. Each one renders, in a plain
+#: `jinja2.Environment` with the context llama-cpp-python gives (`eos_token` from the file's
+#: vocabulary), to a Python object of the renderer (test_computed_escapes_really_escape).
+_U = "{% set u = (()|select|string)[24] %}"  # "<generator object select_or_reject ...>"[24] == "_"
+COMPUTED_ESCAPES = {
+    "set-variable-key": _U + "{% set c = u*2 ~ 'class' ~ u*2 %}{{ ()[c] }}",
+    "harvest-dict-items": "{% set u = ({}.items()|string)[4] %}{% set n = [u,u,'class',u,u]|join %}{{ ()[n] }}",
+    "map-attribute-variable": _U + "{% set n = u~u~'class'~u~u %}{{ [()]|map(attribute=n)|first }}",
+    "selectattr-variable": _U + "{% set n = u~u~'class'~u~u %}{{ ([()]|selectattr(n)|list)[0][n] }}",
+    "sort-attribute-variable": _U + "{% set n = u~u~'class'~u~u %}{{ [(), ()]|sort(attribute=n)|map(attribute=n)|first }}",
+    "groupby-variable": _U + "{% set n = u~u~'class'~u~u %}{{ [()]|groupby(n)|list }}",
+    "join-method-variable": _U + "{% set n = ''.join([u,u,'class',u,u]) %}{{ ()[n] }}",
+    "set-block-key": _U + "{% set k %}{{u}}{{u}}class{{u}}{{u}}{% endset %}{{ ()[k] }}",
+    "with-block-key": "{% with k = (()|select|string)[24] * 2 ~ 'class' ~ (()|select|string)[24] * 2 %}{{ ()[k] }}{% endwith %}",
+    "for-target-key": "{% for k in [(()|select|string)[24] * 2 ~ 'class__'] %}{{ ()[k] }}{% endfor %}",
+    "dict-attribute-key": _U + "{% set d = {'k': u*2 ~ 'class' ~ u*2} %}{{ ()[d.k] }}",
+    "namespace-constructor": "{% set ns = namespace(k='_'~'_class_'~'_') %}{{ ()[ns.k] }}",
+    "macro-varargs": "{% macro g() %}{{ ()[varargs[0]] }}{% endmacro %}{{ g('_'~'_class_'~'_') }}",
+    "macro-kwargs": "{% macro g() %}{{ ()[kwargs.k] }}{% endmacro %}{{ g(k='_'~'_class_'~'_') }}",
+    "macro-alias": "{% macro g(a) %}{{ ()[a] }}{% endmacro %}{% set h = g %}{{ h('_'~'_class_'~'_') }}",
+    "macro-name-as-string": "{% macro __class__() %}{% endmacro %}{% set s = (__class__|string) %}{{ ()[s[8:17]] }}",
+    "macro-argument-names": "{% macro m(__class__=1) %}{% endmacro %}{{ ()[m.arguments[0]] }}",
+    "loop-cycle": "{% for x in [1] %}{{ ()[loop.cycle('_'~'_class_'~'_')] }}{% endfor %}",
+    "list-pop": "{% set l = ['a', '__cl' ~ 'ass__'] %}{{ ()[l.pop()] }}",
+    "index-known-at-render": "{% set l = ['a', '__cl' ~ 'ass__'] %}{{ ()[l[messages|length]] }}",
+    "chr-from-data-length": "{% set u = '%c'|format(messages|length * 95) %}{{ ()[u*2 ~ 'class' ~ u*2] }}",
+    "eos-token-key": "{{ ()[eos_token] }}",
+    "eos-token-slices": "{% set e = eos_token %}{{ ()[e[:9]] }}",
+    "format-through-attr": "{{ ('{0.__cl' ~ 'ass__}')|attr('format') }}",
+    "format-stored": "{% set f = '{0.__class__}'.format %}{{ f(()) }}",
+    "format-map-fields": "{{ '{x.__class__}'.format_map({'x': ()}) }}",
+    "loop-private-iterator": "{% for x in [1] %}{{ loop._iterator }}{% endfor %}",
+    "caller-private-function": "{% macro m() %}{{ caller._func }}{% endmacro %}{% call m() %}x{% endcall %}",
+    "macro-private-environment": "{% macro m() %}{% endmacro %}{{ m._environment }}",
+    "undefined-private-exception": "{{ nothing._undefined_exception }}",
+}
+
+
+def _render_plain(template: str) -> str:
+    """What a loader with an unsandboxed environment makes of a template (our own fixtures only)."""
+    import jinja2
+
+    context = {"messages": [{"role": "user", "content": "hi"}], "eos_token": "__class__", "bos_token": "<s>",
+               "add_generation_prompt": True}
+    return jinja2.Environment().from_string(template).render(**context)
+
+
+@pytest.mark.parametrize("name", sorted(COMPUTED_ESCAPES))
+def test_computed_escapes_really_escape(name):
+    out = _render_plain(COMPUTED_ESCAPES[name])
+    assert any(marker in out for marker in ("<class ", "<function ", "<jinja2.", "_iterator", "<built-in method format")), out
+
+
+@pytest.mark.parametrize("name", sorted(COMPUTED_ESCAPES))
+def test_computed_escapes_are_reported(tmp_path, name):
+    report = scan_path(write_gguf(tmp_path / f"{name}.gguf", COMPUTED_ESCAPES[name]))
+    assert report.files[0].max_severity >= Severity.HIGH, [(f.severity.name, f.description) for f in report.findings()]
+    assert report.exit_code == 1
+
+
+def test_a_name_the_template_builds_is_critical_when_it_spells_a_dunder(tmp_path):
+    report = scan_path(write_gguf(tmp_path / "ns.gguf", COMPUTED_ESCAPES["namespace-constructor"]))
+    assert report.files[0].max_severity == Severity.CRITICAL
+
+
+def test_data_keys_loop_counters_and_literal_keys_stay_clean(tmp_path):
+    """The lookups real templates make: literal keys, keys and items of the data, indexes computed
+    from numbers, namespace fields, macro parameters fed with data."""
+    template = (
+        "{% set ns = namespace(i=0, roles=[]) %}{% set role_map = {'user': 'U', 'assistant': 'A'} %}"
+        "{% macro field(obj, key) %}{{ obj[key] }}{% endmacro %}"
+        "{% for m in messages %}{% set ns.i = ns.i + 1 %}{% set ns.roles = ns.roles + [m.role] %}"
+        "{{ role_map[m['role']] }}{{ messages[loop.index0 - 1]['content'] if loop.index0 > 0 }}"
+        "{{ messages[ns.i - 1].content }}{{ field(m, 'content') }}{% endfor %}"
+        "{% for tool in tools %}{% for name, spec in tool.function.parameters.properties|items %}"
+        "{% for k in spec if k not in ['type', 'description'] %}{{ spec[k]|tojson }}{% endfor %}"
+        "{{ spec[name] }}{% endfor %}{% endfor %}"
+        "{% for i in range(messages|length - 1, -1, -1) %}{{ messages[i].role }}{% endfor %}"
+    )
+    report = scan_path(write_gguf(tmp_path / "real.gguf", template))
+    assert report.exit_code == 0, [(f.severity.name, f.description) for f in report.findings()]
 
 
 def test_a_payload_in_a_named_template_of_a_big_endian_file(tmp_path):
