@@ -8,7 +8,11 @@ big-endian (after the magic everything is byte-swapped, which the version shows)
 What runs at load time is the chat template: llama-cpp-python renders
 `tokenizer.chat_template` (and the named `tokenizer.chat_template.<name>`) with Jinja2, and
 before 0.2.72 in an unsandboxed environment (CVE-2024-34359). Every template is analysed
-by `jinja_template` with Jinja2's parser, never rendered. Tensor data is never read: tensor
+by `jinja_template` with Jinja2's parser, never rendered, in each form a reader gives it:
+llama.cpp (whose metadata llama-cpp-python reads) keeps keys and strings as C strings, so
+`tokenizer.chat_template\0x` is the template key and a template ends at its first NUL; it
+turns an array value into one text (`["a", "b"]`, quotes escaped) before the renderer sees
+it; the `gguf` package keeps keys and strings whole. Each reading is analysed. Tensor data is never read: tensor
 infos are checked against the file size arithmetically, so a 10 GB file costs a few reads.
 
 Every count and length is checked against the bytes that remain before it is used, arrays
@@ -63,9 +67,11 @@ def sniff_gguf(head: bytes, name: str, stream: BinaryIO) -> bool:
 
 @dataclass
 class Template:
+    """One template value, with every text a reader makes of it: (how, text)."""
+
     key: str
     offset: int
-    text: str
+    readings: list[tuple[str, str]]
 
 
 @dataclass
@@ -164,7 +170,8 @@ def read_header(stream: BinaryIO, size: int, header: GgufHeader | None = None) -
     for _ in range(header.kv_count):
         key = _key(r, count)
         vtype = r.unpack(u32)
-        if key == TEMPLATE_KEY or key.startswith(TEMPLATE_KEY + "."):
+        c_key = key.split("\0", 1)[0]  # llama.cpp compares and stores keys as C strings
+        if c_key == TEMPLATE_KEY or c_key.startswith(TEMPLATE_KEY + "."):
             if vtype == STRING:
                 _template(r, count, key, header)
                 continue
@@ -173,7 +180,7 @@ def read_header(stream: BinaryIO, size: int, header: GgufHeader | None = None) -
                 # loader renders it: every string in it is a template too
                 _template_array(r, count, u32, key, header)
                 continue
-        if key == "general.alignment" and vtype == UINT32:
+        if c_key == "general.alignment" and vtype == UINT32:
             header.alignment = r.unpack(u32)
             if header.alignment == 0 or header.alignment & (header.alignment - 1):
                 raise GgufError(f"general.alignment {header.alignment} is not a power of two")
@@ -192,13 +199,25 @@ def _key(r: _Reader, count: struct.Struct) -> str:
     return r.read(n).decode("utf-8", "replace")
 
 
-def _template(r: _Reader, count: struct.Struct, key: str, header: GgufHeader) -> None:
+def _string(r: _Reader, count: struct.Struct, key: str) -> tuple[int, str]:
     n = r.unpack(count)
     offset = r.pos
     if n > MAX_TEMPLATE:
         r.skip(n)
-        raise GgufError(f"{key} is {n} bytes long, more than the {MAX_TEMPLATE} analysed", incomplete=True)
-    header.templates.append(Template(key, offset, r.read(n).decode("utf-8", "replace")))
+        raise GgufError(f"{_shown(key)} is {n} bytes long, more than the {MAX_TEMPLATE} analysed", incomplete=True)
+    return offset, r.read(n).decode("utf-8", "replace")
+
+
+def _readings(text: str) -> list[tuple[str, str]]:
+    """The whole text (the gguf package), and the text up to its first NUL (llama.cpp's C string)."""
+    if "\0" not in text:
+        return [("", text)]
+    return [(" as llama.cpp reads it (up to its first NUL)", text.split("\0", 1)[0]), (" whole", text)]
+
+
+def _template(r: _Reader, count: struct.Struct, key: str, header: GgufHeader) -> None:
+    offset, text = _string(r, count, key)
+    header.templates.append(Template(_shown(key), offset, _readings(text)))
 
 
 def _template_array(r: _Reader, count: struct.Struct, u32: struct.Struct, key: str, header: GgufHeader) -> None:
@@ -210,9 +229,23 @@ def _template_array(r: _Reader, count: struct.Struct, u32: struct.Struct, key: s
         return
     n = r.unpack(count)
     if n > (r.size - r.pos) // count.size:
-        raise GgufError(f"{key}: array of {n} strings cannot fit in the file")
+        raise GgufError(f"{_shown(key)}: array of {n} strings cannot fit in the file")
+    items: list[str] = []
+    offset = r.pos
     for i in range(n):
-        _template(r, count, f"{key}[{i}]", header)
+        _item_offset, text = _string(r, count, f"{key}[{i}]")
+        items.append(text)
+        if r.pos - offset > MAX_TEMPLATE:
+            raise GgufError(f"{_shown(key)}: an array of more than {MAX_TEMPLATE} bytes of text", incomplete=True)
+    # llama.cpp's gguf_kv_to_str: what llama-cpp-python renders; the gguf package gives the items
+    joined = "[" + ", ".join('"' + t.split("\0", 1)[0].replace("\\", "\\\\").replace('"', '\\"') + '"' for t in items) + "]"
+    readings = [(" as llama.cpp joins the array", joined)]
+    readings += [(f" item {i}", text) for i, text in enumerate(items)]
+    header.templates.append(Template(_shown(key), offset, readings))
+
+
+def _shown(key: str) -> str:
+    return key if "\0" not in key else repr(key)
 
 
 def _skip_value(r: _Reader, vtype: int, count: struct.Struct, u32: struct.Struct, depth: int) -> None:
@@ -288,22 +321,32 @@ class GgufScanner(Scanner):
             raise ScanFailed(f"GGUF: {failure}", incomplete=failure.incomplete)
 
     def _template(self, template: Template, ctx: ScanContext) -> None:
+        """Every reading is analysed; a reading Jinja2 cannot parse is one no loader renders, so the
+        template is an error only when no reading parses."""
         from modelscan_core.scanners.jinja_template import TemplateUnreadable, analyse
 
-        try:
-            issues = analyse(template.text)
-        except TemplateUnreadable as exc:
-            ctx.error(f"{template.key} is not a template Jinja2 can parse ({exc}); it was not analysed")
-            return
-        for issue in issues:
-            ctx.report(
-                "gguf/chat-template-" + issue.rule_id.split("/", 1)[1],
-                issue.severity,
-                f"{template.key} {issue.description}; a loader that renders it outside a sandbox runs it",
-                module="jinja2",
-                operator=issue.what,
-                offset=template.offset,
-            )
+        failures: list[str] = []
+        seen: set[tuple[str, str]] = set()
+        for how, text in template.readings:
+            try:
+                issues = analyse(text)
+            except TemplateUnreadable as exc:
+                failures.append(f"{how.strip() or 'as stored'}: {exc}")
+                continue
+            for issue in issues:
+                if (issue.rule_id, issue.what) in seen:
+                    continue
+                seen.add((issue.rule_id, issue.what))
+                ctx.report(
+                    "gguf/chat-template-" + issue.rule_id.split("/", 1)[1],
+                    issue.severity,
+                    f"{template.key}{how} {issue.description}; a loader that renders it outside a sandbox runs it",
+                    module="jinja2",
+                    operator=issue.what,
+                    offset=template.offset,
+                )
+        if len(failures) == len(template.readings):
+            ctx.error(f"{template.key} is not a template Jinja2 can parse ({'; '.join(failures)}); it was not analysed")
 
 
 FORMATS = (

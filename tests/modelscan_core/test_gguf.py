@@ -337,4 +337,48 @@ def test_a_template_stored_as_an_array_of_strings_is_analysed(tmp_path):
     w.close()
     found = scan_path(tmp_path / "arr.gguf").findings()
     assert found and max(f.severity for f in found) == Severity.CRITICAL
-    assert all("tokenizer.chat_template[1]" in f.description for f in found)
+    assert all(f.description.startswith("tokenizer.chat_template ") for f in found)
+
+
+# -- what llama.cpp makes of the metadata (llama-cpp-python reads it through llama.cpp) --------
+
+
+def _raw_gguf(path: Path, entries: list[tuple[bytes, int, bytes]]) -> Path:
+    """A v3 GGUF with exactly these (key, type, encoded value) entries and no tensors."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(entries))
+    for key, vtype, value in entries:
+        out += _string(key, "Q") + struct.pack("<I", vtype) + value
+    path.write_bytes(out)
+    return path
+
+
+def test_a_template_key_with_a_nul_suffix_is_the_template_for_llama_cpp(tmp_path):
+    """llama.cpp keeps keys as C strings: `tokenizer.chat_template\0x` is `tokenizer.chat_template`
+    there (and comes first), while the gguf package sees another key."""
+    path = _raw_gguf(tmp_path / "nulkey.gguf", [
+        (b"tokenizer.chat_template\x00shadow", 8, _string(ATTACKS["cycler-globals"].encode(), "Q")),
+        (b"tokenizer.chat_template", 8, _string(TEMPLATES["chatml-openhermes-2.5"].encode(), "Q")),
+    ])
+    assert scan_path(path).files[0].max_severity == Severity.CRITICAL
+
+
+def test_a_template_is_read_up_to_its_first_nul_as_llama_cpp_does(tmp_path):
+    """What follows a NUL is invisible to llama.cpp; a tail Jinja cannot parse must not turn the
+    payload before it into a mere parse error."""
+    text = ATTACKS["cycler-globals"] + "\x00{% for broken %}"
+    path = _raw_gguf(tmp_path / "nulval.gguf", [(b"tokenizer.chat_template", 8, _string(text.encode(), "Q"))])
+    report = scan_path(path)
+    assert report.files[0].max_severity == Severity.CRITICAL and report.exit_code == 1
+
+
+def test_a_payload_split_across_array_items_is_read_as_llama_cpp_joins_them(tmp_path):
+    """llama.cpp renders an array value as `["a", "b"]`: the separator lands inside a string literal
+    the template slices away, so no item holds the payload (the first alone does not even parse)."""
+    items = ["{{ (()|attr(('__ini' ~ '", "')[:5] ~ 't__'))|string }}"]
+    joined = '["' + '", "'.join(items) + '"]'
+    assert "__init__" in _render_plain(joined)
+    value = struct.pack("<IQ", 8, len(items)) + b"".join(_string(i.encode(), "Q") for i in items)
+    path = _raw_gguf(tmp_path / "split.gguf", [(b"tokenizer.chat_template", 9, value)])
+    report = scan_path(path)
+    assert report.files[0].max_severity == Severity.CRITICAL, (report.findings(), report.all_errors())
+
