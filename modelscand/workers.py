@@ -203,7 +203,7 @@ def _scan_fd(job: ScanJob, settings, fd: int, dfd: int | None, report) -> dict[s
                         "modelscand"),))
         else:
             result = scan_stream(stream, job.path, settings, size=st.st_size, name=job.name or
-                                 os.path.basename(job.path), compute_hash=False)
+                                 os.path.basename(job.path), compute_hash=False, path=job.path)
         scan_ms = round((time.monotonic() - started) * 1000, 2)
         if not unchanged():
             return {"status": "changed", "identity": before, "scan_ms": scan_ms}

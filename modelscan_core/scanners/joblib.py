@@ -163,8 +163,9 @@ class JoblibHook:
         filename = fields.get("filename")
         if not isinstance(filename, str):
             return
-        escapes = filename.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", filename) or re.match(r"[A-Za-z]:", filename)
-        if escapes:
+        from modelscan_core.scanners.paths import escapes
+
+        if escapes(filename):
             self.ctx.report(
                 "joblib/external-array-file",
                 Severity.HIGH,

@@ -28,7 +28,7 @@ from modelscan_core.detect import Rule
 from modelscan_core.model import Severity
 from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
-from modelscan_core.scanners.paths import escapes
+from modelscan_core.scanners.paths import escapes, resolves_outside
 
 #: operator domains a runtime implements itself (ONNX's standard sets and onnxruntime's contrib ops)
 BUILTIN_DOMAINS = frozenset({
@@ -42,11 +42,21 @@ _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 2
 
 
 def sniff_onnx(head: bytes, name: str, stream: BinaryIO) -> bool:
-    """A ModelProto: `ir_version` first (as every writer serializes it), then ModelProto's fields.
+    """A ModelProto, as protobuf parsers read it: fields in any order, unknown fields allowed.
 
-    Without the `.onnx` name the head must show a graph or an opset import, so other
-    protobuf messages and binary data that happen to start with 0x08 are not claimed.
+    The whole file must walk as top-level fields that end exactly at its end, with an
+    `ir_version` (a small varint) and a `graph` among them: what onnx and onnxruntime need
+    to load a model, and what random data or another protobuf message practically never
+    is. A file named `.onnx` whose head shows ModelProto's first fields is claimed as
+    before, so a file broken further on is reported, not skipped.
     """
+    seen = _top_level_fields(stream)
+    if seen is not None and 1 in seen and 7 in seen and seen[1] == {0} and seen[7] == {2}:
+        return True
+    return name.endswith(".onnx") and _head_is_model(head)
+
+
+def _head_is_model(head: bytes) -> bool:
     from modelscan_core.scanners.protowire import WireError, fields
 
     if not head or head[0] != 0x08:
@@ -54,7 +64,7 @@ def sniff_onnx(head: bytes, name: str, stream: BinaryIO) -> bool:
     seen: list[int] = []
     try:
         for number, wire, value, _stop in fields(head, 0, len(head)):
-            if _MODEL_FIELDS.get(number) != wire:
+            if number in _MODEL_FIELDS and _MODEL_FIELDS[number] != wire:
                 return False
             if number == 1 and not (seen == [] and 1 <= value <= 64):
                 return False
@@ -64,10 +74,58 @@ def sniff_onnx(head: bytes, name: str, stream: BinaryIO) -> bool:
     except WireError as exc:
         if "runs past" not in str(exc):
             return False
-        seen.append(-1)  # a long field cut by the head: what parsed before it decides
-    if not seen or seen[0] != 1:
-        return False
-    return name.endswith(".onnx") or any(n in (7, 8) for n in seen) or (-1 in seen and len(seen) >= 2)
+    return bool(seen)
+
+
+#: a ModelProto has a handful of top-level fields (functions and metadata can be many)
+_MAX_TOP_FIELDS = 100_000
+_MAX_GROUP = 64 * 1024 * 1024
+
+
+def _top_level_fields(stream: BinaryIO) -> dict[int, set[int]] | None:
+    """{field number: wire types} of a whole stream read as one message, or None when it is not one.
+
+    Each field costs one small read: a 2 GB model is a few dozen seeks.
+    """
+    from modelscan_core.scanners.protowire import (EGROUP, I32, I64, LEN, SGROUP, VARINT, WireError, read_varint,
+                                                   skip_group)
+
+    stream.seek(0, 2)
+    size = stream.tell()
+    pos = 0
+    seen: dict[int, set[int]] = {}
+    try:
+        for _ in range(_MAX_TOP_FIELDS):
+            if pos == size:
+                return seen
+            stream.seek(pos)
+            window = stream.read(32)
+            key, used = read_varint(window, 0, len(window))
+            number, wire = key >> 3, key & 7
+            if number == 0 or wire in (EGROUP, 6, 7):
+                return None
+            if wire == VARINT:
+                value, used = read_varint(window, used, len(window))
+                if number == 1 and not 1 <= value <= 100:
+                    return None
+                pos += used
+            elif wire == LEN:
+                length, used = read_varint(window, used, len(window))
+                pos += used + length
+            elif wire == I64:
+                pos += used + 8
+            elif wire == I32:
+                pos += used + 4
+            elif wire == SGROUP:  # no writer puts one there, but parsers step over it
+                stream.seek(pos + used)
+                chunk = stream.read(min(size - pos - used, _MAX_GROUP))
+                pos += used + skip_group(chunk, 0, len(chunk), number, 0)
+            if pos > size:
+                return None
+            seen.setdefault(number, set()).add(wire)
+    except (WireError, OSError):
+        return None
+    return None
 
 
 class OnnxScanner(Scanner):
@@ -96,7 +154,7 @@ class _Walk:
             "GraphProto", "NodeProto", "TensorProto", "SparseTensorProto", "OperatorSetIdProto", "FunctionProto")}
         self.domains: dict[str, str] = {}  # domain -> where first seen
         self.functions: set[tuple[str, str]] = set()
-        self.locations: dict[str, None] = {}
+        self.locations: dict[bytes, None] = {}
         self.base = os.path.dirname(os.path.abspath(item.path)) if item.path else None
 
     # -- structure -------------------------------------------------------------------
@@ -131,6 +189,8 @@ class _Walk:
                     self._domain(_text(op.domain), where)
             for node in fn.node:
                 self._node(node, where)
+            for attr in fn.attribute_proto:  # default values of the function's attributes
+                self._attribute(attr, f"{where} default attribute {_text(attr.name)!r}")
         for where, (start, end) in graphs:
             self._graph_span(buf, start, end, where)
 
@@ -161,19 +221,21 @@ class _Walk:
         if (domain, op) not in self.functions:
             self._domain(domain, f"{label} ({op})")
         for attr in node.attribute:
-            what = f"{label} attribute {_text(attr.name)!r}"
-            if attr.HasField("t"):
-                self._tensor(attr.t, what)
-            for tensor in attr.tensors:
-                self._tensor(tensor, what)
-            if attr.HasField("sparse_tensor"):
-                self._sparse(attr.sparse_tensor, what)
-            for sparse in attr.sparse_tensors:
-                self._sparse(sparse, what)
-            if attr.HasField("g"):
-                self._graph(attr.g, f"{what} subgraph")
-            for i, graph in enumerate(attr.graphs):
-                self._graph(graph, f"{what} subgraph {i}")
+            self._attribute(attr, f"{label} attribute {_text(attr.name)!r}")
+
+    def _attribute(self, attr, what: str) -> None:
+        if attr.HasField("t"):
+            self._tensor(attr.t, what)
+        for tensor in attr.tensors:
+            self._tensor(tensor, what)
+        if attr.HasField("sparse_tensor"):
+            self._sparse(attr.sparse_tensor, what)
+        for sparse in attr.sparse_tensors:
+            self._sparse(sparse, what)
+        if attr.HasField("g"):
+            self._graph(attr.g, f"{what} subgraph")
+        for i, graph in enumerate(attr.graphs):
+            self._graph(graph, f"{what} subgraph {i}")
 
     def _sparse(self, sparse, where: str) -> None:
         if sparse.HasField("values"):
@@ -201,14 +263,18 @@ class _Walk:
     def _tensor(self, tensor, where: str) -> None:
         if tensor.data_location != EXTERNAL and not len(tensor.external_data):
             return
-        location = None
+        # onnx and onnxruntime take the last `location`; every one is judged all the same
         for entry in tensor.external_data:
             if _text(entry.key) == "location":
-                location = _text(entry.value)
-        if location is None or location in self.locations:
+                self._location(tensor, bytes(entry.value), where)
+
+    def _location(self, tensor, raw: bytes, where: str) -> None:
+        if raw in self.locations:
             return
-        self.locations[location] = None
-        why = escapes(location) or self._resolves_outside(location)
+        self.locations[raw] = None
+        location = raw.decode("utf-8", "surrogateescape")  # the bytes a C++ loader opens, kept exact
+        why = escapes(location) or self._resolves_outside(raw)
+        location = raw.decode("utf-8", "replace")
         if why:
             self.ctx.report(
                 "onnx/external-data-path",
@@ -219,28 +285,25 @@ class _Walk:
                 operator="external_data",
             )
 
-    def _resolves_outside(self, location: str) -> str | None:
-        """Where a lexically harmless location really leads, for a model on disk."""
+    def _resolves_outside(self, location: bytes) -> str | None:
+        """Where a lexically harmless location really leads, for a model on disk: under the
+        directory as given, or under the real directory of a model reached through a symlink
+        (a Hugging Face snapshot's links into `blobs/`), as onnxruntime resolves it."""
         if self.base is None:
             return None
-        target = os.path.join(self.base, location)
+        base = os.fsencode(self.base)
+        roots = (os.fsencode(os.path.dirname(os.path.realpath(self.item.path))),) if self.item.path else ()
+        why = resolves_outside(base, location, roots)
+        if why:
+            return why
+        target = os.path.join(base, location)
         try:
             st = os.stat(target)
         except OSError:
             return None  # nothing there (yet): nothing to read
-        real = os.path.realpath(target)
-        roots = {os.path.realpath(self.base)}
-        if self.item.path:
-            roots.add(os.path.dirname(os.path.realpath(self.item.path)))
-        if not any(_under(real, root) for root in roots):
-            return f"which resolves through a symbolic link to {real!r}, outside the model's directory"
         if st.st_nlink > 1 and not os.path.islink(target):
             return f"a file with {st.st_nlink} hard links (its other names may be anywhere; onnx's checker refuses it)"
         return None
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _text(value: bytes) -> str:

@@ -37,8 +37,9 @@ def fields(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple
     """Yield (field number, wire type, value or start, end) for each field in buf[start:end].
 
     For LEN fields the value is the payload's start offset and `end` its end; for the
-    others the value is the integer and `end` the offset after it. Groups (deprecated,
-    unused by TensorFlow) are refused.
+    others the value is the integer and `end` the offset after it; a group (deprecated, unused
+    by ONNX and TensorFlow, skipped by their parsers as an unknown field) is one field whose
+    value is its start.
     """
     if end is None:
         end = len(buf)
@@ -68,8 +69,45 @@ def fields(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple
                 raise WireError(f"truncated fixed32 at offset {pos}")
             yield number, wire, int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
             pos += 4
+        elif wire == SGROUP:
+            # a (deprecated) group: protobuf parsers keep it as an unknown field; step over it whole
+            start = pos
+            pos = skip_group(buf, pos, end, number, 0)
+            yield number, wire, start, pos
         else:
             raise WireError(f"unsupported wire type {wire} at offset {pos}")
+
+
+MAX_GROUP_DEPTH = 100  # protobuf's own recursion limit
+
+
+def skip_group(buf: bytes, pos: int, end: int, number: int, depth: int) -> int:
+    """The offset after the END_GROUP that closes group `number` opened before `pos`."""
+    if depth >= MAX_GROUP_DEPTH:
+        raise WireError(f"groups nested deeper than {MAX_GROUP_DEPTH} at offset {pos}")
+    while pos < end:
+        key, pos = read_varint(buf, pos, end)
+        inner, wire = key >> 3, key & 7
+        if wire == EGROUP:
+            if inner != number:
+                raise WireError(f"group {number} closed as {inner} at offset {pos}")
+            return pos
+        if wire == VARINT:
+            _, pos = read_varint(buf, pos, end)
+        elif wire == LEN:
+            length, pos = read_varint(buf, pos, end)
+            pos += length
+        elif wire == I64:
+            pos += 8
+        elif wire == I32:
+            pos += 4
+        elif wire == SGROUP:
+            pos = skip_group(buf, pos, end, inner, depth + 1)
+        else:
+            raise WireError(f"unsupported wire type {wire} at offset {pos}")
+        if pos > end:
+            raise WireError(f"field {inner} runs past its message ({pos} > {end})")
+    raise WireError(f"group {number} is never closed")
 
 
 def text(buf: bytes, start: int, end: int) -> str:

@@ -220,3 +220,96 @@ def _kind(field) -> str:
 
     names = {v: k[5:].lower() for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}
     return names[field.type]
+
+
+# -- how onnx and onnxruntime really read the file ---------------------------------------------------
+
+
+def _with_location_bytes(m, placeholder: str, raw: bytes) -> bytes:
+    """The serialized model with the bytes of a location replaced (same length): locations that are
+    not UTF-8 (a C++ loader opens them byte for byte)."""
+    data = m.SerializeToString()
+    assert len(placeholder.encode()) == len(raw) and data.count(placeholder.encode()) == 1
+    return data.replace(placeholder.encode(), raw)
+
+
+def test_a_location_that_is_not_utf8_is_resolved_by_its_bytes(tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"\0" * 16)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    raw = b"w\xff\xfe.bin"
+    (folder / "m.onnx").write_bytes(_with_location_bytes(placements("wXY.bin")["initializer"], "wXY.bin", raw))
+    os.symlink(outside, os.path.join(os.fsencode(folder), raw))
+    found = scan_path(folder / "m.onnx").findings()
+    assert found and found[0].severity == Severity.HIGH and "symbolic link" in found[0].description
+
+
+def test_a_dangling_symlink_out_of_the_directory_is_high(tmp_path):
+    """The file it names may exist only where the model is loaded (a home directory, a key)."""
+    save(placements("weights.bin")["initializer"], tmp_path / "model" / "m.onnx")
+    (tmp_path / "model" / "weights.bin").symlink_to(tmp_path / "not-here-yet" / "id_rsa")
+    found = scan_path(tmp_path / "model" / "m.onnx").findings()
+    assert found and found[0].severity == Severity.HIGH and "symbolic link" in found[0].description
+
+
+def test_a_directory_component_that_is_a_symlink_out_is_high(tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_bytes(b"\0" * 16)
+    save(placements("sub/secret")["constant"], tmp_path / "model" / "m.onnx")
+    (tmp_path / "model" / "sub").symlink_to(tmp_path / "outside")
+    found = scan_path(tmp_path / "model" / "m.onnx").findings()
+    assert found and found[0].severity == Severity.HIGH
+
+
+@pytest.mark.parametrize("location", [".. \\.. \\secret", "... /x", "sub/.. /.. /secret"])
+def test_windows_dot_space_components_climb_too(tmp_path, location):
+    """Win32 path normalisation drops trailing dots and spaces: `.. ` is `..` there."""
+    report = scan_path(save(placements(location)["initializer"], tmp_path / "m.onnx"))
+    assert report.files[0].max_severity == Severity.HIGH
+
+
+def test_every_location_entry_is_judged_not_only_the_last(tmp_path):
+    t = ext_tensor("w", "weights.bin")
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", "weights.bin"
+    t.external_data[0].value = "../../etc/shadow"
+    m = model([helper.make_node("Add", ["x", "w"], ["y"])], inits=[t])
+    assert scan_path(save(m, tmp_path / "m.onnx")).files[0].max_severity == Severity.HIGH
+
+
+def test_function_default_attributes_are_searched(tmp_path):
+    fn = helper.make_function("local", "Payload", ["a"], ["b"], [helper.make_node("Identity", ["a"], ["b"])],
+                              [helper.make_opsetid("", 17)], attributes=[])
+    fn.attribute_proto.append(helper.make_attribute("value", ext_tensor("w", "/etc/passwd")))
+    m = model([helper.make_node("Payload", ["x"], ["y"], domain="local")], functions=[fn],
+              opsets=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    assert scan_path(save(m, tmp_path / "m.onnx")).files[0].max_severity == Severity.HIGH
+
+
+def _group_field(number: int) -> bytes:
+    """An unknown field of the (deprecated) group wire type: protobuf parsers step over it."""
+    start, end = bytes([(number << 3) | 3]), bytes([(number << 3) | 4])
+    inner = bytes([(1 << 3) | 0, 7])  # a varint inside the group
+    return start + inner + end
+
+
+def test_an_unknown_group_field_does_not_stop_the_scan(tmp_path):
+    data = placements("/etc/passwd")["initializer"].SerializeToString() + _group_field(15)
+    onnx.load_model_from_string(data)  # the onnx package reads it
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    report = scan_path(path)
+    assert report.files[0].max_severity == Severity.HIGH, report.all_errors()
+
+
+def test_fields_in_any_order_are_recognised_without_the_name(tmp_path):
+    """Protobuf readers accept fields in any order: a graph first, the IR version last."""
+    m = placements("/etc/passwd")["initializer"]
+    ir = m.ir_version
+    m.ClearField("ir_version")
+    data = m.SerializeToString() + bytes([0x08, ir])
+    assert onnx.load_model_from_string(data).ir_version == ir
+    (tmp_path / "blob").write_bytes(data)
+    report = scan_path(tmp_path / "blob")
+    assert report.files[0].format == "onnx" and report.files[0].max_severity == Severity.HIGH
