@@ -310,3 +310,12 @@ def test_table_loads_lazily_and_resolves_one_module_at_a_time(tmp_path):
     assert "pkg" in table._parsed and "elsewhere" not in table._parsed
     assert table.resolve("pkg", "Runner.run").qualname == "elsewhere.Runner.run"
     assert not table.resolve("uncovered", "a.b").covered
+
+
+@pytest.mark.parametrize("module,name,trusted", [
+    ("spacy.vocab", "unpickle_vocab", True), ("spacy.tokens.doc", "unpickle_doc", True),
+    ("torch._utils", "_rebuild_tensor_v5", True), ("numpy.random._pickle", "__bit_generator_ctor", True),
+    ("pandas._libs.tslibs.nattype", "__nat_unpickle", True), ("someones_tools", "unpickle_payload", False),
+    ("joblib.numpy_pickle", "_unpickle", False), ("torch.nn.modules.module", "reconstruct_from_config", False)])
+def test_pickle_support_helpers_of_the_ecosystem_are_trusted_by_their_names(module, name, trusted):
+    assert (POLICY.judge(module, name, CALLED).severity is None) is trusted

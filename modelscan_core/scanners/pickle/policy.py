@@ -28,9 +28,10 @@ from modelscan_core.scanners.pickle.values import BUILT, CALLED, NEW
 
 ALL = "*"
 
-#: pickle-support helpers are private: `_rebuild_tensor_v2`, `_unpickle_block`, `__randomstate_ctor`
-#: (a public `reconstruct_from_config` is an API that rebuilds whole models, not a helper)
-_HELPER_NAME = re.compile(r"_+(rebuild|unpickle|reconstruct|new_|restore|from_state)|_.*(_ctor|_unpickle|(?<!ufunc)_reconstruct)$")
+#: pickle-support helpers are private: `_rebuild_tensor_v2`, `_unpickle_block`, `__randomstate_ctor`,
+#: or say what they are: spaCy's `unpickle_vocab` (a public `reconstruct_from_config` is an API
+#: that rebuilds whole models, not a helper)
+_HELPER_NAME = re.compile(r"_+(rebuild|unpickle|reconstruct|new_|restore|from_state)|unpickle_|_.*(_ctor|_unpickle|(?<!ufunc)_reconstruct)$")
 #: Cython's generated pickle support: it only allocates the class and hands it its state
 _CYTHON_UNPICKLE = re.compile(r"__pyx_unpickle_\w+$")
 
