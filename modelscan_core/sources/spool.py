@@ -193,7 +193,10 @@ def _lz4(counted: _Counted, sink: _Sink) -> None:
                 data = counted.read(CHUNK)
                 if not data:
                     raise EOFError("lz4 frame ends early")
-            out = dec.decompress(data, max_length=CHUNK)
+            try:
+                out = dec.decompress(data, max_length=CHUNK)
+            except RuntimeError as exc:  # what lz4.frame raises for a corrupt frame
+                raise ValueError(str(exc)) from None
             data = b""
             while True:
                 if out and not sink.write(out):

@@ -502,6 +502,11 @@ class PickleVM:
         self._pos += len(line)
         return line
 
+    def _rest(self) -> bytes:
+        """What is left of the stream (a line operand cut by EOF), up to MAX_LINE."""
+        self._fill(MAX_LINE)
+        return self._buf[self._pos : self._pos + MAX_LINE]
+
     def _readline_plain(self) -> bytes:
         buf, pos = self._buf, self._pos
         nl = buf.find(b"\n", pos)
@@ -1063,8 +1068,18 @@ class PickleVM:
                         raise err(f"unsupported pickle protocol: {proto}", at)
                     facts.protocol = proto
                 elif op == 0x63 or op == 0x69:  # c GLOBAL / i INST
-                    module = readline()[:-1].decode("utf-8", "surrogatepass")
-                    name = readline()[:-1].decode("utf-8", "surrogatepass")
+                    # the pure-Python unpickler takes a line cut by EOF as it is (less its last
+                    # byte, as if it were the newline) and imports it anyway
+                    lines = []
+                    try:
+                        lines.append(readline())
+                        lines.append(readline())
+                    except PickleTruncated:
+                        lines += [self._rest(), b""][: 2 - len(lines)]
+                        module, name = (line[:-1].decode("utf-8", "surrogatepass") for line in lines)
+                        new_global(module, name, at, "GLOBAL" if op == 0x63 else "INST")
+                        raise
+                    module, name = (line[:-1].decode("utf-8", "surrogatepass") for line in lines)
                     if op == 0x63:
                         stack.append(new_global(module, name, at, "GLOBAL"))
                     else:

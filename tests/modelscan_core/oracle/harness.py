@@ -99,7 +99,7 @@ def vm_view(data: bytes, settings: Settings | None = None) -> VMView:
 
     settings = settings or Settings()
     stream = io.BytesIO(data)
-    ctx = _Context(_Scan(settings), "oracle.pkl", PickleScanner.name, 0)
+    ctx = _Nested(_Scan(settings), "oracle.pkl", PickleScanner.name, 0)
     done = scan_pickles(stream, len(data), ctx, scanner=PickleScanner.name,
                         hooks=lambda c: joblib_hook(stream, len(data), c, PickleScanner.name))
     view = VMView(findings=list(ctx.findings), errors=[e.description for e in ctx.errors])
@@ -110,18 +110,33 @@ def vm_view(data: bytes, settings: Settings | None = None) -> VMView:
             view.uses[key] = view.uses.get(key, 0) | ref.uses
         view.dynamic += len(facts.dynamic_calls)
         view.unresolved += len(facts.unresolved)
-    # what nested scans (a pickle handed to pickle.loads) reported counts too
     for f in ctx.findings:
         if f.rule_id == "pickle/unresolved-global":
             view.unresolved += 1
         elif f.rule_id == "pickle/dynamic-call":
             view.dynamic += 1
-    for member in ctx.members:
-        for f in member.all_findings():
-            if f.module:
-                key = (f.module, f.operator)
-                view.uses[key] = view.uses.get(key, 0) | 1
+    # what nested scans (a pickle handed to pickle.loads) saw counts too
+    for nested in ctx.nested:
+        for key, uses in nested.uses.items():
+            view.uses[key] = view.uses.get(key, 0) | uses
+        view.dynamic += nested.dynamic
+        view.unresolved += nested.unresolved
     return view
+
+
+class _Nested(_Context):
+    """The scan context, with the nested pickles it is handed read by vm_view as well."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.nested: list[VMView] = []
+
+    def scan_member(self, name, open_stream, size, format_hint=None):
+        super().scan_member(name, open_stream, size, format_hint)
+        if self.depth < 4:
+            stream = open_stream()
+            stream.seek(0)
+            self.nested.append(vm_view(stream.read()))
 
 
 def uncovered(results: list[dict], view: VMView) -> list[str]:

@@ -76,7 +76,7 @@ def _le(n: int) -> bytes:
 
 
 @st.composite
-def ops(draw, max_ops: int = 40) -> list[bytes]:
+def ops(draw, max_ops: int = 40, nested: bool = True) -> list[bytes]:
     """A list of opcode byte strings (one opcode with its operands each), ending in STOP."""
     stack: list[str] = []  # kinds: s str, i int, c callable (global or stub), t tuple, d dict, l list, o object, m mark
     memo: dict[int, str] = {}
@@ -140,6 +140,14 @@ def ops(draw, max_ops: int = 40) -> list[bytes]:
         stack.append("t")
 
     def call(kind: str) -> None:
+        if kind == "nested":
+            # bytes that are a pickle, handed to pickle.loads: the loader unpickles them in turn
+            inner = b"\x80\x02" + b"".join(draw(ops(max_ops=8, nested=False)))
+            global_op(draw(st.sampled_from(["pickle", "_pickle", "dill"])), "loads")
+            out.append(b"C" + bytes([len(inner)]) + inner if len(inner) < 256 else b"B" + struct.pack("<I", len(inner)) + inner)
+            out.append(b"\x85R")
+            stack[-1:] = ["o"]
+            return
         if kind == "reduce_top" and stack and stack[-1] in ("o", "c") and above_mark() >= 1:
             push_args()
             out.append(b"R")
@@ -188,7 +196,8 @@ def ops(draw, max_ops: int = 40) -> list[bytes]:
         ]))
         top = above_mark()
         if choice == "call":
-            call(draw(st.sampled_from(["reduce", "reduce", "new", "new_ex", "obj", "inst", "reduce_top"])))
+            call(draw(st.sampled_from(["reduce", "reduce", "new", "new_ex", "obj", "inst", "reduce_top"]
+                                      + (["nested"] if nested else []))))
         elif choice == "global":
             global_op(draw(st.sampled_from(MODULES)), draw(st.sampled_from(NAMES)))
         elif choice == "str":
