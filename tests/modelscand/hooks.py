@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 
@@ -32,4 +33,11 @@ def slow(job, settings, report):
     """Hold every job whose path mentions "slow" in flight for a second before opening."""
     if "slow" in job.path:
         time.sleep(1.0)
+    return scan_job(job, settings, report)
+
+
+def jitter(job, settings, report):
+    """Scans that take 0-80 ms, like large files on a busy disk: renames, swaps and deletes
+    then often land while the file is in flight (the model-based test's daemon)."""
+    time.sleep(random.random() * 0.08)
     return scan_job(job, settings, report)
