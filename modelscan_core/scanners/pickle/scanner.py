@@ -180,8 +180,9 @@ def _report_bombs(facts: StreamFacts, ctx: ScanContext) -> None:
                    "object recursively crashes", offset=at)
 
 
-#: what a speculative reading may report
-_DENYLISTED = frozenset({"pickle/unsafe-global"})
+#: what a speculative reading may report: the denylist, and dunder walks (`numpy.__builtins__`),
+#: which no benign bytes spell either
+_DENYLISTED = frozenset({"pickle/unsafe-global", "pickle/introspection"})
 
 
 def _call_offsets(facts: StreamFacts, policy) -> list[int]:
