@@ -10,6 +10,12 @@ every BUILD; for a joblib wrapper it computes the byte count from the state (sha
 order) and skips exactly that many bytes. An object array is not raw bytes but a pickle
 of its own, read with a fresh unpickler: it is run through a fresh VM and judged too.
 
+joblib.load's unpickler is the pure-Python `pickle._Unpickler`, and `read_array` reads from
+the file object, not through the unpickler's frame: the bytes come from where the file is
+(past the whole current frame, when a BUILD sits inside one), through `vm.file_read` /
+`vm.file_skip`. What plain `pickle.load` does with the same bytes (the arrays as opcodes) is
+another reading, which scanner.py runs when a hook took bytes.
+
 Whatever the hook cannot work out (a shape that is not a tuple of ints, a dtype it cannot
 size, a state too large to have been kept whole) stops the stream with an *incomplete*
 error: guessing a byte count would let the walk be steered.

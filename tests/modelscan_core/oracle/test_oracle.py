@@ -157,3 +157,33 @@ def test_fuzz_opcode_streams(oracle):
 @pytest.mark.slow
 def test_fuzz_frames_anywhere(oracle):
     _fuzz(oracle, framed(), 1500)
+
+
+# -- every fixture the tests make -------------------------------------------------------------
+
+
+def _fixture_corpus() -> dict[str, bytes]:
+    from .. import test_readings, test_robustness
+    from ..test_pickle_attacks import CLASS_A
+    from .fixtures import pickles as real_pickles
+
+    corpus = {f"class A: {k}": v for k, v in CLASS_A.items()}
+    corpus |= {f"found: {k}": v[0] for k, v in FOUND.items()}
+    corpus |= {f"real: {k}": v for k, v in real_pickles().items()}
+    # bombs: the real unpickler never finishes hashing the hash bombs (nothing to compare)
+    corpus |= {f"bomb: {k}": v for k, (v, rule) in test_robustness.BOMBS.items() if rule != "pickle/hash-bomb"}
+    corpus["readings: straddle"] = test_readings.straddle()
+    corpus["readings: large straddle"] = test_readings.straddle(pad=8200)
+    return corpus
+
+
+@pytest.mark.slow
+def test_every_fixture_agrees_with_the_oracle(oracle):
+    checked = 0
+    for label, data in sorted(_fixture_corpus().items()):
+        results = oracle.read(data)
+        assert results is not None, f"{label}: the oracle timed out"
+        problems = uncovered(results, vm_view(data))
+        assert not problems, (label, problems)
+        checked += 1
+    print(f"\noracle: {checked} fixtures agree")
