@@ -4,13 +4,20 @@
 model from it: every mapping with a Hydra `_target_` (at any depth: preprocessor, encoder,
 optimizer, ...) is `hydra.utils.instantiate`d, which imports the dotted path and calls it with
 the mapping's other keys (`_args_` positionally; `_partial_` wraps it, `_call_: false` still
-imports it). NeMo's own `target`/`cls` with `params` do the same. So a target is code the file
-chooses (CVE-2025-23304): outside NeMo, PyTorch, OmegaConf and Lightning it is HIGH, and a
-callable the pickle policy denylists (`builtins.exec`, `os.system`, `torch.load`, ...) is
-CRITICAL. A target that is not a plain dotted name (an OmegaConf interpolation) is HIGH.
+imports it). NeMo's own `target`/`cls` with `params` do the same, and `from_config_dict`
+imports a bare `target` of any sub-config it builds and calls it with `cfg=`. So a target is
+code the file chooses (CVE-2025-23304). Judged like NeMo's own allowlist (since the fix):
+a callable the pickle policy denylists (`builtins.exec`, `os.system`, `torch.load`, ...) is
+CRITICAL; outside the prefixes NeMo allows (its own packages, `torch.nn`/`optim`/`utils.data`,
+torchmetrics, Lightning's callbacks/loggers/strategies, OmegaConf, Megatron) HIGH; inside
+them, a private name or a function named for reading, writing or running (`torch.save`,
+`OmegaConf.save`) HIGH. An OmegaConf interpolation (`${a.b}`) is judged by what it resolves to
+in the same config, HIGH when it cannot be resolved.
 
-YAML is read with `yaml.safe_load` only; the tar's members (the torch checkpoints, the
-tokenizer files) are scanned by the tar scanner like any archive's.
+YAML is read with `yaml.safe_load` only (OmegaConf's loader is a SafeLoader too); config
+members stored as tar links are read through the link, as extraction copies them. The tar's
+members (the torch checkpoints, the tokenizer files) are scanned by the tar scanner like any
+archive's.
 """
 
 from __future__ import annotations
@@ -24,9 +31,18 @@ from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
 
 CONFIG_NAME = "model_config.yaml"
-#: packages whose classes NeMo configs name (its own, and the frameworks it builds on)
-ALLOWED_PACKAGES = frozenset({"nemo", "torch", "omegaconf", "pytorch_lightning", "lightning", "lightning_fabric",
-                              "megatron"})
+#: where NeMo's own allowlist (nemo.core.classes.common, since CVE-2025-23304) lets targets come
+#: from; `pytorch_lightning.` is Lightning's older name for the same classes
+ALLOWED_PREFIXES = (
+    "nemo.", "nemo_text_processing.", "torch.nn.", "torch.optim.", "torch.utils.data.", "torch.distributed.fsdp.",
+    "torchmetrics.", "lightning.pytorch.callbacks.", "lightning.pytorch.loggers.", "lightning.pytorch.strategies.",
+    "lightning.pytorch.accelerators.", "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.",
+    "pytorch_lightning.strategies.", "pytorch_lightning.accelerators.", "omegaconf.", "megatron.",
+)
+#: the last component of a function that reads, writes or runs something
+_EFFECT = re.compile(r"(load|save|dump|write|open|run|exec|spawn|system|call|popen|download|upload|remove|rmtree|"
+                     r"unlink|delete|import|instantiate|restore|from_pretrained|torch_load)(_|$)|.*_(load|save|write|run)$")
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}\Z")
 MAX_YAML = 16 * 1024 * 1024
 #: members looked at to recognise a NeMo tar (its config sits among a handful of files)
 SNIFF_MEMBERS = 256
@@ -56,7 +72,9 @@ def sniff_nemo(head: bytes, name: str, stream: BinaryIO) -> bool:
 def hydra_targets(doc: Any) -> Iterator[tuple[str, Any, str]]:
     """(path, target value, key) for every mapping a Hydra/NeMo loader instantiates.
 
-    Anchors and aliases make a YAML document a graph; each mapping is visited once.
+    Anchors and aliases make a YAML document a graph; each mapping is visited once. A bare
+    `target` below the root is given as key "target?": `from_config_dict` imports it only
+    when it builds that sub-config, so its value counts only when it names code.
     """
     seen: set[int] = set()
     stack: list[tuple[Any, str]] = [(doc, "")]
@@ -70,9 +88,10 @@ def hydra_targets(doc: Any) -> Iterator[tuple[str, Any, str]]:
             if "_target_" in node:
                 yield path or "/", node["_target_"], "_target_"
             for key in ("target", "cls"):
-                # NeMo's own form: `target:` at the root names the model class; with `params`, anywhere
-                if key in node and isinstance(node[key], str) and (not path or "params" in node):
-                    yield path or "/", node[key], key
+                # NeMo's own form: `target:` at the root names the model class; with `params`, anywhere;
+                # alone in a sub-config, from_config_dict still imports it
+                if key in node and isinstance(node[key], str):
+                    yield path or "/", node[key], key if (not path or "params" in node) else key + "?"
             for key, value in node.items():
                 stack.append((value, f"{path}/{key}"))
         elif isinstance(node, list):
@@ -80,26 +99,69 @@ def hydra_targets(doc: Any) -> Iterator[tuple[str, Any, str]]:
                 stack.append((value, f"{path}[{i}]"))
 
 
-def judge_target(target: Any, policy) -> tuple[Severity, str] | None:
-    """(severity, why) for a Hydra target, or None when it is one of NeMo's frameworks' classes."""
+def judge_target(target: Any, policy, *, doc: Any = None, bare: bool = False) -> tuple[Severity, str] | None:
+    """(severity, why) for a Hydra target, or None when it is a class NeMo's own allowlist accepts.
+
+    `doc` resolves `${a.b}` interpolations; `bare` is a sub-config's `target` alone, which counts
+    only when it names code (a denylisted callable, or a class outside the allowed prefixes).
+    """
     from modelscan_core.scanners.pickle.values import CALLED
 
+    resolved = _resolve(target, doc)
+    if resolved is not target:
+        verdict = judge_target(resolved, policy, bare=bare)
+        return verdict and (verdict[0], f"resolves to {resolved!r}, which {verdict[1]}")
     if not isinstance(target, str) or not _DOTTED.match(target.strip()):
+        if bare:
+            return None
         return Severity.HIGH, "is not a plain dotted name (computed when the config is loaded)"
     target = target.strip()
     parts = target.split(".")
-    # Hydra imports the longest importable prefix and walks the rest as attributes: try each split
+    private = [p for p in parts if p.startswith("_")]
+    allowed_class = target.startswith(ALLOWED_PREFIXES) and parts[-1][:1].isupper() and not private
+    # Hydra imports the longest importable prefix and walks the rest as attributes (so a module's
+    # re-exports are reachable: `nemo.x.utils.subprocess.Popen`): try each split
+    denied = None
     for i in range(1, len(parts)):
         judgement = policy.judge(".".join(parts[:i]), ".".join(parts[i:]), CALLED)
         if judgement.rule_id == "pickle/unsafe-global":
-            return Severity.CRITICAL, f"is a denylisted callable ({judgement.matched or target})"
+            if judgement.severity is not None and judgement.severity >= Severity.CRITICAL:
+                return Severity.CRITICAL, f"is a denylisted callable ({judgement.matched or target})"
+            denied = denied or judgement
     if len(parts) == 1:
         judgement = policy.judge("builtins", target, CALLED)
         if judgement.rule_id == "pickle/unsafe-global":
             return Severity.CRITICAL, f"is a denylisted builtin ({target})"
-    if parts[0] in ALLOWED_PACKAGES:
-        return None
-    return Severity.HIGH, f"lies outside {', '.join(sorted(ALLOWED_PACKAGES))}"
+    if denied is not None and not allowed_class:
+        # a class NeMo's allowlist names where the policy denies a whole package (torch.distributed) passes
+        return Severity.CRITICAL, f"is a denylisted callable ({denied.matched or target})"
+    if bare and not (len(parts) >= 2 and parts[-1][:1].isupper()):
+        return None  # a value that happens to be dotted (`en.wav`), not a class path
+    if not target.startswith(ALLOWED_PREFIXES):
+        return Severity.HIGH, "lies outside the packages NeMo's own target allowlist accepts"
+    if private:
+        return Severity.HIGH, f"reaches the private name {private[0]!r}"
+    if _EFFECT.match(parts[-1]):
+        return Severity.HIGH, f"is a function that reads, writes or runs something ({parts[-1]})"
+    return None
+
+
+def _resolve(value: Any, doc: Any) -> Any:
+    """What a whole-value interpolation `${a.b.c}` names in the same config (OmegaConf resolves
+    it before Hydra imports), or `value` itself."""
+    seen = 0
+    while isinstance(value, str) and doc is not None and seen < 16:
+        match = _INTERPOLATION.match(value.strip())
+        if not match:
+            return value
+        node = doc
+        for part in match.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                return value
+            node = node[part]
+        value = node
+        seen += 1
+    return value
 
 
 def analyse_config(text: bytes, where: str, ctx: ScanContext, *, offset: int | None = None) -> None:
@@ -116,7 +178,9 @@ def analyse_config(text: bytes, where: str, ctx: ScanContext, *, offset: int | N
         return
     policy = ctx.settings.pickle_policy
     for path, target, key in hydra_targets(doc):
-        verdict = judge_target(target, policy)
+        bare = key.endswith("?")
+        key = key.rstrip("?")
+        verdict = judge_target(target, policy, doc=doc, bare=bare)
         if verdict is None:
             continue
         severity, why = verdict
@@ -148,18 +212,38 @@ class NemoScanner(Scanner):
             members = archive.getmembers()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ScanFailed(f".nemo tar cannot be read: {exc}", "NESTED_ZIP") from None
-        configs = [m for m in members if m.isreg() and m.name.lower().endswith((".yaml", ".yml"))]
+        configs = [m for m in members if (m.isreg() or m.islnk() or m.issym())
+                   and m.name.lower().endswith((".yaml", ".yml"))]
         if not any(m.name.rsplit("/", 1)[-1] == CONFIG_NAME for m in configs):
-            ctx.error(f"no regular {CONFIG_NAME} member: NeMo cannot restore this file, and its config was not checked")
+            ctx.error(f"no {CONFIG_NAME} member: NeMo cannot restore this file, and its config was not checked")
         for member in configs:
-            if member.size > MAX_YAML:
-                ctx.error(f"{member.name}: {member.size} bytes of YAML, beyond the {MAX_YAML} read", incomplete=True)
+            target = _link_target(archive, member)
+            if target is None:
+                continue  # a link out of the archive (reported by the tar scan) or to nothing
+            if target.size > MAX_YAML:
+                ctx.error(f"{member.name}: {target.size} bytes of YAML, beyond the {MAX_YAML} read", incomplete=True)
                 continue
-            item.stream.seek(member.offset_data)
-            data = item.stream.read(member.size)
-            if len(data) < member.size:
+            item.stream.seek(target.offset_data)
+            data = item.stream.read(target.size)
+            if len(data) < target.size:
                 ctx.error(f"{member.name}: truncated")
-            analyse_config(data, member.name, ctx, offset=member.offset_data)
+            where = member.name if target is member else f"{member.name} (a link to {target.name})"
+            analyse_config(data, where, ctx, offset=target.offset_data)
+
+
+def _link_target(archive, member):
+    """The regular member whose bytes extraction puts at `member`'s name (itself, or what a hard
+    or symbolic link inside the archive names), or None."""
+    for _ in range(32):
+        if member.isreg():
+            return member
+        if not (member.islnk() or member.issym()):
+            return None
+        try:
+            member = archive._find_link_target(member)  # tarfile's own resolution, as extraction does it
+        except KeyError:
+            return None
+    return None
 
 
 FORMATS = (

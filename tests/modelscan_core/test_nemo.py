@@ -127,6 +127,8 @@ CRITICAL_TARGETS = {
     "torch-hub": "  _target_: torch.hub.load\n  repo_or_dir: attacker/repo\n",
     "runpy": "  _target_: runpy.run_path\n  path_name: /tmp/x.py\n",
     "importlib": "  _target_: importlib.import_module\n  name: os\n",
+    # Hydra walks attributes after the longest importable module: a NeMo module's own imports
+    "re-export": "  _target_: nemo.collections.asr.parts.utils.transcribe_utils.subprocess.Popen\n  args: [id]\n",
 }
 
 
@@ -180,3 +182,78 @@ def test_python_yaml_tags_are_never_constructed(tmp_path):
     report = scan_path(write_nemo(tmp_path / "m.nemo", config))
     assert not Path("/tmp/modelscand-nemo-yaml").exists()
     assert report.files[0].verdict.value == "error"  # not YAML that a safe loader (or OmegaConf) reads
+
+
+# -- what NeMo's restore_from really reads ------------------------------------------------------
+
+
+def test_a_config_member_that_is_a_link_is_read_through_it(tmp_path):
+    """tarfile extracts a hard link as a copy of the member it names: NeMo then reads that
+    member's bytes as model_config.yaml."""
+    evil = ASR_CONFIG + "evil:\n  _target_: builtins.exec\n  _args_: ['x']\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:") as tar:
+        for name, data in (("./notes.txt", evil.encode()), ("./model_weights.ckpt", checkpoint())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("./model_config.yaml")
+        link.type, link.linkname = tarfile.LNKTYPE, "./notes.txt"
+        tar.addfile(link)
+    (tmp_path / "m.nemo").write_bytes(buf.getvalue())
+    found = scan_path(tmp_path / "m.nemo").findings()
+    assert any(f.rule_id == "nemo/hydra-target" and f.severity == Severity.CRITICAL for f in found), found
+
+
+def test_a_legacy_target_in_a_sub_config_is_judged(tmp_path):
+    """from_config_dict imports `target` (no `_target_`, no `params`) of the preprocessor, encoder... too."""
+    config = ASR_CONFIG.replace("  _target_: nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+                                "  target: torch.hub.load")
+    found = scan_path(write_nemo(tmp_path / "m.nemo", config)).findings()
+    assert [f.severity for f in found] == [Severity.CRITICAL], found
+
+
+def test_a_target_given_by_interpolation_is_judged_by_what_it_resolves_to(tmp_path):
+    config = ASR_CONFIG + "names:\n  runner: builtins.exec\nevil:\n  _target_: ${names.runner}\n  _args_: ['x']\n"
+    found = scan_path(write_nemo(tmp_path / "m.nemo", config)).findings()
+    assert [f.severity for f in found] == [Severity.CRITICAL], found
+
+
+@pytest.mark.parametrize("target", ["torch.save", "omegaconf.OmegaConf.save", "nemo.utils._private.run",
+                                    "lightning.fabric.utilities.cloud_io._load"])
+def test_functions_that_read_write_or_run_are_high_even_in_allowed_packages(tmp_path, target):
+    config = ASR_CONFIG + f"evil:\n  _target_: {target}\n  f: /home/user/.bashrc\n"
+    found = scan_path(write_nemo(tmp_path / "m.nemo", config)).findings()
+    assert [f.severity for f in found] == [Severity.HIGH], found
+
+
+def test_targets_nemo_itself_allows_stay_clean(tmp_path):
+    """Prefixes NeMo's own allowlist (nemo.core.classes.common) lets through, as real configs use them."""
+    config = ASR_CONFIG + """\
+metrics:
+  wer:
+    _target_: torchmetrics.text.WordErrorRate
+normalizer:
+  _target_: nemo_text_processing.text_normalization.normalize.Normalizer
+  lang: en
+callbacks:
+  - _target_: lightning.pytorch.callbacks.ModelCheckpoint
+  - _target_: pytorch_lightning.callbacks.LearningRateMonitor
+sched:
+  _target_: nemo.core.optim.lr_scheduler.CosineAnnealing
+optimizer:
+  _target_: torch.optim.AdamW
+  _partial_: true
+data:
+  _target_: torch.utils.data.DataLoader
+fsdp:
+  _target_: torch.distributed.fsdp.MixedPrecisionPolicy
+tokenizer_fn:
+  _target_: nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer
+megatron:
+  _target_: megatron.core.transformer.TransformerConfig
+dataset:
+  target: en.wav
+"""
+    report = scan_path(write_nemo(tmp_path / "m.nemo", config))
+    assert report.exit_code == 0, report.findings()
