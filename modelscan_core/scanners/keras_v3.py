@@ -3,8 +3,9 @@
 Keras reads the archive with Python's `zipfile` (so a duplicated member name means the last
 one, as here), deserializes `config.json` object by object, and loads the weights, which
 are arrays. `config.json` is walked to every depth by `keras_common.ConfigWalker`;
-`metadata.json` gives the Keras version that wrote the file. Members Keras does not expect
-are handed back to the engine, so a pickle tucked into the zip is still scanned.
+`metadata.json` gives the Keras version that wrote the file. Every member but the HDF5
+weights (arrays to h5py) is handed back to the engine, so a pickle tucked into the zip, or into
+`model.weights.npz`, is still scanned.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Sca
 
 CONFIG = "config.json"
 METADATA = "metadata.json"
-#: members Keras itself writes; anything else is scanned as a file of its own
-KNOWN_DATA = ("model.weights.h5", "model.weights.npz")
+#: members Keras reads as plain arrays (h5py); anything else is scanned as a file of its own, also
+#: `model.weights.npz`, which Keras 3 before the fix opened with `np.load(allow_pickle=True)`
+KNOWN_DATA = ("model.weights.h5",)
+WEIGHTS = ("model.weights.h5", "model.weights.npz")
 KNOWN_DIRS = ("assets/",)
 
 
@@ -31,7 +34,7 @@ def sniff_keras_zip(head: bytes, name: str, stream) -> bool:
         names = set(zipfile.ZipFile(stream).namelist())
     except Exception:
         return False
-    return CONFIG in names and (METADATA in names or any(n in names for n in KNOWN_DATA))
+    return CONFIG in names and (METADATA in names or any(n in names for n in WEIGHTS))
 
 
 class KerasV3Scanner(Scanner):

@@ -406,3 +406,30 @@ def test_keras_model_in_a_tar_with_escaping_members(models, tmp_path):
         info.type, info.linkname = tarfile.SYMTYPE, "benign.keras"
         tar.addfile(info)
     assert scan_path(safe).exit_code == 0
+
+
+def test_npz_weights_are_scanned_because_older_keras_loads_them_with_pickles_allowed(models, tmp_path):
+    """Keras 3 before the fix read `model.weights.npz` with `np.load(allow_pickle=True)`: an object
+    array there is a pickle the loader runs."""
+    import io
+    import struct
+
+    import numpy as np
+
+    from .containers_util import payload
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([1, "x"], dtype=object), allow_pickle=True)
+    raw = buf.getvalue()
+    npy = raw[: 10 + struct.unpack("<H", raw[8:10])[0]] + payload(2)
+    weights = io.BytesIO()
+    with __import__("zipfile").ZipFile(weights, "w") as z:
+        z.writestr("layers/dense/vars/0.npy", npy)
+    path = tmp_path / "npz.keras"
+    with __import__("zipfile").ZipFile(models["benign.keras"]) as zin, __import__("zipfile").ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            if info.filename != "model.weights.h5":
+                zout.writestr(info.filename, zin.read(info))
+        zout.writestr("model.weights.npz", weights.getvalue())
+    found = scan_path(path).findings()
+    assert any(f.severity == CRITICAL and "model.weights.npz" in f.source for f in found), found
