@@ -378,6 +378,11 @@ class _Analysis:
                         self._assign(target, self.values(value))
                 elif isinstance(node, n.Call) and isinstance(node.node, n.Name):
                     self._bind_call(node)
+                if isinstance(node, n.Getattr) and node.attr in _MUTATORS:
+                    self._mutation(node.node, node)
+                elif isinstance(node, n.Filter) and node.name == "attr" and node.args and node.node is not None \
+                        and _MUTATORS & set(self.values(node.args[0])[0]):
+                    self._mutation(node.node, None)
             after = self._snapshot()
             if after == before:
                 break
@@ -392,6 +397,30 @@ class _Analysis:
                 self.kinds[name].add(COMPUTED)
         self._binding = False
         self._cache.clear()
+
+    def _mutation(self, owner, method) -> None:
+        """`l.append(v)`, `d.update({...})`, `ns.items.extend(...)`: the container now holds what the
+        arguments hold. A mutator taken as a value (`set f = l.append`) may add anything."""
+        n = self.n
+        root = owner
+        while isinstance(root, (n.Getattr, n.Getitem)) and not (isinstance(root, n.Getattr) and isinstance(root.node, n.Name)):
+            root = root.node
+        if isinstance(root, n.Getattr):
+            names = [f"{root.node.name}.{root.attr}", root.node.name]
+        elif isinstance(root, n.Name):
+            names = [root.name]
+        else:
+            return
+        call = self._parents().get(id(method)) if method is not None else None
+        if isinstance(call, n.Call) and call.node is method and call.dyn_args is None and call.dyn_kwargs is None:
+            kinds: set = set()
+            for arg in list(call.args) + [kw.value for kw in call.kwargs]:
+                values, k = self.values(arg)
+                kinds |= k | ({BUILT} if values else set())
+        else:
+            kinds = {COMPUTED}
+        for name in names:
+            self.kinds.setdefault(name, set()).update(kinds)
 
     def _snapshot(self):
         return ({k: len(v) for k, v in self.bindings.items()}, {k: frozenset(v) for k, v in self.kinds.items()})
@@ -591,7 +620,8 @@ class _Analysis:
             return frozenset(self.bindings.get(name, ())), frozenset(self.kinds.get(name, ()))
         if name in SPECIAL_GLOBALS or _TOKEN_NAME.match(name) or name == "caller":
             return _UNKNOWN
-        return frozenset(), frozenset({DATA})  # the application's data, `loop`, or undefined
+        # the application's data, `loop`, or undefined (and whatever the template added to it)
+        return frozenset(), frozenset({DATA}) | frozenset(self.kinds.get(name, ()))
 
     def _getattr_value(self, node) -> Val:
         n = self.n
@@ -648,7 +678,7 @@ class _Analysis:
                     "dictsort", "sort", "unique", "reverse", "list", "first", "last", "min", "max", "random"):
             navigate = True
         elif name in ("string", "safe", "e", "escape", "forceescape", "lower", "upper", "title", "capitalize", "trim",
-                      "striptags", "wordwrap", "truncate", "indent", "center"):
+                      "striptags") or name in ("wordwrap", "truncate", "indent", "center") and not node.args and not node.kwargs:
             navigate = not subject[0]  # data stays data; a literal transformed is built
         else:
             navigate = False
@@ -671,6 +701,8 @@ class _Analysis:
         args = [self.values(a) for a in node.args]
         kwargs = [(kw.key, self.values(kw.value)) for kw in node.kwargs]
         names = [k for k, _ in kwargs]
+        if node.dyn_args is not None or node.dyn_kwargs is not None:
+            return _UNKNOWN  # `f(*a, **k)`: arguments we do not see
         if isinstance(callee, n.Name) and callee.name not in self.local_names:
             if callee.name in ("dict", "namespace") and not node.args:
                 return _combine([v for _, v in kwargs], lambda p: _Dict(zip(names, p)), navigate=True)
@@ -849,6 +881,8 @@ def _tojson(value, indent=None):
     return json.dumps(plain, indent=indent)
 
 
+#: methods that put their arguments into the container they are called on
+_MUTATORS = frozenset({"append", "extend", "insert", "update", "setdefault", "add", "__setitem__", "__iadd__", "__ior__"})
 #: attributes of `loop` that are numbers or truth values
 _LOOP_NUMBERS = frozenset({"index", "index0", "revindex", "revindex0", "length", "depth", "depth0", "first", "last"})
 #: filters whose result is a number or a truth value

@@ -205,6 +205,14 @@ COMPUTED_ESCAPES = {
     "caller-private-function": "{% macro m() %}{{ caller._func }}{% endmacro %}{% call m() %}x{% endcall %}",
     "macro-private-environment": "{% macro m() %}{% endmacro %}{{ m._environment }}",
     "undefined-private-exception": "{{ nothing._undefined_exception }}",
+    # containers changed by their own methods after the template wrote them as literals
+    "dict-update": _U + "{% set d = {'k': 'content'} %}{{ d.update({'k': u*2~'class'~u*2}) or '' }}{{ ()[d.k] }}",
+    "list-append": _U + "{% set l = ['content'] %}{{ l.append(u*2~'class'~u*2) or '' }}{{ ()[l|last] }}",
+    "list-append-alias": _U + "{% set l = ['content'] %}{% set f = l.append %}{{ f(u*2~'class'~u*2) or '' }}{{ ()[l|last] }}",
+    "list-append-through-attr": _U + "{% set l = ['c'] %}{{ (l|attr('append'))(u*2~'class'~u*2) or '' }}{{ ()[l|last] }}",
+    "namespace-list-extend": _U + "{% set ns = namespace(l=['c']) %}{{ ns.l.extend([u*2~'class'~u*2]) or '' }}{{ ()[ns.l|last] }}",
+    "data-list-insert": _U + "{{ messages.insert(0, u*2~'class'~u*2) or '' }}{{ ()[messages|first] }}",
+    "dict-double-star": _U + "{{ ()[dict(a=1, **{u*2~'class'~u*2: 1})|list|last] }}",
 }
 
 
