@@ -125,17 +125,21 @@ class _Reader:
         self.pos += n
 
     def skip_strings(self, count: int, length: struct.Struct) -> None:
-        """Step over `count` length-prefixed strings (a vocabulary: 100k+ of them) in one loop."""
+        """Step over `count` length-prefixed strings (a vocabulary and its merges: 400k of them)
+        in a tight loop per window; a length past the file shows as a position past its end."""
         width, unpack_from, size = length.size, length.unpack_from, self.size
         while count:
             off = self._fill(width)
-            buf, end = self.buf, len(self.buf)
-            while count and off + width <= end:
-                n = unpack_from(buf, off)[0]
-                if n > size:
-                    raise GgufError(f"string of {n} bytes at offset {self.base + off} is longer than the file")
-                off += width + n
-                count -= 1
+            buf = self.buf
+            last = len(buf) - width  # the last offset where a whole length is in the window
+            done = 0
+            for done in range(count):
+                if off > last:
+                    break
+                off += width + unpack_from(buf, off)[0]
+            else:
+                done = count
+            count -= done
             self.pos = self.base + off
             if self.pos > size:
                 raise GgufError(f"a string array runs past the end of the file ({size})")

@@ -100,19 +100,23 @@ def judge_attribute(name: str) -> Severity | None:
     return None
 
 
-def analyse(source: str) -> list[TemplateIssue]:
+def analyse(source: str, *, trust_known: bool = True) -> list[TemplateIssue]:
     """Every way the template reaches past its data; empty for the templates real models ship.
 
     Results are remembered by the template's sha256 for the life of the process: a model
-    cache holds many files (quantizations, shards) that carry the same template.
+    cache holds many files (quantizations, shards) that carry the same template. A published
+    template known clean (known_chat_templates.txt, scripts/gen_known_templates.py) is not
+    parsed at all, so scanning a file that carries one never imports Jinja2.
     """
     import hashlib
 
-    from jinja2 import TemplateSyntaxError
-
     key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    if trust_known and key.hex() in _known_clean():
+        return []
     known = _RESULTS.get(key)
     if known is None:
+        from jinja2 import TemplateSyntaxError
+
         try:
             known = tuple(_Analysis(_environment().parse(source)).run())
         except TemplateSyntaxError as exc:
@@ -129,6 +133,21 @@ def analyse(source: str) -> list[TemplateIssue]:
 
 _RESULTS: dict[bytes, tuple[TemplateIssue, ...] | str] = {}
 _RESULTS_MAX = 1024
+_KNOWN: frozenset[str] | None = None
+
+
+def _known_clean() -> frozenset[str]:
+    global _KNOWN
+    if _KNOWN is None:
+        import os
+
+        path = os.path.join(os.path.dirname(__file__), "known_chat_templates.txt")
+        try:
+            with open(path, encoding="ascii") as f:
+                _KNOWN = frozenset(line.strip() for line in f if line.strip() and not line.startswith("#"))
+        except OSError:
+            _KNOWN = frozenset()
+    return _KNOWN
 
 
 _ENV = None

@@ -7,6 +7,7 @@ payloads of CVE-2024-34359 and the ways of spelling them. Nothing is ever render
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import struct
@@ -65,6 +66,15 @@ def write_old_gguf(path: Path, version: int, template: str, extra: bytes = b"") 
         out += _string(key, width) + struct.pack("<I", vtype) + value
     path.write_bytes(out + extra)
     return path
+
+
+@pytest.fixture(autouse=True)
+def analyse_every_template(monkeypatch):
+    """Published templates known clean are not parsed in production (known_chat_templates.txt);
+    here every template goes through the analyser."""
+    from modelscan_core.scanners import jinja_template
+
+    monkeypatch.setattr(jinja_template, "_KNOWN", frozenset())
 
 
 # -- benign --------------------------------------------------------------------------------
@@ -331,6 +341,15 @@ def test_string_longer_than_the_file_and_deep_arrays_are_errors(tmp_path):
     assert report.files[0].verdict.value == "error" and "nested" in report.all_errors()[0].description
 
 
+def test_a_string_array_whose_item_runs_past_the_file_is_an_error(tmp_path):
+    items = [b"a", b"bb", b"ccc"]
+    value = struct.pack("<IQ", 8, len(items) + 1) + b"".join(_string(i, "Q") for i in items) + struct.pack("<Q", 2**40)
+    (tmp_path / "a.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _string(b"tokenizer.ggml.tokens", "Q")
+                                      + struct.pack("<I", 9) + value)
+    report = scan_path(tmp_path / "a.gguf")
+    assert report.files[0].verdict.value == "error" and "past the end" in report.all_errors()[0].description
+
+
 def test_unknown_version_is_an_error(tmp_path):
     (tmp_path / "v.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 7, 0, 0))
     assert scan_path(tmp_path / "v.gguf").files[0].verdict.value == "error"
@@ -390,3 +409,34 @@ def test_a_payload_split_across_array_items_is_read_as_llama_cpp_joins_them(tmp_
     report = scan_path(path)
     assert report.files[0].max_severity == Severity.CRITICAL, (report.findings(), report.all_errors())
 
+
+
+# -- published templates known clean ------------------------------------------------------------
+
+
+def test_the_known_template_list_is_what_the_analyser_finds_clean_in_the_corpus():
+    """Every digest vouches for a corpus template that the analyser itself finds clean now."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gen_known_templates.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_file_with_a_known_template_is_scanned_without_importing_jinja2(tmp_path):
+    import subprocess
+    import sys
+
+    from modelscan_core.scanners import jinja_template
+
+    jinja_template._KNOWN = None  # the shipped list, as a fresh process reads it
+    assert any(hashlib.sha256(t.encode()).hexdigest() in jinja_template._known_clean() for t in TEMPLATES.values())
+    path = write_gguf(tmp_path / "known.gguf", TEMPLATES["llama-3.1-8b-instruct"])
+    edited = write_gguf(tmp_path / "edited.gguf", TEMPLATES["llama-3.1-8b-instruct"] + "{{ cycler.__init__ }}")
+    code = ("import sys; from modelscan_core import scan_path; r = scan_path(sys.argv[1]); "
+            "print(r.exit_code, 'jinja2' in sys.modules)")
+    known = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert known.stdout.split() == ["0", "False"], known.stderr
+    changed = subprocess.run([sys.executable, "-c", code, str(edited)], capture_output=True, text=True)
+    assert changed.stdout.split() == ["1", "True"], changed.stderr
