@@ -27,8 +27,6 @@ import tempfile
 import threading
 import time
 
-import psutil
-
 SCAN_EVENTS = {"scan.clean", "scan.finding", "scan.error", "scan.incomplete", "scan.skipped"}
 
 
@@ -72,13 +70,76 @@ class Daemon:
             time.sleep(0.05)
         return False
 
-    def processes(self) -> list[psutil.Process]:
-        main = psutil.Process(self.proc.pid)
-        return [main] + main.children(recursive=True)
+    def processes(self) -> list[int]:
+        return descendants(self.proc.pid)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(60)
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (workers, forkserver), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (all their threads), from /proc."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def write_hf_cache(hub: str, repos: int = 1000, blobs: int = 10) -> tuple[int, int]:
+    """A Hugging Face hub cache as huggingface_hub lays it out: per repo the repo folder,
+    blobs/, snapshots/, snapshots/<commit>/ and refs/ (5 directories), `blobs` blobs named by
+    etag, a snapshot link per blob but one (an older revision's), refs/main. Returns
+    (directories, files) - the default is 5,000 directories and 20,000 files."""
+    dirs = files = 0
+    for r in range(repos):
+        repo = os.path.join(hub, f"models--org{r % 37}--model-{r:05d}")
+        commit = f"{r:040x}"
+        for d in ("blobs", os.path.join("snapshots", commit), "refs"):
+            os.makedirs(os.path.join(repo, d), exist_ok=True)
+        dirs += 5
+        with open(os.path.join(repo, "refs", "main"), "w") as f:
+            f.write(commit)
+        files += 1
+        for b in range(blobs):
+            data = pickle.dumps({"repo": r, "blob": b, "w": [float(b)] * 8}, protocol=4)
+            etag = f"{r:032x}{b:032x}"
+            with open(os.path.join(repo, "blobs", etag), "wb") as f:
+                f.write(data)
+            files += 1
+            if b:
+                os.symlink(os.path.join("..", "..", "blobs", etag),
+                           os.path.join(repo, "snapshots", commit, f"part-{b:02d}.bin"))
+                files += 1
+    return dirs, files
 
 
 def write_tree(base: str, n: int, per_dir: int = 100) -> None:
@@ -115,16 +176,16 @@ def main() -> int:
 
         # 1. idle CPU and RSS with --files watched files
         procs = d.processes()
-        cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+        cpu_main0, cpu_all0 = cpu_seconds(procs[:1]), cpu_seconds(procs)
         rss = []
         t_idle = time.monotonic()
         while time.monotonic() - t_idle < args.idle:
-            rss.append(procs[0].memory_info().rss)
+            rss.append(rss_bytes(procs[0]))
             time.sleep(min(5, args.idle / 6))
         elapsed = time.monotonic() - t_idle
-        cpu_main = sum(procs[0].cpu_times()[:2]) - cpu0[procs[0].pid]
-        cpu_all = sum(sum(p.cpu_times()[:2]) - cpu0[p.pid] for p in procs if p.is_running())
-        workers_rss = sum(p.memory_info().rss for p in procs[1:] if p.is_running())
+        cpu_main = cpu_seconds(procs[:1]) - cpu_main0
+        cpu_all = cpu_seconds(procs) - cpu_all0
+        workers_rss = sum(rss_bytes(p) for p in procs[1:])
         results["idle_cpu"] = (f"{100 * cpu_main / elapsed:.3f}% of a core (daemon), {100 * cpu_all / elapsed:.3f}% "
                                f"incl. workers, over {elapsed:.0f}s with {args.files} watched files")
         results["rss"] = (f"daemon {max(rss) / 2**20:.1f} MB max, drift {(rss[-1] - rss[0]) / 2**20:+.1f} MB; "
