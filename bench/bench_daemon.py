@@ -1,9 +1,12 @@
 """Bench for modelscand (a script, not a test): runs the real CLI daemon and prints numbers.
 
-  python bench/bench_daemon.py [--files 10000] [--burst 5000] [--latency-files 20] [--idle 60]
+  python bench/bench_daemon.py [--repos 1000] [--burst 5000] [--latency-files 100] [--idle 60]
 
-1. start-up over --files watched files (all scanned once), then idle CPU and RSS over --idle s;
-2. latency from file-complete (rename) to its verdict in the log, 1 file/s, 1 KB..10 MB;
+1. start-up over a Hugging Face cache of --repos repos (1000: 20,000 files in 5,000
+   directories; every blob scanned once), then idle CPU, RSS, overflows and walks over
+   --idle s (target: at most 0.5% of a core, no overflow);
+2. latency from file-complete (HF's rename of blobs/<etag>.<8hex>.incomplete to its etag) to
+   its verdict in the log, 2 files/s, 1 KB..10 MB (targets: p50 <= 50 ms, p99 <= 250 ms);
 3. a burst of --burst files into a brand-new directory tree: each scanned exactly once;
 4. restart over the unchanged tree: nothing rescanned;
 5. quarantine mode on a Hugging Face cache: rename of a malicious blob -> out of reach
@@ -153,9 +156,9 @@ def write_tree(base: str, n: int, per_dir: int = 100) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--files", type=int, default=10000)
+    ap.add_argument("--repos", type=int, default=1000, help="HF repos: 20 files and 5 directories each")
     ap.add_argument("--burst", type=int, default=5000)
-    ap.add_argument("--latency-files", type=int, default=20)
+    ap.add_argument("--latency-files", type=int, default=100)
     ap.add_argument("--idle", type=float, default=60.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quarantine-files", type=int, default=20, help="0 = skip the quarantine latency")
@@ -165,14 +168,19 @@ def main() -> int:
     os.makedirs(root)
     results = {}
     try:
-        write_tree(os.path.join(root, "base"), args.files)
+        n_dirs, n_files = write_hf_cache(os.path.join(root, "hub"), args.repos)
+        blobs = args.repos * 10
         t0 = time.monotonic()
         d = Daemon(root, state, args.workers)
         assert d.ready.wait(300), "daemon never became ready"
-        ok = d.wait_scans(args.files, 600)
+        t_ready = time.monotonic() - t0
+        ok = d.wait_scans(blobs, 1200)
         t_scan = time.monotonic() - t0
-        results["startup_scan"] = f"{args.files} files scanned in {t_scan:.1f}s ({args.files / t_scan:.0f}/s), all={ok}"
-        time.sleep(2)  # let the last log lines and sqlite settle before measuring idle
+        results["startup_scan"] = (f"HF cache of {n_files} files in {n_dirs} dirs: READY in {t_ready:.1f}s, "
+                                   f"{blobs} blobs scanned in {t_scan:.1f}s ({blobs / t_scan:.0f}/s), all={ok}")
+        args.files = blobs
+        time.sleep(3)  # let the last log lines and sqlite settle before measuring idle
+        n_idle = len(d.events)
 
         # 1. idle CPU and RSS with --files watched files
         procs = d.processes()
@@ -187,32 +195,34 @@ def main() -> int:
         cpu_all = cpu_seconds(procs) - cpu_all0
         workers_rss = sum(rss_bytes(p) for p in procs[1:])
         results["idle_cpu"] = (f"{100 * cpu_main / elapsed:.3f}% of a core (daemon), {100 * cpu_all / elapsed:.3f}% "
-                               f"incl. workers, over {elapsed:.0f}s with {args.files} watched files")
+                               f"incl. workers, over {elapsed:.0f}s with {n_files} files in {n_dirs} dirs")
+        idle_events = collections.Counter(e["event"] for e in d.events[n_idle:])
+        results["idle_events"] = (f"{idle_events['watch.overflow']} overflows, {idle_events['reconcile.start']} walks, "
+                                  f"{sum(idle_events.values())} log lines while idle")
         results["rss"] = (f"daemon {max(rss) / 2**20:.1f} MB max, drift {(rss[-1] - rss[0]) / 2**20:+.1f} MB; "
                           f"workers+forkserver {workers_rss / 2**20:.1f} MB total")
 
-        # 2. latency: rename -> verdict, 1 file/s, up to 10 MB
-        lat_dir = os.path.join(root, "latency")
-        os.makedirs(lat_dir)
-        time.sleep(0.5)
+        # 2. latency: HF blob rename -> verdict, 2 files/s, up to 10 MB
         sizes = [1 << 10, 100 << 10, 1 << 20, 5 << 20, 10 << 20]
         renamed: dict[str, float] = {}
         for i in range(args.latency_files):
             size = sizes[i % len(sizes)]
-            final = os.path.join(lat_dir, f"w{i:03d}.pth")
-            tmpname = final + "." + os.urandom(16).hex() + ".partial"
+            blobs_dir = os.path.join(root, "hub", sorted(os.listdir(os.path.join(root, "hub")))[i % args.repos],
+                                     "blobs")
+            final = os.path.join(blobs_dir, f"{i:064x}")
+            tmpname = f"{final}.{os.urandom(4).hex()}.incomplete"
             with open(tmpname, "wb") as f:
                 f.write(pickle.dumps(os.urandom(size - 64 if size > 64 else 1)))
             os.rename(tmpname, final)
             renamed[final] = time.time()
-            time.sleep(1.0)
+            time.sleep(0.5)
         before = args.files
         d.wait_scans(before + args.latency_files, 60)
         lats = sorted((d.scan_ts[p] - t) * 1000 for p, t in renamed.items() if p in d.scan_ts)
         p50 = statistics.median(lats)
         p99 = lats[min(len(lats) - 1, int(round(0.99 * (len(lats) - 1))))]
         results["latency"] = (f"n={len(lats)} p50={p50:.1f} ms p99={p99:.1f} ms max={lats[-1]:.1f} ms "
-                              f"(1 KB..10 MB, rename -> verdict in the log)")
+                              f"(1 KB..10 MB, HF blob rename -> verdict in the log; targets 50 / 250 ms)")
 
         # 3. burst into a brand-new tree
         before = d.scans()
