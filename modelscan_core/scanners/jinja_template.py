@@ -378,10 +378,15 @@ class _Analysis:
                     self._assign_name(arg.name, _UNKNOWN)
         self._binding = True
         growth: dict[str, int] = {}
+        binders = [node for node in all_nodes if isinstance(node, (n.Assign, n.AssignBlock, n.For, n.With))
+                   or isinstance(node, n.Call) and isinstance(node.node, n.Name) and node.node.name in self.macros
+                   or isinstance(node, n.Call) and isinstance(node.node, n.Name) and node.node.name == "caller"
+                   or isinstance(node, n.Getattr) and node.attr in _MUTATORS
+                   or isinstance(node, n.Filter) and node.name == "attr"]
         for _round in range(_MAX_ROUNDS):
             before = self._snapshot()
             self._cache.clear()
-            for node in all_nodes:
+            for node in binders:
                 if isinstance(node, n.Assign):
                     self._assign(node.target, self.values(node.node))
                     self._namespace_fields(node.target, node.node)
