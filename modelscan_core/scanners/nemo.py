@@ -39,9 +39,11 @@ ALLOWED_PREFIXES = (
     "lightning.pytorch.accelerators.", "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.",
     "pytorch_lightning.strategies.", "pytorch_lightning.accelerators.", "omegaconf.", "megatron.",
 )
-#: the last component of a function that reads, writes or runs something
-_EFFECT = re.compile(r"(load|save|dump|write|open|run|exec|spawn|system|call|popen|download|upload|remove|rmtree|"
-                     r"unlink|delete|import|instantiate|restore|from_pretrained|torch_load)(_|$)|.*_(load|save|write|run)$")
+#: words in the name of a function that reads, writes or runs something (`torch_load`, `save_to`,
+#: `maybe_download_from_cloud`, `import_class_by_path`)
+_EFFECT_WORDS = frozenset({"load", "save", "dump", "write", "open", "run", "exec", "spawn", "system", "call", "popen",
+                           "download", "upload", "remove", "rmtree", "unlink", "delete", "import", "instantiate",
+                           "restore", "pretrained", "subprocess", "shell", "eval"})
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}\Z")
 MAX_YAML = 16 * 1024 * 1024
 #: members looked at to recognise a NeMo tar (its config sits among a handful of files)
@@ -141,7 +143,7 @@ def judge_target(target: Any, policy, *, doc: Any = None, bare: bool = False) ->
         return Severity.HIGH, "lies outside the packages NeMo's own target allowlist accepts"
     if private:
         return Severity.HIGH, f"reaches the private name {private[0]!r}"
-    if _EFFECT.match(parts[-1]):
+    if not parts[-1][:1].isupper() and _EFFECT_WORDS & set(parts[-1].lower().split("_")):
         return Severity.HIGH, f"is a function that reads, writes or runs something ({parts[-1]})"
     return None
 

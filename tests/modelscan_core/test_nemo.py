@@ -220,7 +220,8 @@ def test_a_target_given_by_interpolation_is_judged_by_what_it_resolves_to(tmp_pa
 
 
 @pytest.mark.parametrize("target", ["torch.save", "omegaconf.OmegaConf.save", "nemo.utils._private.run",
-                                    "lightning.fabric.utilities.cloud_io._load"])
+                                    "lightning.fabric.utilities.cloud_io._load",
+                                    "nemo.utils.cloud.maybe_download_from_cloud"])
 def test_functions_that_read_write_or_run_are_high_even_in_allowed_packages(tmp_path, target):
     config = ASR_CONFIG + f"evil:\n  _target_: {target}\n  f: /home/user/.bashrc\n"
     found = scan_path(write_nemo(tmp_path / "m.nemo", config)).findings()
