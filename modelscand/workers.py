@@ -300,17 +300,11 @@ def _identity(value: object) -> Identity | None:
     return Identity(*value)
 
 
-def _opt_str(msg: dict, key: str) -> str | None:
+def _opt(msg: dict, key: str, *types: type):
+    """msg[key] if it is None or one of `types` (a bool is no number), else BadReply."""
     value = msg.get(key)
-    if value is not None and not isinstance(value, str):
-        raise BadReply(f"{key}: expected a string")
-    return value
-
-
-def _opt_ms(msg: dict, key: str) -> float | None:
-    value = msg.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise BadReply(f"{key}: expected a number")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+        raise BadReply(f"{key}: expected {' or '.join(t.__name__ for t in types)}")
     return value
 
 
@@ -324,18 +318,18 @@ def reply_from(scanned: dict | None, done: dict | None, *, hash_note: str | None
         except ValueError as exc:
             raise BadReply(f"result: {exc}") from None
         identity = _identity(scanned.get("identity"))
-        scan_ms = _opt_ms(scanned, "scan_ms")
+        scan_ms = _opt(scanned, "scan_ms", int, float)
     if done is None:  # the hash phase overran: the scan's verdict stands, without a hash
         return ScanReply("ok", result, identity, None, hash_note=hash_note, scan_ms=scan_ms)
     status = done["status"]
-    sha = _opt_str(done, "sha256")
+    sha = _opt(done, "sha256", str)
     if status == "ok" and result is None:
         raise BadReply("ok without a scan result")
     if result is not None and sha is not None:
         result = replace(result, sha256=sha)
     return ScanReply(status, result if status == "ok" else None, _identity(done.get("identity")) or identity, sha,
-                     _opt_str(done, "error"), done.get("incomplete") is True, _opt_str(done, "hash_note"),
-                     _opt_ms(done, "scan_ms") or scan_ms, _opt_ms(done, "hash_ms"))
+                     _opt(done, "error", str), done.get("incomplete") is True, _opt(done, "hash_note", str),
+                     _opt(done, "scan_ms", int, float) or scan_ms, _opt(done, "hash_ms", int, float))
 
 
 _CTX = None
