@@ -35,7 +35,8 @@ class Candidate:
     first_stat: tuple | None = None
     via: str | None = None  # the link (or path through a linked directory) the file was reached by
     outside: bool = False  # reached by a link whose target is outside every root
-    waiting_on: tuple | None = None  # the inode whose writer this candidate waits for
+    waiting_on: tuple | None = None
+    quiet_on: tuple | None = None  # the inode this candidate is parked on until it is quiet  # the inode whose writer this candidate waits for
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,7 @@ class Scheduler:
         self._parked: list = []
         self._unparking = 0
         self._waiting: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked on its writer
+        self._quiet: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked for quiet
         self._seq = itertools.count()
 
     # ------------------------------------------------------------------ state
@@ -192,6 +193,11 @@ class Scheduler:
                 if self._waiting.get(cand.waiting_on) is cand:
                     del self._waiting[cand.waiting_on]
             cand.waiting_on = None
+        if cand.quiet_on is not None:
+            with self.lock:
+                if self._quiet.get(cand.quiet_on) is cand:
+                    del self._quiet[cand.quiet_on]
+            cand.quiet_on = None
         try:
             st = os.lstat(cand.path)
         except OSError:
@@ -217,8 +223,21 @@ class Scheduler:
             # quiet first: a writer that reopens and appends per chunk is not done between
             # chunks; scanning then would log an error (or a clean prefix) per chunk
             quiet = float(watch["settle_time"]) - (time.time() - max(st.st_mtime, st.st_ctime))
-            if quiet > 0 and not self._once():
+            waited = time.monotonic() - cand.since
+            if quiet > 0 and not self._once() and waited < float(watch["busy_max_wait"]):
+                with self.lock:
+                    other = self._quiet.get(ident.inode)
+                    if other is not None and other is not cand:  # one parked candidate per inode
+                        other.path, other.root = cand.path, cand.root
+                        return
+                    self._quiet[ident.inode] = cand
+                    cand.quiet_on = ident.inode
                 self._park(cand, quiet + 0.01)
+                return
+            if quiet > 0 and not self._once():  # written to without a pause for busy_max_wait
+                self.log.warning("scan.deferred", path=cand.path, waited_s=round(waited, 1),
+                                 why="the file keeps being written", answer="scanning a snapshot now")
+                self.submit(cand, ident)
                 return
             state = writer_state(cand.path)
             if state == "busy":

@@ -434,3 +434,16 @@ def test_sigterm_and_sighup_delivered_to_any_thread_are_handled_at_once(tmp_path
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=30)
+
+
+def test_a_file_that_keeps_being_written_is_scanned_after_the_bounded_wait(running, root):
+    p = root / "model.pkl"
+    with running(str(root), watch__settle_time=0.5, watch__busy_max_wait=1.5) as h:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4:  # a pause never as long as settle_time
+            with open(p, "ab") as f:
+                f.write(BENIGN[:1] if f.tell() else EVIL)
+            time.sleep(0.1)
+        warn = h.wait_event("scan.deferred", path=str(p))
+        assert warn["level"] == "warning" and warn["why"] == "the file keeps being written"
+        assert h.wait_scan(str(p))["event"] == "scan.finding"
