@@ -130,7 +130,9 @@ class _Reduce:
 
 
 def _fuzz(oracle, strategy, default: int):
-    stats = {"inputs": 0, "compared": 0}
+    import time
+
+    stats = {"inputs": 0, "compared": 0, "vm": 0.0}
 
     @settings(max_examples=EXAMPLES or default, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -141,12 +143,15 @@ def _fuzz(oracle, strategy, default: int):
         if results is None:
             return  # counted in oracle.timeouts; nothing to compare against
         stats["compared"] += 1
-        problems = uncovered(results, vm_view(data))
+        started = time.monotonic()
+        view = vm_view(data)
+        stats["vm"] = max(stats["vm"], time.monotonic() - started)
+        problems = uncovered(results, view)
         assert not problems, (data, problems)
 
     run()
     print(f"\noracle: {stats['inputs']} inputs, {stats['compared']} compared, {oracle.timeouts} oracle timeouts, "
-          f"longest {oracle.longest:.3f} s")
+          f"longest: oracle {oracle.longest:.3f} s, scanner {stats['vm']:.3f} s")
 
 
 @pytest.mark.slow
