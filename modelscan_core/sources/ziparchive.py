@@ -65,7 +65,14 @@ class ZipListing:
     problems: list[str] = field(default_factory=list)  # oddities a person may want to know
 
 
+#: offsets and lengths past this come from a damaged or hostile record (zip64 fields are 64-bit)
+_MAX_OFFSET = 1 << 60
+
+
 def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
+    """n bytes at offset; nothing for an offset or length no file has."""
+    if not (0 <= offset < _MAX_OFFSET and 0 <= n < _MAX_OFFSET):
+        return b""
     f.seek(offset)
     return f.read(n)
 

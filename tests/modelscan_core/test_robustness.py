@@ -256,3 +256,14 @@ def test_bytes_wrapped_a_hundred_thousand_times_is_no_crash(scan_bytes):
     scanned = scan_bytes(data)
     assert "pickle.loads" in scanned.names()
     assert not any("RecursionError" in e.description for e in scanned.file.all_errors())
+
+
+def test_a_zip64_record_with_an_offset_no_file_has_is_an_error_not_a_crash(scan_bytes):
+    # found by mutating a torch zip: detection sought to 2**63 - 1 (OverflowError out of detection)
+    body = b"PK\x03\x04" + b"\x00" * 26
+    record = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1, 0, (1 << 63) - 1)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, len(body), 1)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    scanned = scan_bytes(body + record + locator + end, "model.zip")
+    assert scanned.verdict == "error"
+    assert not any("internal error" in e.description for e in scanned.file.all_errors())

@@ -1077,7 +1077,9 @@ class PickleVM:
                     except PickleTruncated:
                         lines += [self._rest(), b""][: 2 - len(lines)]
                         module, name = (line[:-1].decode("utf-8", "surrogatepass") for line in lines)
-                        new_global(module, name, at, "GLOBAL" if op == 0x63 else "INST")
+                        ref = new_global(module, name, at, "GLOBAL" if op == 0x63 else "INST")
+                        if op == 0x69 and marks:  # ...and an INST then calls it
+                            note_call(ref, Call(ref, tuple(pop_mark(at)), "inst", at), CALLED)
                         raise
                     module, name = (line[:-1].decode("utf-8", "surrogatepass") for line in lines)
                     if op == 0x63:
@@ -1124,10 +1126,7 @@ class PickleVM:
                     else:
                         stack.append(int.from_bytes(self.read(n), "little", signed=True))
                 elif op == 0x46:  # F FLOAT
-                    try:
-                        stack.append(float(readline()))
-                    except ValueError:
-                        raise err("could not convert string to float", at) from None
+                    stack.append(_parse_float_line(readline(), at))
                 elif op == 0x53:  # S STRING (protocol 0: quoted, escaped)
                     stack.append(_parse_string_line(readline(), at))
                 elif op == 0x56:  # V UNICODE (raw-unicode-escape)
@@ -1142,10 +1141,7 @@ class PickleVM:
                         raise err("BINSTRING pickle has negative byte count", at)
                     stack.append(_ascii(take(n, at, False), at))
                 elif op == 0x70 or op == 0x67:  # p PUT / g GET (protocol 0, decimal index)
-                    try:
-                        idx = int(readline(), 10)
-                    except ValueError:
-                        raise err("memo index is not a number", at) from None
+                    idx = _parse_index_line(readline(), at)
                     if op == 0x70:
                         if len(stack) <= fence:
                             raise err("PUT on an empty stack", at)
@@ -1474,17 +1470,59 @@ def _mark_built(target: object) -> None:
         target.uses |= BUILT
 
 
+def _c_string(line: bytes) -> bytes:
+    """A line operand as the C unpickler's C-string parsers see it: up to the first NUL
+    (strtol, PyLong_FromString and PyOS_string_to_double stop there), newline dropped."""
+    text = line.split(b"\0", 1)[0]
+    return text[:-1] if text.endswith(b"\n") else text
+
+
 def _parse_int_line(line: bytes, is_long: bool, at: int) -> int | bool:
-    """INT is parsed with C strtol(base 0) first, then int(x, 0); LONG with int(x, 0)."""
+    """INT is parsed with C strtol(base 0) first, then PyLong_FromString(x, 0); LONG with the
+    latter, after dropping an 'L' before the newline. Both read a C string (to the first NUL);
+    the pure-Python unpickler uses int(x, 0) on the whole line: either reading counts."""
     if is_long:
-        text = line[:-2] if line.endswith(b"L\n") else line[:-1]
-        return _pylong(text, at)
-    value = _strtol(line[:-1])
+        text = line[:-2] + b"\n" if line.endswith(b"L\n") else line
+        try:
+            return _pylong(_c_string(text), at)
+        except PickleError:
+            return _pylong(text[:-1], at)
+    value = _strtol(_c_string(line))
     if value is None:
-        return _pylong(line[:-1], at)
+        try:
+            return _pylong(_c_string(line), at)
+        except PickleError:
+            return _pylong(line[:-1], at)
     if len(line) == 3 and value in (0, 1):
         return bool(value)
     return value
+
+
+#: what PyOS_string_to_double (strtod without hex) reads: the C unpickler's FLOAT
+_C_FLOAT = re.compile(rb"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)", re.I)
+
+
+def _parse_float_line(line: bytes, at: int) -> float:
+    """FLOAT as the C unpickler reads it (a strtod prefix ending at the newline or a NUL) or
+    as the pure-Python one does (float() of the line: whitespace, underscores)."""
+    text = _c_string(line)
+    m = _C_FLOAT.match(text)
+    if m and m.end() == len(text):
+        return float(m.group())
+    try:
+        return float(line[:-1])
+    except ValueError:
+        raise PickleError("could not convert string to float", at) from None
+
+
+def _parse_index_line(line: bytes, at: int) -> int:
+    """PUT/GET's decimal index: PyLong_FromString(x, 10) of the C string, or int() of the line."""
+    for text in (_c_string(line), line[:-1]):
+        try:
+            return int(text, 10)
+        except ValueError:
+            continue
+    raise PickleError("memo index is not a number", at)
 
 
 def _strtol(text: bytes) -> int | None:

@@ -72,6 +72,13 @@ FOUND = {
     "inst without a mark": (b"\x80\x02imypkg\nevil\n.", "mypkg", "evil", 1),
     # ...sets the pairs of an odd SETITEMS before it fails
     "odd setitems on a built object": (b"\x80\x02cmypkg\nThing\n)\x81(K\x01K\x02K\x03u.", "mypkg", "Thing", BUILT),
+    # ...and calls an INST whose lines EOF cuts, if a MARK is there (less the last byte of each)
+    "inst cut by the end of the file": (b"(imypkg\nev", "mypkg", "e", NEW),
+    # the C unpickler parses protocol-0 numbers as C strings: a NUL ends them (the VM stopped)
+    "float line ending at a NUL": (b"F2\x005\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
+    "int line ending at a NUL": (b"I12\x00x\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
+    "long line ending at a NUL": (b"L7\x00zz\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
+    "memo index ending at a NUL": (b"cmypkg\nevil\np1\x00x\n0g1\x00y\n)R.", "mypkg", "evil", CALLED),
 }
 
 
