@@ -17,6 +17,10 @@ where <what> is
     !e                  a data type defined here: an Enum without a custom _missing_, a namedtuple
                         or a C struct sequence (constructing one stores values and runs nothing)
     !k                  a data constant of torch: a dtype, layout, memory format or qscheme
+    !x                  a class defined here whose construction acts on the world: its __new__,
+                        __init__ or __post_init__ (or a method of its own they call) opens a file by
+                        name, deletes or moves one, starts a process, loads a native library, runs
+                        code from text, imports a module by name or unpickles (acting_constructor)
 
 A name a module line does not mention is the module's own object (or does not exist); a
 module with no line is not covered, and a dotted chain through it cannot be resolved.
@@ -32,13 +36,16 @@ keeps every meaning it had, which only makes the policy stricter.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import enum
 import importlib
+import inspect
 import io
 import os
 import pkgutil
 import sys
+import textwrap
 import types
 import warnings
 from pathlib import Path
@@ -126,6 +133,102 @@ def is_data_type(obj) -> bool:
     return False
 
 
+#: calls that act on the world, by the name they are called through: a builtin or an imported
+#: name (`open(...)`, `CDLL(...)`), or a module's function (`os.remove`, `subprocess.run`; None
+#: for every function of that module)
+_ACTING_NAMES = frozenset({"open", "exec", "eval", "compile", "__import__", "execfile", "Popen", "CDLL", "PyDLL",
+                           "LoadLibrary", "dlopen", "import_module", "urlopen", "FileIO", "check_output", "check_call",
+                           "system", "popen", "run_path", "run_module"})
+_ACTING_MODULES: dict[str, frozenset | None] = {
+    "os": frozenset({"open", "system", "popen", "remove", "unlink", "rename", "replace", "makedirs", "mkdir", "rmdir",
+                     "removedirs", "symlink", "link", "chmod", "chown", "truncate", "fork", "kill", "startfile",
+                     "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "spawnv", "spawnve",
+                     "spawnl", "spawnvp", "posix_spawn", "posix_spawnp", "putenv"}),
+    "io": frozenset({"open", "FileIO", "open_code"}), "codecs": frozenset({"open"}),
+    "shutil": frozenset({"copy", "copy2", "copyfile", "copytree", "move", "rmtree", "chown", "make_archive",
+                         "unpack_archive", "copymode", "copystat"}),
+    "tempfile": frozenset({"mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryFile", "TemporaryDirectory",
+                           "SpooledTemporaryFile"}),
+    "gzip": frozenset({"open", "GzipFile"}), "bz2": frozenset({"open", "BZ2File"}),
+    "lzma": frozenset({"open", "LZMAFile"}), "zipfile": frozenset({"ZipFile"}), "tarfile": frozenset({"open", "TarFile"}),
+    "sqlite3": frozenset({"connect"}), "mmap": frozenset({"mmap"}),
+    "pickle": frozenset({"load", "loads", "Unpickler"}), "marshal": frozenset({"load", "loads"}),
+    "dill": frozenset({"load", "loads"}), "cloudpickle": frozenset({"load", "loads"}), "joblib": frozenset({"load"}),
+    "torch": frozenset({"load"}), "np": frozenset({"load", "memmap", "fromfile"}),
+    "numpy": frozenset({"load", "memmap", "fromfile"}),
+    "subprocess": None, "ctypes": None, "socket": None, "importlib": None, "runpy": None, "shelve": None, "dbm": None,
+    "webbrowser": None,
+}
+
+
+def _dotted(node) -> list[str] | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return parts[::-1]
+
+
+def acting_call(tree: ast.AST) -> str:
+    """The first call in a function's syntax tree that acts on the world, as written; "" for none."""
+    for node in ast.walk(tree):
+        chain = _dotted(node.func) if isinstance(node, ast.Call) else None
+        if not chain:
+            continue
+        if len(chain) == 1 and chain[0] in _ACTING_NAMES:
+            return chain[0]
+        if len(chain) >= 2 and chain[0] in _ACTING_MODULES:
+            names = _ACTING_MODULES[chain[0]]
+            if names is None or chain[-1] in names:
+                return ".".join(chain)
+    return ""
+
+
+def _syntax(fn) -> ast.AST | None:
+    fn = getattr(fn, "__func__", fn)
+    if not isinstance(fn, types.FunctionType):
+        return None
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return None
+
+
+def acting_constructor(cls: type) -> str:
+    """What constructing `cls` does to the world: the acting call in its __new__, __init__ or
+    __post_init__, or in a method of the class they call as `self.name(...)` / `cls.name(...)`
+    (one level down); "" when construction only stores values."""
+    seen: set[str] = set()
+    queue = [attr for attr in ("__new__", "__init__", "__post_init__")
+             if getattr(cls, attr, None) is not getattr(object, attr, None)]
+    depth = {attr: 0 for attr in queue}
+    while queue:
+        attr = queue.pop(0)
+        if attr in seen:
+            continue
+        seen.add(attr)
+        try:
+            tree = _syntax(inspect.getattr_static(cls, attr))
+        except AttributeError:
+            continue
+        if tree is None:
+            continue
+        found = acting_call(tree)
+        if found:
+            return found
+        if depth[attr] >= 1:
+            continue
+        for node in ast.walk(tree):
+            chain = _dotted(node.func) if isinstance(node, ast.Call) else None
+            if chain and len(chain) == 2 and chain[0] in ("self", "cls") and chain[1] not in depth:
+                depth[chain[1]] = depth[attr] + 1
+                queue.append(chain[1])
+    return ""
+
+
 def torch_constants(module) -> set[str]:
     """Names of torch's dtype/layout/memory_format/qscheme objects in `module`."""
     torch = sys.modules.get("torch")
@@ -167,6 +270,8 @@ def describe(module) -> dict[str, str]:
             out[name] = f"{found[0]}:{found[1]}"
         elif is_data_type(obj):
             out[name] = "!e"
+        elif isinstance(obj, type) and acting_constructor(obj):
+            out[name] = "!x"
         elif isinstance(obj, type) and not class_like(name):
             out[name] = "!c"
         elif not isinstance(obj, type) and class_like(name):

@@ -17,6 +17,7 @@ matters).
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -61,6 +62,9 @@ def _patterns() -> tuple[re.Pattern, ...]:
         r"__import__|__builtins__|__globals__|__subclasses__|__class__|\bimport\s+[A-Za-z_]|\bexec\s*\(|\beval\s*\("
         r"|\bcompile\s*\(|\bos\.(?:system|popen|exec\w*|spawn\w*|remove|unlink)\b|\bsubprocess\b|\bgetattr\s*\("
         r"|\bopen\s*\([^)]*\)\s*\.\s*(?:read|write)|\blambda\b[^:]{0,40}:|^\s*(?:def|class)\s+\w+\s*[(:]|\bsetattr\s*\("
+        # modules reached without an import statement, files opened to write, the debugger
+        r"|\bsys\s*\.\s*modules\b|__loader__|__spec__|\bbuiltins\s*\.|\bbreakpoint\s*\("
+        r"|\bopen\s*\([^)]*,\s*(?:mode\s*=\s*)?[rbf]?['\"][rb+]*[wax]"
     )
     shell = re.compile(
         rf"^\s*(?:{first})(?:\.exe)?\s+\S|\$\(|`[^`]+`|(?:&&|\|\||;|\|)\s*(?:{piped})\b"
@@ -82,6 +86,9 @@ def suspicious_text(value: object) -> str:
     if not isinstance(value, str) or len(value) < 2:
         return ""
     head = value[:4096]
+    if not head.isascii():
+        # Python reads identifiers in NFKC form: a fullwidth `ｅｖａｌ` is `eval`
+        head = unicodedata.normalize("NFKC", head)
     code, shell, url, path = _patterns()
     if code.search(head):
         return "Python code"
@@ -231,7 +238,7 @@ def _callable_value(call: Call) -> bool:
     if type(func) is not GlobalRef:
         return True
     observer = func.observer
-    if observer is not None and observer.role in (pol.GETATTR, pol.IMPORT):
+    if observer is not None and observer.role in (pol.GETATTR, pol.IMPORT, pol.TYPE_BY_NAME):
         return True
     return func.name in ("partial", "partialmethod") and func.module in ("functools", "_functools")
 
@@ -378,6 +385,9 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
             role = policy.role(func.module, func.name)
             if role in (pol.IMPORT, pol.GETATTR):
                 return None  # fetched a name the scanner could not work out
+            if role == pol.TYPE_BY_NAME:
+                args = value.args if type(value.args) is tuple else ()
+                return [] if args and pol.type_by_name_is_plain(args[0]) else None
             if func.name in ("partial", "partialmethod") and func.module in ("functools", "_functools"):
                 args = value.args if type(value.args) is tuple else ()
                 found = callees(args[0], depth + 1) if args else None
@@ -420,7 +430,13 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
                     args[0].uses |= NEW
                     first.add(id(args[0]))
                 if len(args) > 1 and isinstance(args[1], GlobalRef) and (args[1].module, args[1].name) not in _OBJECT:
-                    args[1].uses |= CALLED
+                    args[1].uses |= CALLED  # copyreg._reconstructor runs base.__init__(obj, state)
+                    base = args[1]
+                    if len(args) > 2 and id(base) not in result.suspicious \
+                            and not policy.is_exactly_allowed(base.module, base.name):
+                        why = _suspicious_args(Call(base, args[2:], "reduce", call.offset))
+                        if why:
+                            result.suspicious[id(base)] = (call, why)
             for value in obs.values if obs is not None else ():
                 if isinstance(value, GlobalRef) and id(value) not in first:
                     value.uses |= NEW | CALLED  # past the kept calls: assume the worst use

@@ -178,6 +178,8 @@ _SAFE_BY_REASON: dict[str, list[str]] = {
         ["logging:getLogger"],
     "the base classes of enums and type hints, and the dataclass field markers; a class built from them "
     "is a plain class": ["enum:*", "typing:*", "dataclasses:*"],
+    "a type hint written as text: ForwardRef compiles it as an expression and never evaluates it; nothing "
+    "a load runs calls get_type_hints": ["typing:ForwardRef"],
     "time zones": [
         "pytz:_p", "pytz:_UTC", "pytz:UTC", "pytz:utc", "pytz:timezone", "pytz:FixedOffset", "dateutil.tz.tz:*",
         "dateutil.tz:tzutc", "dateutil.tz:tzoffset", "dateutil.tz:tzlocal", "dateutil.tz:tzfile", "dateutil.tz:tzstr",

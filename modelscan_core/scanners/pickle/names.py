@@ -23,6 +23,9 @@ TABLE = Path(__file__).with_name("names.txt")
 
 #: what the generator knows about a module's own object
 CLASS, FUNCTION, DATA_TYPE, CONSTANT = "!c", "!f", "!e", "!k"
+#: a class whose construction acts on the world (opens a file by name, starts a process, loads a
+#: native library, runs text as code, unpickles): the generator read its constructor's code
+ACTING = "!x"
 
 #: dunder attributes that reach the interpreter's internals: a chain through one is an
 #: attribute walk to whatever the attacker wants (`numpy.__builtins__`, `f.__globals__`)
@@ -48,7 +51,7 @@ class Resolved:
     module: str
     name: str
     is_module: bool = False
-    kind: str = ""  # one of CLASS, FUNCTION, DATA_TYPE, CONSTANT, or "" (unknown)
+    kind: str = ""  # one of CLASS, FUNCTION, DATA_TYPE, CONSTANT, ACTING, or "" (unknown)
     covered: bool = True
     dunder: str = ""  # the first dunder segment walked through ("__call__" is not one)
     hops: tuple[str, ...] = ()  # aliases followed, for reports

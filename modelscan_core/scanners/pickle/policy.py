@@ -23,7 +23,16 @@ from functools import cached_property
 
 from modelscan_core.model import Severity
 from modelscan_core.scanners.pickle import names as names_mod
-from modelscan_core.scanners.pickle.names import CLASS, CONSTANT, DATA_TYPE, FUNCTION, INTROSPECTION, NameTable, Resolved
+from modelscan_core.scanners.pickle.names import (
+    ACTING,
+    CLASS,
+    CONSTANT,
+    DATA_TYPE,
+    FUNCTION,
+    INTROSPECTION,
+    NameTable,
+    Resolved,
+)
 from modelscan_core.scanners.pickle.values import BUILT, CALLED, NEW
 
 ALL = "*"
@@ -199,6 +208,14 @@ class Policy:
         safe_depth = self._safe_module_depth(r.module) if not r.is_module else 0
         if deny_sev is not None and not (safe_depth > deny_depth and deny_key[0] == r.module):
             return _with(_unsafe(deny_sev, deny_key), via)
+        if r.kind == ACTING and uses & CALLED and f"{r.module}:{r.name}" not in self.reasons:
+            # an ecosystem class is trusted because constructing one stores values; this one's
+            # constructor opens, deletes or moves files by name, starts a process, loads a native
+            # library or runs text as code, with the arguments the pickle hands it (unless the
+            # allowlist names it with a reason, beside a "module:*" entry that cannot list it)
+            return Judgement(self.unknown.call, "pickle/acting-constructor",
+                             "a class whose constructor acts on the world (files by name, processes, native "
+                             "libraries, code from text) is constructed with arguments", resolved=via)
         if r.is_module:
             if uses & (CALLED | NEW):
                 return Judgement(self.unknown.unresolved, "pickle/unresolved-attribute",
@@ -250,7 +267,7 @@ class Policy:
 
     def is_class(self, r: Resolved) -> bool:
         """A class, as the generated table knows it, else as its name reads."""
-        if r.kind in (CLASS, DATA_TYPE):
+        if r.kind in (CLASS, DATA_TYPE, ACTING):
             return True
         if r.kind == FUNCTION or "." in r.name:
             return False
@@ -379,6 +396,7 @@ STATE = "state"  # sets its first argument's attributes from its second, as BUIL
 MAPPING = "mapping"  # builds a dict from its argument: calls a non-dict argument's keys()
 LOOKUP = "lookup"  # getitem(container, key): a defaultdict's factory runs for a missing key
 STORE = "store"  # keeps the callables it is given without calling them
+TYPE_BY_NAME = "type-by-name"  # returns a built-in type named by its argument (dill's _load_type)
 
 ROLES: dict[tuple[str, str], str] = {
     **{key: INSTANTIATE for key in [
@@ -400,6 +418,7 @@ ROLES: dict[tuple[str, str], str] = {
     ("builtins", "type"): BUILD_CLASS, ("__builtin__", "type"): BUILD_CLASS, ("abc", "ABCMeta"): BUILD_CLASS,
     ("enum", "EnumMeta"): BUILD_CLASS, ("enum", "EnumType"): BUILD_CLASS,
     ("torch._utils", "_set_obj_state"): STATE,
+    ("dill._dill", "_load_type"): TYPE_BY_NAME, ("dill.dill", "_load_type"): TYPE_BY_NAME,
     **{key: MAPPING for key in [
         ("builtins", "dict"), ("__builtin__", "dict"), ("collections", "OrderedDict"), ("collections", "Counter"),
         ("collections", "UserDict"), ("collections", "ChainMap"), ("types", "SimpleNamespace")]},
@@ -416,6 +435,20 @@ ROLES: dict[tuple[str, str], str] = {
 RESULT_STATE: dict[tuple[str, str], int] = {
     ("torch._utils", "_rebuild_parameter_with_state"): 3, ("torch._tensor", "_rebuild_from_type_v2"): 3,
 }
+
+#: types dill's `_load_type` returns whose call only makes a value: the builtin value types, the
+#: constants' types and exceptions; any other (FunctionType, CodeType, FileType, MethodType,
+#: AttrGetterType, the io wrappers...) makes code, opens files or reaches attributes
+_PLAIN_TYPE_NAMES = frozenset({
+    "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "object", "range",
+    "set", "slice", "str", "tuple", "NoneType", "EllipsisType", "NotImplementedType", "PartialType",
+})
+
+
+def type_by_name_is_plain(name: object) -> bool:
+    """Calling what `_load_type(name)` returns only makes a value."""
+    return isinstance(name, str) and (name in _PLAIN_TYPE_NAMES or name.endswith(("Error", "Exception", "Warning")))
+
 
 #: kept for callers that read the nested loaders directly
 NESTED_LOADERS = frozenset(key for key, role in ROLES.items() if role == NESTED)
