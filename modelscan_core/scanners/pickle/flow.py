@@ -378,6 +378,12 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
         if type(value) is Call:
             func = value.func
             if type(func) is not GlobalRef:
+                # the result of calling a computed callable (`getattr(ZoneInfo, "_unpickle")(key)`):
+                # an object trusted code made when every callable that ran is trusted
+                target = produced.get(id(func))
+                inner = [target] if target is not None else callees(func, depth + 1)
+                if inner and all(policy.judge(r.module, r.name, CALLED).severity is None for r in inner):
+                    return []
                 return None
             target = produced.get(id(value))
             if target is not None:
