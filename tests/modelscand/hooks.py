@@ -30,8 +30,8 @@ def liar(job, settings, report):
 
 
 def slow(job, settings, report):
-    """Hold every job whose path mentions "slow" in flight for a second before opening."""
-    if "slow" in job.path:
+    """Hold a job whose file or directory name mentions "slow" in flight for a second."""
+    if "slow" in os.path.basename(job.path) or "slow" in os.path.basename(os.path.dirname(job.path)):
         time.sleep(1.0)
     return scan_job(job, settings, report)
 

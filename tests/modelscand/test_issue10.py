@@ -124,14 +124,15 @@ def test_rename_of_a_file_being_scanned_scans_the_destination(running, root):
 
 def test_rename_of_a_directory_holding_queued_files_scans_them_all(running, root):
     with running(str(root), scan_function=SLOW) as h:
-        d = root / "slowtmpx"  # torch.hub: extract into a temp dir, then move it into place
+        d = root / "tmpx"  # torch.hub: extract into a temp dir, then move it into place
         d.mkdir()
-        for i in range(4):
-            (d / f"m{i}.pkl").write_bytes(EVIL if i == 2 else BENIGN)
+        names = ["slow0.pkl", "m1.pkl", "m2.pkl", "m3.pkl"]  # the first is in flight, the others queued
+        for i, n in enumerate(names):
+            (d / n).write_bytes(EVIL if i == 2 else BENIGN)
         _in_flight(h)
         os.rename(d, root / "final_a")
-        for i in range(4):
-            ev = h.wait_scan(str(root / "final_a" / f"m{i}.pkl"), timeout=20)
+        for i, n in enumerate(names):
+            ev = h.wait_scan(str(root / "final_a" / n), timeout=20)
             assert ev["event"] == ("scan.finding" if i == 2 else "scan.clean")
 
 
@@ -438,9 +439,9 @@ def test_sigterm_and_sighup_delivered_to_any_thread_are_handled_at_once(tmp_path
 
 def test_a_file_that_keeps_being_written_is_scanned_after_the_bounded_wait(running, root):
     p = root / "model.pkl"
-    with running(str(root), watch__settle_time=0.5, watch__busy_max_wait=1.5) as h:
+    with running(str(root), watch__settle_time=0.5, watch__busy_max_wait=1.0) as h:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 4:  # a pause never as long as settle_time
+        while time.monotonic() - t0 < 2:  # a pause never as long as settle_time
             with open(p, "ab") as f:
                 f.write(BENIGN[:1] if f.tell() else EVIL)
             time.sleep(0.1)
