@@ -268,3 +268,92 @@ def test_copyreg_base_of_a_builtin_with_a_path_stays_clean():
 def test_stack_global_spelling_of_an_acting_constructor():
     data = b"\x80\x04" + call_op(stack_global_op("torch.serialization", "_open_file"), _args("w.bin", "wb")) + b"."
     assert high_or_worse(scan(data))
+
+
+# -- 5. payload bytes hidden behind a bytes-to-bytes codec ---------------------------------------
+
+def _hidden(payload: bytes, codec: str) -> bytes:
+    """Opcodes making `codecs.decode(<payload encoded by codec>, codec)`."""
+    import base64
+    import bz2
+    import zlib
+
+    if codec in ("hex", "hex_codec"):
+        operand = unicode_op(payload.hex())
+    elif codec == "base64":
+        operand = unicode_op(base64.b64encode(payload).decode())
+    else:
+        packed = zlib.compress(payload) if codec == "zlib" else bz2.compress(payload)
+        operand = _args(packed)
+    return call_op(global_op("_codecs", "decode"), operand + unicode_op(codec))
+
+
+#: callables that unpickle the bytes they are handed: torch's storage loader, and a helper named
+#: like the ecosystem's pickle support in a module the generated table does not cover (numba's
+#: `_numba_unpickle(address, bytedata, hashed)` calls pickle.loads)
+CARRIERS = {
+    "torch._load_from_bytes": lambda inner: call_op(global_op("torch.storage", "_load_from_bytes"), inner),
+    "helper of an uncovered module": lambda inner: call_op(global_op("numba.core.serialize", "_numba_unpickle"),
+                                                           _args(0) + inner + _args(0)),
+}
+
+
+@pytest.mark.parametrize("codec", ["hex", "hex_codec", "base64", "zlib", "bz2"])
+@pytest.mark.parametrize("carrier", sorted(CARRIERS))
+def test_nested_payload_behind_a_transform_codec_is_scanned(carrier, codec):
+    inner = pickle.dumps(_Reduce(__import__("os").system, (CMD,)), protocol=2)
+    result = scan(b"\x80\x02" + CARRIERS[carrier](_hidden(inner, codec)) + b".")
+    assert result.worst == Severity.CRITICAL, describe(result)
+    assert "posix.system" in result.names() or "os.system" in result.names(), describe(result)
+
+
+def test_benign_bytes_behind_a_transform_codec_stay_clean():
+    result = scan(b"\x80\x02" + _hidden(b"\x00\x01 not a pickle", "hex") + b".")
+    assert result.worst is None, describe(result)
+
+
+class _Reduce:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+# -- 6. callables installed after construction, called by the load ------------------------------
+
+def test_defaultdict_factory_set_through_build_is_called_by_a_lookup():
+    """BUILD's slot state sets default_factory after construction; getitem of a missing key calls it."""
+    dd = call_op(global_op("collections", "defaultdict"), b"N")
+    state = b"(N}" + unicode_op("default_factory") + global_op(*UNKNOWN_CLASS[:1], "run_command") + b"st"
+    data = b"\x80\x02" + call_op(global_op("operator", "getitem"), dd + state + b"b" + unicode_op("missing")) + b"."
+    result = scan(data)
+    assert high_or_worse(result), describe(result)
+
+
+def test_defaultdict_with_a_plain_factory_looked_up_stays_clean():
+    dd = call_op(global_op("collections", "defaultdict"), b"N")
+    state = b"(N}" + unicode_op("default_factory") + global_op("builtins", "list") + b"st"
+    data = b"\x80\x02" + call_op(global_op("operator", "getitem"), dd + state + b"b" + unicode_op("missing")) + b"."
+    assert not high_or_worse(scan(data))
+
+
+@pytest.mark.parametrize("change", ["handlers", "disabled"])
+def test_changing_a_process_wide_logger_is_high(change):
+    logger = call_op(global_op("logging", "getLogger"), unicode_op(""))
+    handler = call_op(global_op("logging", "StreamHandler"))
+    if change == "handlers":  # BUILD updates the root logger's __dict__: every record goes to it
+        body = logger + b"}" + unicode_op("handlers") + b"]" + handler + b"a" + b"s" + b"b"
+    else:  # slot state: setattr(root, "disabled", True) silences the process's logging
+        body = logger + b"(N}" + unicode_op("disabled") + b"\x88" + b"st" + b"b"
+    result = scan(b"\x80\x02" + body + b".")
+    assert high_or_worse(result), describe(result)
+    assert "pickle/mutation" in result.rules()
+
+
+def test_loggers_as_they_pickle_stay_clean():
+    import logging
+
+    for protocol in (2, 4):
+        result = scan(pickle.dumps({"log": logging.getLogger("a.b"), "root": logging.getLogger()}, protocol=protocol))
+        assert result.worst is None, describe(result)

@@ -96,6 +96,7 @@ late_key(PyObject *key)
            PyUnicode_CompareWithASCIIString(key, "extend") == 0 ||
            PyUnicode_CompareWithASCIIString(key, "add") == 0 ||
            PyUnicode_CompareWithASCIIString(key, "keys") == 0 ||
+           PyUnicode_CompareWithASCIIString(key, "default_factory") == 0 ||
            PyUnicode_CompareWithASCIIString(key, "__class__") == 0 ||
            PyUnicode_CompareWithASCIIString(key, "__dict__") == 0;
 }

@@ -164,6 +164,9 @@ class Observer:
                 factory = container.args[0] if type(container.args) is tuple and container.args else None
                 if factory is not None:
                     self._keep_value(factory)
+                planted = (container.planted or {}).get("default_factory")
+                if planted is not None:  # BUILD's slot state set the factory after construction
+                    self._keep_value(planted)
         elif role == pol.CALL_FIRST:
             if args:
                 self._keep_value(args[0])
@@ -228,7 +231,7 @@ class Observer:
                     self._keep_value(value)
 
 
-_KEEP_CALLS = frozenset({pol.IMPORT, pol.GETATTR, pol.NESTED, pol.BUILD_CLASS})
+_KEEP_CALLS = frozenset({pol.IMPORT, pol.GETATTR, pol.NESTED, pol.BUILD_CLASS, pol.SHARED})
 
 
 def _callable_value(call: Call) -> bool:
@@ -453,6 +456,15 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
         elif role == pol.BUILD_CLASS:
             for call in calls_of(ref):
                 _class_built(ref, call, policy, issues, called)
+        elif role == pol.SHARED:
+            # a Logger pickles as getLogger(name) and nothing more: state, items or appends given
+            # to what it returns rewrite the process's logging (handlers, filters, disabled)
+            for call in calls_of(ref):
+                if call.mutated:
+                    issues.append(Issue("pickle/mutation", u.mutation,
+                                        f"The pickle changes the process-wide object '{ref.module}.{ref.name}' returns "
+                                        "(its handlers, filters or state), which a model never needs", call.offset,
+                                        ref.module, ref.name, call))
         elif role in (pol.CALL_FIRST, pol.MAPPING, pol.LOOKUP, pol.STATE):
             for value in obs.values if obs is not None else ref.arg_refs:
                 called(value, ref.offset, f"called by {ref.module}.{ref.name}")

@@ -397,6 +397,7 @@ MAPPING = "mapping"  # builds a dict from its argument: calls a non-dict argumen
 LOOKUP = "lookup"  # getitem(container, key): a defaultdict's factory runs for a missing key
 STORE = "store"  # keeps the callables it is given without calling them
 TYPE_BY_NAME = "type-by-name"  # returns a built-in type named by its argument (dill's _load_type)
+SHARED = "shared"  # returns a process-wide object (a logger): changing it changes the process
 
 ROLES: dict[tuple[str, str], str] = {
     **{key: INSTANTIATE for key in [
@@ -419,6 +420,7 @@ ROLES: dict[tuple[str, str], str] = {
     ("enum", "EnumMeta"): BUILD_CLASS, ("enum", "EnumType"): BUILD_CLASS,
     ("torch._utils", "_set_obj_state"): STATE,
     ("dill._dill", "_load_type"): TYPE_BY_NAME, ("dill.dill", "_load_type"): TYPE_BY_NAME,
+    ("logging", "getLogger"): SHARED,
     **{key: MAPPING for key in [
         ("builtins", "dict"), ("__builtin__", "dict"), ("collections", "OrderedDict"), ("collections", "Counter"),
         ("collections", "UserDict"), ("collections", "ChainMap"), ("types", "SimpleNamespace")]},

@@ -6,8 +6,11 @@ torch's legacy format is five pickles in a row, joblib interleaves arrays with o
 
 from __future__ import annotations
 
+import binascii
+import bz2
 import io
 import weakref
+import zlib
 from typing import BinaryIO, Callable
 
 from modelscan_core.model import Severity
@@ -362,6 +365,11 @@ _ENCODERS = {("_codecs", "encode"), ("codecs", "encode")}
 _BYTES_WRAPPERS = {("builtins", "bytes"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
                    ("io", "BytesIO"), ("_io", "BytesIO")}
 _LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
+_DECODERS = {("_codecs", "decode"), ("codecs", "decode"), ("_codecs", "encode"), ("codecs", "encode")}
+#: bytes-to-bytes codecs, by the names codecs.lookup accepts: no pickle writer emits them, a
+#: payload hidden behind one (hex text, base64, zlib) is decoded here to be scanned like any
+_TRANSFORMS = {"hex": "hex", "hex_codec": "hex", "base64": "base64", "base_64": "base64", "base64_codec": "base64",
+               "zlib": "zlib", "zip": "zlib", "zlib_codec": "zlib", "bz2": "bz2", "bz2_codec": "bz2"}
 #: a text operand longer than this is not re-encoded in memory (the payload stays unresolved)
 _MAX_TEXT_PAYLOAD = 64 << 20
 
@@ -380,6 +388,18 @@ def static_bytes(value: object, stream: BinaryIO, limit: int | None = None, *, _
         return None
     key = (value.func.module, value.func.name)
     args = value.args if isinstance(value.args, tuple) else ()
+    transform = _TRANSFORMS.get(args[1].lower().replace("-", "_")) if len(args) > 1 and isinstance(args[1], str) else None
+    if key in _DECODERS and transform is not None:
+        if _depth > 32:
+            return None
+        data = args[0]
+        if isinstance(data, str) or (isinstance(data, Blob) and data.is_text and data.length <= _MAX_TEXT_PAYLOAD):
+            data = (data if isinstance(data, str) else _read(stream, data).decode("utf-8", "ignore")).encode("latin-1", "ignore")
+        else:
+            data = static_bytes(data, stream, None, _depth=_depth + 1)
+            if isinstance(data, Blob):
+                data = _read(stream, data) if data.length <= _MAX_TEXT_PAYLOAD else None
+        return _transform(data, transform, limit)
     if key in _ENCODERS and args:
         encoding = args[1] if len(args) > 1 else "utf-8"
         text = args[0]
@@ -401,6 +421,23 @@ def static_bytes(value: object, stream: BinaryIO, limit: int | None = None, *, _
             return None
         return static_bytes(args[0], stream, limit, _depth=_depth + 1)
     return None
+
+
+def _transform(data: bytes | None, codec: str, limit: int | None) -> bytes | None:
+    """What a bytes-to-bytes codec makes of `data` (decoding), at most _MAX_TEXT_PAYLOAD bytes."""
+    if data is None:
+        return None
+    cap = _MAX_TEXT_PAYLOAD if limit is None else max(limit, 64)
+    try:
+        if codec == "hex":
+            return binascii.a2b_hex(b"".join(data.split()))[:cap]
+        if codec == "base64":
+            return binascii.a2b_base64(data)[:cap]
+        if codec == "zlib":
+            return zlib.decompressobj().decompress(data, cap)
+        return bz2.BZ2Decompressor().decompress(data, cap)
+    except (binascii.Error, ValueError, OSError, zlib.error, EOFError):
+        return None
 
 
 def _read(stream: BinaryIO, blob: Blob) -> bytes:

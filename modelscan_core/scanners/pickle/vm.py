@@ -1337,8 +1337,8 @@ def _unhashable(value: object) -> bool:
 
 #: instance attributes the loader itself calls later: BUILD calls `__setstate__`, APPEND(S) on a
 #: non-list calls `append`/`extend`, ADDITEMS on a non-set calls `add`; `dict(obj)` and
-#: `update(obj)` call `keys`
-_CALLED_ATTRIBUTES = frozenset({"__setstate__", "append", "extend", "add", "keys"})
+#: `update(obj)` call `keys`; a defaultdict calls its `default_factory` for a missing key
+_CALLED_ATTRIBUTES = frozenset({"__setstate__", "append", "extend", "add", "keys", "default_factory"})
 #: ...and what replaces them all: `__class__` set through slot state (another class's methods
 #: then run on the object) and `__dict__` (its keys become the attributes). The C accelerator
 #: keeps the same keys past the display cap (`late_key` in _fastvm.c).
