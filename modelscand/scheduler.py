@@ -40,6 +40,7 @@ from modelscand.workers import ScanJob, ScanReply, WorkerPool
 from modelscand.writers import COMPLETE_ON
 
 BUSY_MAX_RECHECK = 30.0
+UNSTABLE_AFTER = 5  # scans in a row without a verdict before a file is offered again only after a delay
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Scheduler:
         self._unparking = 0
         self._waiting: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked on its writer
         self._quiet: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked for quiet
+        self._no_verdict: dict[tuple[int, int], int] = {}  # inode -> scans in a row that ended without one
         self._seq = itertools.count()
 
     # ------------------------------------------------------------------ state
@@ -356,6 +358,23 @@ class Scheduler:
         future = self._pool().submit(self.job_for(cand, ident))
         future.add_done_callback(lambda f: self._done(cand, ident, f.result()))
 
+    def _unstable(self, ident: Identity, cand: Candidate, reply: ScanReply) -> float:
+        """Seconds to wait before offering this file again: 0 until its scans have ended
+        without a verdict UNSTABLE_AFTER times in a row (a file rewritten during every scan, a
+        path that keeps changing under the worker), then doubling up to BUSY_MAX_RECHECK, with
+        one warning. Never given up: the file is scanned once it holds still."""
+        with self.lock:
+            if len(self._no_verdict) > 10000:
+                self._no_verdict.clear()
+            n = self._no_verdict.get(ident.inode, 0) + 1
+            self._no_verdict[ident.inode] = n
+        if n < UNSTABLE_AFTER:
+            return 0.0
+        if n == UNSTABLE_AFTER:
+            self.log.warning("scan.unstable", path=cand.via or cand.path, why=reply.status, error=reply.error,
+                             tries=n, answer="offered again with a growing delay until it holds still")
+        return min(BUSY_MAX_RECHECK, 0.5 * 2 ** (n - UNSTABLE_AFTER))
+
     def _done(self, cand: Candidate, ident: Identity, reply: ScanReply) -> None:
         """In the worker slot's thread: hand the reply to results, free the inode, and offer
         again every path the file had meanwhile (a rename while it was scanned) - and its
@@ -369,9 +388,16 @@ class Scheduler:
             with self.lock:
                 track = self.inflight.pop(ident.inode, None)
             again = dict(track.also) if track is not None else {}
-            if reply.verdict is None:  # bytes changed under the scan: probe the writer again
+            backoff = self._unstable(ident, cand, reply) if reply.verdict is None and reply.status != "gone" else 0.0
+            if backoff:  # not at once again: a file changing under every scan must not loop a worker
+                path = cand.via or cand.path
+                self._park(Candidate(path, ("retry", path), "created", cand.root), backoff)
+            elif reply.verdict is None:  # bytes changed under the scan: probe the writer again
                 reason = "created" if reply.status in ("changed", "replaced") else cand.reason
                 again.setdefault(cand.via or cand.path, (reason, cand.root))
+            else:
+                with self.lock:
+                    self._no_verdict.pop(ident.inode, None)
             for path, (reason, root) in again.items():
                 self._reoffer(path, reason, root)
             self.activity.changed()

@@ -41,3 +41,10 @@ def jitter(job, settings, report):
     then often land while the file is in flight (the model-based test's daemon)."""
     time.sleep(random.random() * 0.08)
     return scan_job(job, settings, report)
+
+
+def always_changed(job, settings, report):
+    """Every scan of a file named "flux*" sees its bytes change under it."""
+    if os.path.basename(job.path).startswith("flux"):
+        return {"status": "changed", "identity": None}
+    return scan_job(job, settings, report)

@@ -448,3 +448,14 @@ def test_a_file_that_keeps_being_written_is_scanned_after_the_bounded_wait(runni
         warn = h.wait_event("scan.deferred", path=str(p))
         assert warn["level"] == "warning" and warn["why"] == "the file keeps being written"
         assert h.wait_scan(str(p))["event"] == "scan.finding"
+
+
+def test_a_file_that_changes_under_every_scan_is_one_warning_and_a_backoff_not_a_loop(running, root):
+    with running(str(root), scan_function="tests.modelscand.hooks:always_changed") as h:
+        (root / "flux.pkl").write_bytes(BENIGN)
+        warn = h.wait_event("scan.unstable", path=str(root / "flux.pkl"))
+        assert warn["level"] == "warning" and warn["why"] == "changed"
+        (root / "ok.pkl").write_bytes(BENIGN)  # the workers are free for other files meanwhile
+        assert h.wait_scan(str(root / "ok.pkl"))["event"] == "scan.clean"
+        time.sleep(2)
+        assert len(h.named("scan.unstable")) == 1  # one warning, then a growing delay
