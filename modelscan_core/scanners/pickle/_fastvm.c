@@ -211,6 +211,23 @@ weigh_items(PyObject *stack, Py_ssize_t i, Py_ssize_t n, PyObject *heavy, long l
     return 0;
 }
 
+static int remember(PyObject *heavy, PyObject *v, long long w, long long d);
+
+/* `target` takes stack[i:i+n] (APPEND(S), SETITEM(S)): its new size. 0 when counted (or not
+ * counting), 1 when it goes past a limit (vm.py handles the opcode and reports it), -1 on error. */
+static int
+grow(PyObject *heavy, PyObject *target, PyObject *stack, Py_ssize_t i, Py_ssize_t n, long long max_weight,
+     long long max_depth)
+{
+    long long tw, td, w, d;
+    if (heavy == NULL) return 0;
+    if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, i, n, heavy, &w, &d) < 0) return -1;
+    w += tw;
+    d = d + 1 > td ? d + 1 : td;
+    if (w > max_weight || d > max_depth) return 1;
+    return remember(heavy, target, w, d) < 0 ? -1 : 0;
+}
+
 static int
 remember(PyObject *heavy, PyObject *v, long long w, long long d)
 {
@@ -245,7 +262,7 @@ fast_run(PyObject *self, PyObject *args)
         return NULL;
     /* no table (None): sizes are no longer counted (vm.py has reported a bomb already) */
     if (heavy != NULL && !PyDict_Check(heavy)) heavy = NULL;
-    long long w, d, tw, td;
+    long long w, d;
     const unsigned char *buf = view.buf;
     Py_ssize_t end = view.len < stop ? view.len : stop;
     Py_ssize_t ops = 0;
@@ -322,13 +339,9 @@ fast_run(PyObject *self, PyObject *args)
             if (k < len) {
                 PyObject *target = PyList_GET_ITEM(stack, k - 1);
                 if (!PyList_CheckExact(target)) goto done;
-                if (heavy != NULL) {
-                    if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, k, len - k, heavy, &w, &d) < 0)
-                        goto error;
-                    w += tw;
-                    d = d + 1 > td ? d + 1 : td;
-                    if (w > max_weight || d > max_depth) goto done;
-                    if (remember(heavy, target, w, d) < 0) goto error;
+                switch (grow(heavy, target, stack, k, len - k, max_weight, max_depth)) {
+                case -1: goto error;
+                case 1: goto done;
                 }
                 Py_ssize_t room = cap - PyList_GET_SIZE(target);
                 if (room > len - k) room = len - k;
@@ -347,13 +360,9 @@ fast_run(PyObject *self, PyObject *args)
                 if ((PyObject *)Py_TYPE(target) != pdict || needs_reference(stack, target, k, len, cap)) goto done;
                 for (Py_ssize_t i = k; i < len; i += 2)
                     if (hash_in_doubt(PyList_GET_ITEM(stack, i), pdict)) goto done;
-                if (heavy != NULL) {
-                    if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, k, len - k, heavy, &w, &d) < 0)
-                        goto error;
-                    w += tw;
-                    d = d + 1 > td ? d + 1 : td;
-                    if (w > max_weight || d > max_depth) goto done;
-                    if (remember(heavy, target, w, d) < 0) goto error;
+                switch (grow(heavy, target, stack, k, len - k, max_weight, max_depth)) {
+                case -1: goto error;
+                case 1: goto done;
                 }
                 for (Py_ssize_t i = k; i < len; i += 2) {
                     if (keep_pair(target, PyList_GET_ITEM(stack, i), PyList_GET_ITEM(stack, i + 1), cap) < 0)
@@ -371,12 +380,9 @@ fast_run(PyObject *self, PyObject *args)
             if ((PyObject *)Py_TYPE(target) != pdict || hash_in_doubt(PyList_GET_ITEM(stack, k), pdict) ||
                 needs_reference(stack, target, k, len, cap))
                 goto done;
-            if (heavy != NULL) {
-                if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, k, 2, heavy, &w, &d) < 0) goto error;
-                w += tw;
-                d = d + 1 > td ? d + 1 : td;
-                if (w > max_weight || d > max_depth) goto done;
-                if (remember(heavy, target, w, d) < 0) goto error;
+            switch (grow(heavy, target, stack, k, 2, max_weight, max_depth)) {
+            case -1: goto error;
+            case 1: goto done;
             }
             if (keep_pair(target, PyList_GET_ITEM(stack, k), PyList_GET_ITEM(stack, k + 1), cap) < 0) goto error;
             if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
@@ -386,13 +392,9 @@ fast_run(PyObject *self, PyObject *args)
             if (len < 2) goto done;
             PyObject *target = PyList_GET_ITEM(stack, len - 2);
             if (!PyList_CheckExact(target)) goto done;
-            if (heavy != NULL) {
-                if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, len - 1, 1, heavy, &w, &d) < 0)
-                    goto error;
-                w += tw;
-                d = d + 1 > td ? d + 1 : td;
-                if (w > max_weight || d > max_depth) goto done;
-                if (remember(heavy, target, w, d) < 0) goto error;
+            switch (grow(heavy, target, stack, len - 1, 1, max_weight, max_depth)) {
+            case -1: goto error;
+            case 1: goto done;
             }
             if (PyList_GET_SIZE(target) < cap && PyList_Append(target, PyList_GET_ITEM(stack, len - 1)) < 0) goto error;
             if (PyList_SetSlice(stack, len - 1, len, NULL) < 0) goto error;
