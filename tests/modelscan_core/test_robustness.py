@@ -267,3 +267,11 @@ def test_a_zip64_record_with_an_offset_no_file_has_is_an_error_not_a_crash(scan_
     scanned = scan_bytes(body + record + locator + end, "model.zip")
     assert scanned.verdict == "error"
     assert not any("internal error" in e.description for e in scanned.file.all_errors())
+
+
+def test_a_nul_in_a_codec_name_is_no_crash(scan_bytes):
+    # found by mutating an sklearn pickle: str.encode("\x00atin1") raises ValueError, not LookupError
+    data = b"\x80\x02cpickle\nloads\nc_codecs\nencode\nX\x01\x00\x00\x00bX\x06\x00\x00\x00\x00atin1\x86R\x85R."
+    scanned = scan_bytes(data)
+    assert "pickle.loads" in scanned.names()
+    assert not any("internal error" in e.description for e in scanned.file.all_errors())

@@ -414,7 +414,7 @@ def static_bytes(value: object, stream: BinaryIO, limit: int | None = None, *, _
             text = text[:limit]
         try:
             return text.encode("latin-1" if encoding.lower() in _LATIN1 else encoding)
-        except (UnicodeError, LookupError):
+        except (UnicodeError, LookupError, ValueError):  # (ValueError: a NUL in the codec's name)
             return None
     if key in _BYTES_WRAPPERS and len(args) == 1:
         if _depth > 32:  # bytes(bytes(bytes(...))) a hundred thousand deep: give up, unresolved

@@ -1487,7 +1487,10 @@ def _parse_int_line(line: bytes, is_long: bool, at: int) -> int | bool:
             return _pylong(_c_string(text), at)
         except PickleError:
             return _pylong(text[:-1], at)
-    value = _strtol(_c_string(line))
+    text = _c_string(line)
+    # strtol of an empty C string (the line starts with a NUL) converts nothing and ends on the
+    # NUL: the C unpickler takes that as 0
+    value = 0 if not text and len(line) >= 2 else _strtol(text)
     if value is None:
         try:
             return _pylong(_c_string(line), at)

@@ -79,6 +79,7 @@ FOUND = {
     "int line ending at a NUL": (b"I12\x00x\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
     "long line ending at a NUL": (b"L7\x00zz\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
     "memo index ending at a NUL": (b"cmypkg\nevil\np1\x00x\n0g1\x00y\n)R.", "mypkg", "evil", CALLED),
+    "int line that is only a NUL": (b"I\x00\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
 }
 
 
