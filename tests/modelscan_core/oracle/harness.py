@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from modelscan_core.engine import _Context, _Scan
@@ -97,7 +98,7 @@ def vm_view(data: bytes, settings: Settings | None = None) -> VMView:
     from modelscan_core.scanners.pickle.policy import resolve_indirect
     from modelscan_core.scanners.pickle.scanner import PickleScanner, scan_pickles
 
-    settings = settings or Settings()
+    settings = settings or _default_settings()
     stream = io.BytesIO(data)
     ctx = _Nested(_Scan(settings), "oracle.pkl", PickleScanner.name, 0)
     done = scan_pickles(stream, len(data), ctx, scanner=PickleScanner.name,
@@ -122,6 +123,12 @@ def vm_view(data: bytes, settings: Settings | None = None) -> VMView:
         view.dynamic += nested.dynamic
         view.unresolved += nested.unresolved
     return view
+
+
+@lru_cache(maxsize=1)
+def _default_settings() -> Settings:
+    """One Settings for every comparison, as one scan uses one (its policy tables are built once)."""
+    return Settings()
 
 
 class _Nested(_Context):
