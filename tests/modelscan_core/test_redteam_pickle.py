@@ -357,3 +357,13 @@ def test_loggers_as_they_pickle_stay_clean():
     for protocol in (2, 4):
         result = scan(pickle.dumps({"log": logging.getLogger("a.b"), "root": logging.getLogger()}, protocol=protocol))
         assert result.worst is None, describe(result)
+
+
+@pytest.mark.parametrize("attribute,opcode", [("extend", b"N" + b"a"), ("append", b"(N" + b"e")])
+def test_planted_method_called_by_the_other_append_opcode(attribute, opcode):
+    """The C unpickler's APPEND and APPENDS both call an object's `extend` when it has one and
+    fall back on `append`; pickle.py's APPEND calls `append`: either planted method runs."""
+    obj = call_op(global_op("argparse", "Namespace"))
+    state = b"}" + unicode_op(attribute) + global_op(*UNKNOWN_CLASS[:1], "run_command") + b"s"
+    result = scan(b"\x80\x02" + obj + state + b"b" + opcode + b".")
+    assert high_or_worse(result), describe(result)

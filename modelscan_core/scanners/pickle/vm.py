@@ -893,7 +893,9 @@ class PickleVM:
                         elif isinstance(target, (Call, GlobalRef, Unknown)):
                             _mark_built(target)  # its own extend/append gets the items
                             mutate(target, MUT_APPEND, base + pos - 1, stack[k : k + DISPLAY_ITEMS])
+                            # the C unpickler calls extend when the object has one, append otherwise
                             call_planted(target, "extend", base + pos - 1)
+                            call_planted(target, "append", base + pos - 1)
                         else:
                             raise err(f"APPENDS to {type(target).__name__}", base + pos - 1)
                         del stack[k:]
@@ -990,6 +992,8 @@ class PickleVM:
                     elif isinstance(target, (Call, GlobalRef, Unknown)):
                         _mark_built(target)  # its own extend/append gets the item
                         mutate(target, MUT_APPEND, base + pos - 1, [value])
+                        # APPEND too: the C unpickler calls extend([value]) when the object has one
+                        call_planted(target, "extend", base + pos - 1)
                         call_planted(target, "append", base + pos - 1)
                     else:
                         raise err(f"APPEND to {type(target).__name__}", base + pos - 1)
