@@ -275,3 +275,22 @@ def test_a_nul_in_a_codec_name_is_no_crash(scan_bytes):
     scanned = scan_bytes(data)
     assert "pickle.loads" in scanned.names()
     assert not any("internal error" in e.description for e in scanned.file.all_errors())
+
+
+def test_scanning_without_settings_again_and_again_keeps_memory_flat():
+    # each scan_stream without settings makes a Settings; its policy stayed alive forever
+    # (a WeakKeyDictionary whose values referred to their keys)
+    import gc
+    import weakref
+
+    from modelscan_core.engine import scan_stream
+    from modelscan_core.settings import Settings
+
+    policies = []
+    for _ in range(5):
+        settings = Settings()
+        policies.append(weakref.ref(settings.pickle_policy))
+        scan_stream(io.BytesIO(EVIL), "x.pkl", settings)
+        del settings
+    gc.collect()
+    assert all(ref() is None for ref in policies)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import binascii
 import bz2
 import io
-import weakref
 import zlib
 from typing import BinaryIO, Callable
 
 from modelscan_core.model import Severity
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner
 from modelscan_core.scanners.pickle.flow import analyse, observer_factory, reachable_globals
-from modelscan_core.scanners.pickle.policy import NESTED, Policy
+from modelscan_core.scanners.pickle.policy import NESTED
 from modelscan_core.scanners.pickle.values import Blob, Call, GlobalRef, render, render_call
 from modelscan_core.scanners.pickle.vm import BuildHook, PickleVM, StreamFacts
 from modelscan_core.sources.window import Window
@@ -226,15 +225,16 @@ class _Reporting(ScanContext):
         return self._ctx.charge_bytes(nbytes)
 
 
-_OBSERVERS: "weakref.WeakKeyDictionary[Policy, object]" = weakref.WeakKeyDictionary()
-
-
 def new_vm(stream: BinaryIO, size: int | None, ctx: ScanContext, **kwargs) -> PickleVM:
-    """A VM whose globals are observed call by call for the settings' policy (see flow.py)."""
+    """A VM whose globals are observed call by call for the settings' policy (see flow.py).
+
+    The observer lives on the policy itself: kept in a WeakKeyDictionary keyed by the policy,
+    it held its key alive (the observer closes over the policy) and every Settings ever made
+    stayed in memory (a scan_stream without settings makes one)."""
     policy = ctx.settings.pickle_policy
-    observe = _OBSERVERS.get(policy)
+    observe = getattr(policy, "_vm_observer", None)
     if observe is None:
-        observe = _OBSERVERS[policy] = observer_factory(policy)
+        observe = policy._vm_observer = observer_factory(policy)
     return PickleVM(stream, size=size, memo_budget=ctx.limits.max_memo_values, observe=observe, **kwargs)
 
 
