@@ -27,6 +27,7 @@ from modelscan_core.scanners.pickle.vm import _CALLED_ATTRIBUTES, STATE, _state_
 from modelscan_core.scanners.pickle.values import (
     BUILT,
     CALLED,
+    DISPLAY_ITEMS,
     MUT_BUILD,
     NEW,
     Call,
@@ -178,6 +179,11 @@ class Observer:
             for arg in args:  # a callable value handed to a trusted callable is assumed called
                 if type(arg) is Call and _callable_value(arg):
                     self._keep_value(arg)
+                elif type(arg) in _CONTAINERS:
+                    # ...inside a list, tuple or dict too: LambdaLR(optimizer, [f]) calls f itself
+                    for item in arg[:DISPLAY_ITEMS] if type(arg) is not PDict else [v for _, v in arg[:DISPLAY_ITEMS]]:
+                        if type(item) is GlobalRef or (type(item) is Call and _callable_value(item)):
+                            self._keep_value(item)
         if self.state_index is not None and args is not None and len(args) > self.state_index:
             self._plant(call, call, args[self.state_index])
         if self.check_args and len(self.suspicious) < 8:
@@ -231,6 +237,7 @@ class Observer:
                     self._keep_value(value)
 
 
+_CONTAINERS = (list, tuple, PDict, PSet)
 _KEEP_CALLS = frozenset({pol.IMPORT, pol.GETATTR, pol.NESTED, pol.BUILD_CLASS, pol.SHARED})
 
 
