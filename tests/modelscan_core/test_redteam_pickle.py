@@ -395,12 +395,36 @@ def test_classes_inside_arguments_of_a_trusted_constructor_stay_trusted():
     assert scan(data).worst is None
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a method planted in an argument object's state (past the "
-                   "first items kept) and called by a trusted constructor is not followed; see the report")
-def test_method_planted_in_an_argument_object_and_called_by_a_trusted_constructor():
-    """scipy's rv_frozen(dist) calls dist._updated_ctor_param(): an instance attribute wins."""
-    dist = (global_op("scipy.stats._continuous_distns", "norm_gen") + b")\x81}" + unicode_op("_updated_ctor_param")
-            + call_op(global_op("functools", "partial"), global_op("torch.serialization", "_open_file")
-                      + _args("w.bin", "wb")) + b"sb")
-    data = b"\x80\x02" + call_op(global_op("scipy.stats._distn_infrastructure", "rv_continuous_frozen"), dist) + b"."
-    assert high_or_worse(scan(data))
+def _dist(planted: bytes, filler: int) -> bytes:
+    """A scipy distribution rebuilt as the load would (NEWOBJ + BUILD), with `filler` plain
+    attributes before the planted one."""
+    items = b"".join(unicode_op(f"a{i}") + _args(i) for i in range(filler))
+    return (global_op("scipy.stats._continuous_distns", "norm_gen") + b")\x81}(" + items
+            + unicode_op("_updated_ctor_param") + planted + b"ub")
+
+
+PLANTED = {
+    "function": global_op(*UNKNOWN_CLASS[:1], "run_command"),
+    "partial of an acting constructor": call_op(global_op("functools", "partial"),
+                                                global_op("torch.serialization", "_open_file") + _args("w.bin", "wb")),
+}
+
+
+@pytest.mark.parametrize("filler", [0, 40])
+@pytest.mark.parametrize("planted", sorted(PLANTED))
+def test_method_planted_in_an_argument_object_and_called_by_a_trusted_constructor(planted, filler):
+    """scipy's rv_frozen(dist) calls dist._updated_ctor_param(): an instance attribute wins over
+    the class's method, wherever the state puts it."""
+    data = b"\x80\x02" + call_op(global_op("scipy.stats._distn_infrastructure", "rv_continuous_frozen"),
+                                 _dist(PLANTED[planted], filler)) + b"."
+    result = scan(data)
+    assert high_or_worse(result), describe(result)
+
+
+def test_objects_with_submodules_handed_to_a_trusted_constructor_stay_clean():
+    """Objects in a state (submodules, configs) are not callables the constructor would run."""
+    inner = global_op("torch.nn.modules.linear", "Identity") + b")\x81}" + unicode_op("training") + b"\x88sb"
+    outer = (global_op("torch.nn.modules.container", "Sequential") + b")\x81}" + unicode_op("_modules")
+             + b"}" + unicode_op("0") + inner + b"s" + b"sb")
+    data = b"\x80\x02" + call_op(global_op("torch.nn.modules.container", "ModuleList"), b"]" + outer + b"a") + b"."
+    assert scan(data).worst is None

@@ -110,13 +110,19 @@ plain_key(PyObject *key)
            PyBytes_CheckExact(key) || key == Py_None;
 }
 
-/* True when some of the pairs stack[k:len] would pass the cap with a key that is not plain. */
+/* True when some of the pairs stack[k:len] would pass the cap with a key that is not plain, or
+ * with a value the load made or imported (vm.py's _STORED_TYPES: kept under any string key). */
 static int
-needs_reference(PyObject *stack, PyObject *target, Py_ssize_t k, Py_ssize_t len, Py_ssize_t cap)
+needs_reference(PyObject *stack, PyObject *target, Py_ssize_t k, Py_ssize_t len, Py_ssize_t cap, PyObject *pdict)
 {
     if (PyList_GET_SIZE(target) + (len - k) / 2 <= cap) return 0;
-    for (Py_ssize_t i = k; i < len; i += 2)
+    for (Py_ssize_t i = k; i < len; i += 2) {
+        PyObject *value = PyList_GET_ITEM(stack, i + 1);
         if (!plain_key(PyList_GET_ITEM(stack, i))) return 1;
+        if (!plain_key(value) && !PyList_CheckExact(value) && !PyTuple_CheckExact(value) &&
+            (PyObject *)Py_TYPE(value) != pdict)
+            return 1;
+    }
     return 0;
 }
 
@@ -357,7 +363,7 @@ fast_run(PyObject *self, PyObject *args)
             if (k <= 0 || k > len || (len - k) % 2) goto done;
             if (k < len) {
                 PyObject *target = PyList_GET_ITEM(stack, k - 1);
-                if ((PyObject *)Py_TYPE(target) != pdict || needs_reference(stack, target, k, len, cap)) goto done;
+                if ((PyObject *)Py_TYPE(target) != pdict || needs_reference(stack, target, k, len, cap, pdict)) goto done;
                 for (Py_ssize_t i = k; i < len; i += 2)
                     if (hash_in_doubt(PyList_GET_ITEM(stack, i), pdict)) goto done;
                 switch (grow(heavy, target, stack, k, len - k, max_weight, max_depth)) {
@@ -378,7 +384,7 @@ fast_run(PyObject *self, PyObject *args)
             if (k <= 0) goto done;
             PyObject *target = PyList_GET_ITEM(stack, k - 1);
             if ((PyObject *)Py_TYPE(target) != pdict || hash_in_doubt(PyList_GET_ITEM(stack, k), pdict) ||
-                needs_reference(stack, target, k, len, cap))
+                needs_reference(stack, target, k, len, cap, pdict))
                 goto done;
             switch (grow(heavy, target, stack, k, 2, max_weight, max_depth)) {
             case -1: goto error;

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 from modelscan_core.model import Severity
 from modelscan_core.scanners.pickle import policy as pol
-from modelscan_core.scanners.pickle.vm import _CALLED_ATTRIBUTES, STATE, _state_attributes, _symbolic
+from modelscan_core.scanners.pickle.vm import _CALLED_ATTRIBUTES, STATE, STORED, _state_attributes, _symbolic
 from modelscan_core.scanners.pickle.values import (
     BUILT,
     CALLED,
@@ -179,6 +179,12 @@ class Observer:
             for arg in args:  # a callable value handed to a trusted callable is assumed called
                 if type(arg) is Call and _callable_value(arg):
                     self._keep_value(arg)
+                elif type(arg) is Call and arg.planted and STORED in arg.planted:
+                    # an object whose state stored callables: trusted code handed it may call its
+                    # methods, and an instance attribute wins over the class's own
+                    for _, value in arg.planted[STORED]:
+                        if type(value) is GlobalRef or (type(value) is Call and _callable_value(value)):
+                            self._keep_value(value)
                 elif type(arg) in _CONTAINERS:
                     # ...inside a list, tuple or dict too: LambdaLR(optimizer, [f]) calls f itself
                     for item in arg[:DISPLAY_ITEMS] if type(arg) is not PDict else [v for _, v in arg[:DISPLAY_ITEMS]]:

@@ -693,7 +693,13 @@ class PickleVM:
                                                  "any of them may be called later"))
                 return
             planted = None
+            stored = None
             for key, value in attributes:
+                if type(key) is str and type(target) is Call and type(value) in _STORED_TYPES \
+                        and not (key[:2] == "__" and key[-2:] == "__"):
+                    if stored is None:
+                        stored = []
+                    stored.append((key, value))
                 if type(key) is not str:
                     if _symbolic(value):  # a key computed at load time may spell any method
                         note_call(value, Call(value, Unknown("object state"), "setstate", at), CALLED)
@@ -708,6 +714,10 @@ class PickleVM:
                         planted_any = True
                     else:  # an object the scanner cannot follow: assume the load calls it
                         note_call(value, Call(value, Unknown("object state"), "setstate", at), CALLED)
+            if stored is not None:
+                if planted is None:
+                    planted = target.planted = dict(target.planted or {})
+                planted[STORED] = stored + planted.get(STORED, [])
 
         def record_patch(target: GlobalRef, attributes: list, blind: str, at: int) -> None:
             names = patches.setdefault((target.module, target.name), {})
@@ -1266,6 +1276,10 @@ def _set_items(target: PDict, items: list, start: int, at: int, heavy: dict) -> 
                         break
                 else:
                     target.append((key, items[i + 1]))
+            elif type(items[i + 1]) in _STORED_TYPES:
+                # a value the load made or imported under any name: as an object's state it may be
+                # a method that trusted code calls (kept, duplicates too, at the cost of a pair)
+                target.append((key, items[i + 1]))
         elif not isinstance(key, _PLAIN_KEYS):
             if len(target) < DISPLAY_ITEMS + _EXTRA_KEYS:
                 target.append((key, items[i + 1]))
@@ -1347,6 +1361,8 @@ _CALLED_ATTRIBUTES = frozenset({"__setstate__", "append", "extend", "add", "keys
 #: then run on the object) and `__dict__` (its keys become the attributes). The C accelerator
 #: keeps the same keys past the display cap (`late_key` in _fastvm.c).
 _LATE_CALLED = _CALLED_ATTRIBUTES | {"__class__", "__dict__"}
+#: values kept past the display cap under any string key (see _set_items, STORED)
+_STORED_TYPES = (GlobalRef, Call, Unknown)
 #: the constructors of the dicts BUILD accepts as state, given pairs
 _DICT_BUILDERS = frozenset({("collections", "OrderedDict"), ("builtins", "dict"), ("__builtin__", "dict"),
                             ("collections", "defaultdict")})
@@ -1354,6 +1370,11 @@ _ANY = object()  # a patch of every attribute (the keys were not static)
 #: `Call.planted` key of a tuple state whose first item is a callable (functools.partial's
 #: __setstate__ takes (func, args, kwargs, dict): the func the partial calls is that one)
 STATE = "<state>"
+#: `Call.planted` key: the (attribute, value) pairs a dict state stored on the object whose
+#: values were made or imported by the load; trusted code handed the object may call any of its
+#: methods, and an instance attribute wins over the class's method (scipy's rv_frozen(dist)
+#: calls dist._updated_ctor_param())
+STORED = "<stored>"
 
 
 def _symbolic(value: object) -> bool:
