@@ -18,7 +18,7 @@ from modelscan_core.model import Severity
 from modelscan_core.scanners.pickle import names
 from modelscan_core.scanners.pickle.lists import ECOSYSTEM_PACKAGES, SAFE_REASONS
 
-from .pickle_ops import call_op, global_op, stack_global_op, unicode_op
+from .pickle_ops import Reduce, call_op, global_op, stack_global_op, unicode_op
 from .policy_util import UNKNOWN_CLASS, describe, high_or_worse, scan, settings, thinned
 
 CMD = "touch /tmp/modelscand-redteam"
@@ -301,7 +301,7 @@ CARRIERS = {
 @pytest.mark.parametrize("codec", ["hex", "hex_codec", "base64", "zlib", "bz2"])
 @pytest.mark.parametrize("carrier", sorted(CARRIERS))
 def test_nested_payload_behind_a_transform_codec_is_scanned(carrier, codec):
-    inner = pickle.dumps(_Reduce(__import__("os").system, (CMD,)), protocol=2)
+    inner = pickle.dumps(Reduce(__import__("os").system, (CMD,)), protocol=2)
     result = scan(b"\x80\x02" + CARRIERS[carrier](_hidden(inner, codec)) + b".")
     assert result.worst == Severity.CRITICAL, describe(result)
     assert "posix.system" in result.names() or "os.system" in result.names(), describe(result)
@@ -310,14 +310,6 @@ def test_nested_payload_behind_a_transform_codec_is_scanned(carrier, codec):
 def test_benign_bytes_behind_a_transform_codec_stay_clean():
     result = scan(b"\x80\x02" + _hidden(b"\x00\x01 not a pickle", "hex") + b".")
     assert result.worst is None, describe(result)
-
-
-class _Reduce:
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
 
 
 # -- 6. callables installed after construction, called by the load ------------------------------
