@@ -193,6 +193,17 @@ def _laughs_lists(levels: int = 40) -> bytes:
     return data + _get(levels - 1) + b"."
 
 
+def _laughs_across(segments: int = 7) -> bytes:
+    # a list of 1000 references made by LIST (run in Python: it keeps 8 items and records its
+    # size), then a list holding it made by APPEND (run by the C accelerator), and again: the
+    # C side must find the size Python recorded (walking the 8 kept items undercounts)
+    data = b"\x80\x04]" + _put(0)
+    for seg in range(1, segments + 1):
+        data += b"(" + _get(2 * seg - 2) * 1000 + b"l" + _put(2 * seg - 1) + b"0"
+        data += b"]" + _get(2 * seg - 1) + b"a" + _put(2 * seg) + b"0"
+    return data + _get(2 * segments) + b"."
+
+
 def _laughs_tuples(levels: int = 80) -> bytes:
     data = b"\x80\x04)" + _put(0)
     for level in range(1, levels):
@@ -203,6 +214,7 @@ def _laughs_tuples(levels: int = 80) -> bytes:
 BOMBS = {
     "billion laughs in lists": (_laughs_lists(), "pickle/expansion-bomb"),
     "billion laughs in tuples": (_laughs_tuples(), "pickle/expansion-bomb"),
+    "billion laughs, lists made by LIST and APPEND in turn": (_laughs_across(), "pickle/expansion-bomb"),
     # hashing a tuple DAG as a dict key walks all of it: pickle.loads never returns
     "hash bomb, dict key": (_laughs_tuples()[:-1] + b"0}" + _get(79) + b"Ns.", "pickle/hash-bomb"),
     "hash bomb, frozenset": (_laughs_tuples()[:-1] + b"0(" + _get(79) + b"\x91.", "pickle/hash-bomb"),

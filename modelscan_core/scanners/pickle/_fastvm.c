@@ -152,30 +152,61 @@ keep_pair(PyObject *target, PyObject *key, PyObject *value, Py_ssize_t cap)
  * weighs 1 + its items' weights, a shared one counted each time it is met; depth is the
  * nesting. vm.py keeps the size of every container of weight HEAVY_WEIGHT or depth
  * HEAVY_DEPTH and more in `heavy` (id -> [value, weight, depth]); the others are tiny and are
- * weighed by walking them. Anything past the limits goes back to vm.py, which reports it. */
+ * weighed by walking them. Anything past the limits goes back to vm.py, which reports it.
+ *
+ * Most containers are tiny, and asking `heavy` about each (an int made of its address, a dict
+ * lookup) cost more than the rest of the opcode. `marks` is a bitmap of addresses that both
+ * sides set for every container they put in `heavy` (bit (id >> 4) % HEAVY_BITS, as vm.py's
+ * _mark_heavy): a clear bit means "not in the table" without asking it. A set bit may be
+ * another container's; the table then says. */
 #define HEAVY_WEIGHT 16
 #define HEAVY_DEPTH 4
+#define HEAVY_BITS (1 << 16)
+
+typedef struct {
+    PyObject *table;     /* vm.py's `heavy` dict, or NULL when sizes are no longer counted */
+    unsigned char *bits; /* HEAVY_BITS bits, or NULL: ask the table every time */
+} Heavy;
+
+static inline size_t
+heavy_bit(PyObject *v)
+{
+    return ((size_t)(uintptr_t)v >> 4) & (HEAVY_BITS - 1);
+}
+
+static inline int
+maybe_heavy(const Heavy *h, PyObject *v)
+{
+    if (h->bits == NULL) return 1;
+    size_t b = heavy_bit(v);
+    return (h->bits[b >> 3] >> (b & 7)) & 1;
+}
+
+/* A value a walk goes into (a tuple, a list, or vm.py's PDict and PSet, which are lists);
+ * anything else weighs 1 and has depth 0. */
+static inline int
+container(PyObject *v)
+{
+    return PyTuple_CheckExact(v) || PyList_Check(v);
+}
 
 static int
-weigh_at(PyObject *v, PyObject *heavy, long long *w, long long *d, int *budget)
+weigh_at(PyObject *v, const Heavy *heavy, long long *w, long long *d, int *budget)
 {
-    int is_tuple = PyTuple_CheckExact(v);
-    if (!is_tuple && !PyList_Check(v)) {
-        *w = 1;
-        *d = 0;
-        return 0;
+    if (maybe_heavy(heavy, v)) {
+        PyObject *key = PyLong_FromVoidPtr(v);
+        if (key == NULL) return -1;
+        PyObject *e = PyDict_GetItemWithError(heavy->table, key);
+        Py_DECREF(key);
+        if (e != NULL && PyList_GET_ITEM(e, 0) == v) {
+            *w = PyLong_AsLongLong(PyList_GET_ITEM(e, 1));
+            *d = PyLong_AsLongLong(PyList_GET_ITEM(e, 2));
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        if (e == NULL && PyErr_Occurred()) return -1;
     }
-    PyObject *key = PyLong_FromVoidPtr(v);
-    if (key == NULL) return -1;
-    PyObject *e = PyDict_GetItemWithError(heavy, key);
-    Py_DECREF(key);
-    if (e != NULL && PyList_GET_ITEM(e, 0) == v) {
-        *w = PyLong_AsLongLong(PyList_GET_ITEM(e, 1));
-        *d = PyLong_AsLongLong(PyList_GET_ITEM(e, 2));
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    if (e == NULL && PyErr_Occurred()) return -1;
     /* tiny: walk it (a few nodes; the budget only guards against stale sizes) */
+    int is_tuple = PyTuple_CheckExact(v);
     Py_ssize_t n = is_tuple ? PyTuple_GET_SIZE(v) : PyList_GET_SIZE(v);
     *w = 1;
     *d = 1;
@@ -186,6 +217,10 @@ weigh_at(PyObject *v, PyObject *heavy, long long *w, long long *d, int *budget)
     for (Py_ssize_t i = 0; i < n; i++) {
         long long iw, id;
         PyObject *item = is_tuple ? PyTuple_GET_ITEM(v, i) : PyList_GET_ITEM(v, i);
+        if (!container(item)) {
+            *w += 1;
+            continue;
+        }
         if (weigh_at(item, heavy, &iw, &id, budget) < 0) return -1;
         *w += iw;
         if (id + 1 > *d) *d = id + 1;
@@ -196,37 +231,47 @@ weigh_at(PyObject *v, PyObject *heavy, long long *w, long long *d, int *budget)
 #define WALK_BUDGET 64
 
 static int
-weigh(PyObject *v, PyObject *heavy, long long *w, long long *d)
+weigh(PyObject *v, const Heavy *heavy, long long *w, long long *d)
 {
+    if (!container(v)) {
+        *w = 1;
+        *d = 0;
+        return 0;
+    }
     int budget = WALK_BUDGET;
     return weigh_at(v, heavy, w, d, &budget);
 }
 
 /* The weight of items[i:i+n] and the deepest of them. */
 static int
-weigh_items(PyObject *stack, Py_ssize_t i, Py_ssize_t n, PyObject *heavy, long long *w, long long *d)
+weigh_items(PyObject *stack, Py_ssize_t i, Py_ssize_t n, const Heavy *heavy, long long *w, long long *d)
 {
     *w = 0;
     *d = 0;
     for (Py_ssize_t j = i; j < i + n; j++) {
         long long iw, id;
-        if (weigh(PyList_GET_ITEM(stack, j), heavy, &iw, &id) < 0) return -1;
+        PyObject *item = PyList_GET_ITEM(stack, j);
+        if (!container(item)) {
+            *w += 1;
+            continue;
+        }
+        if (weigh(item, heavy, &iw, &id) < 0) return -1;
         *w += iw;
         if (id > *d) *d = id;
     }
     return 0;
 }
 
-static int remember(PyObject *heavy, PyObject *v, long long w, long long d);
+static int remember(const Heavy *heavy, PyObject *v, long long w, long long d);
 
 /* `target` takes stack[i:i+n] (APPEND(S), SETITEM(S)): its new size. 0 when counted (or not
  * counting), 1 when it goes past a limit (vm.py handles the opcode and reports it), -1 on error. */
 static int
-grow(PyObject *heavy, PyObject *target, PyObject *stack, Py_ssize_t i, Py_ssize_t n, long long max_weight,
+grow(const Heavy *heavy, PyObject *target, PyObject *stack, Py_ssize_t i, Py_ssize_t n, long long max_weight,
      long long max_depth)
 {
     long long tw, td, w, d;
-    if (heavy == NULL) return 0;
+    if (heavy->table == NULL) return 0;
     if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, i, n, heavy, &w, &d) < 0) return -1;
     w += tw;
     d = d + 1 > td ? d + 1 : td;
@@ -235,20 +280,24 @@ grow(PyObject *heavy, PyObject *target, PyObject *stack, Py_ssize_t i, Py_ssize_
 }
 
 static int
-remember(PyObject *heavy, PyObject *v, long long w, long long d)
+remember(const Heavy *heavy, PyObject *v, long long w, long long d)
 {
     if (w < HEAVY_WEIGHT && d < HEAVY_DEPTH) return 0;
+    if (heavy->bits != NULL) {
+        size_t b = heavy_bit(v);
+        heavy->bits[b >> 3] |= (unsigned char)(1u << (b & 7));
+    }
     PyObject *key = PyLong_FromVoidPtr(v);
     if (key == NULL) return -1;
     PyObject *entry = Py_BuildValue("[OLL]", v, w, d);
-    int rc = entry == NULL ? -1 : PyDict_SetItem(heavy, key, entry);
+    int rc = entry == NULL ? -1 : PyDict_SetItem(heavy->table, key, entry);
     Py_DECREF(key);
     Py_XDECREF(entry);
     return rc;
 }
 
 /* run(buf, pos, limit, stack, marks, mseq, memo_left, fence, sparse_empty, pdict, cap, keep, evicted[, stop,
- *     heavy, max_weight, max_depth])
+ *     heavy, max_weight, max_depth, heavy_bits])
  *   -> (pos, fence, memo_left, ops)
  * Opcodes start before `limit`; no operand is read at or past `stop` (a frame end, where the
  * readers disagree: vm.py handles what comes near it). FRAME itself is left to vm.py. */
@@ -260,14 +309,17 @@ fast_run(PyObject *self, PyObject *args)
     PyObject *stack, *marks, *mseq, *pdict, *keep, *evicted;
     int sparse_empty;
     Py_ssize_t stop = PY_SSIZE_T_MAX;
-    PyObject *heavy = NULL;
+    PyObject *table = NULL, *bits = NULL;
     long long max_weight = 1LL << 32, max_depth = 10000;
-    if (!PyArg_ParseTuple(args, "y*nnO!O!O!nnpOnO!O|nOLL", &view, &pos, &limit, &PyList_Type, &stack, &PyList_Type,
+    if (!PyArg_ParseTuple(args, "y*nnO!O!O!nnpOnO!O|nOLLO", &view, &pos, &limit, &PyList_Type, &stack, &PyList_Type,
                           &marks, &PyList_Type, &mseq, &memo_left, &fence, &sparse_empty, &pdict, &cap, &PyTuple_Type,
-                          &keep, &evicted, &stop, &heavy, &max_weight, &max_depth))
+                          &keep, &evicted, &stop, &table, &max_weight, &max_depth, &bits))
         return NULL;
     /* no table (None): sizes are no longer counted (vm.py has reported a bomb already) */
-    if (heavy != NULL && !PyDict_Check(heavy)) heavy = NULL;
+    Heavy heavy_ = {table != NULL && PyDict_Check(table) ? table : NULL, NULL};
+    if (bits != NULL && PyByteArray_CheckExact(bits) && PyByteArray_GET_SIZE(bits) == HEAVY_BITS / 8)
+        heavy_.bits = (unsigned char *)PyByteArray_AS_STRING(bits);
+    const Heavy *heavy = &heavy_;
     long long w, d;
     const unsigned char *buf = view.buf;
     Py_ssize_t end = view.len < stop ? view.len : stop;
@@ -412,13 +464,13 @@ fast_run(PyObject *self, PyObject *args)
             Py_ssize_t n = op - 0x84;
             if (len - fence < n) goto done;
             w = d = 0;
-            if (heavy != NULL && weigh_items(stack, len - n, n, heavy, &w, &d) < 0) goto error;
+            if (heavy->table != NULL && weigh_items(stack, len - n, n, heavy, &w, &d) < 0) goto error;
             if (w + 1 > max_weight || d + 1 > max_depth) goto done;
             PyObject *t = PyList_GetSlice(stack, len - n, len);
             if (t == NULL) goto error;
             PyObject *tuple = PyList_AsTuple(t);
             Py_DECREF(t);
-            if (tuple == NULL || (heavy != NULL && remember(heavy, tuple, w + 1, d + 1) < 0)) {
+            if (tuple == NULL || (heavy->table != NULL && remember(heavy, tuple, w + 1, d + 1) < 0)) {
                 Py_XDECREF(tuple);
                 goto error;
             }
@@ -429,13 +481,13 @@ fast_run(PyObject *self, PyObject *args)
             Py_ssize_t k = last_mark(marks);
             if (k < 0 || k > len) goto done;
             w = d = 0;
-            if (heavy != NULL && weigh_items(stack, k, len - k, heavy, &w, &d) < 0) goto error;
+            if (heavy->table != NULL && weigh_items(stack, k, len - k, heavy, &w, &d) < 0) goto error;
             if (w + 1 > max_weight || d + 1 > max_depth) goto done;
             PyObject *t = PyList_GetSlice(stack, k, len);
             if (t == NULL) goto error;
             PyObject *tuple = PyList_AsTuple(t);
             Py_DECREF(t);
-            if (tuple == NULL || (heavy != NULL && remember(heavy, tuple, w + 1, d + 1) < 0)) {
+            if (tuple == NULL || (heavy->table != NULL && remember(heavy, tuple, w + 1, d + 1) < 0)) {
                 Py_XDECREF(tuple);
                 goto error;
             }

@@ -87,6 +87,9 @@ MAX_HASHED = 1 << 24
 #: containers this big or deep are remembered with their size; the rest are tiny and walked
 _HEAVY_WEIGHT = 16
 _HEAVY_DEPTH = 4
+#: the C accelerator asks the table about an id only when its bit, (id >> 4) % _HEAVY_BITS,
+#: is set (HEAVY_BITS in _fastvm.c): every entry put in the table sets its bit
+_HEAVY_BITS = 1 << 16
 _WALK_BUDGET = 64
 
 #: how each reader reads FRAMEs (see the module docstring)
@@ -766,6 +769,7 @@ class PickleVM:
                 msparse[idx] = value
 
         heavy: dict[int, list] = {}  # id -> [container, weight, depth] of the big ones (see _weigh)
+        heavy_bits = bytearray(_HEAVY_BITS >> 3)  # which ids may be in `heavy` (for the C side)
         counting = [heavy]  # [None] once a bomb is reported: sizes are no longer counted
 
         def sized(c: object, w: int, d: int, at: int) -> None:
@@ -783,7 +787,10 @@ class PickleVM:
                 if facts.expansion is None:
                     facts.expansion = (at, w)
                 w = MAX_EXPANSION + 1
-            heavy[id(c)] = [c, w, d]
+            key = id(c)
+            heavy[key] = [c, w, d]
+            bit = (key >> 4) & (_HEAVY_BITS - 1)
+            heavy_bits[bit >> 3] |= 1 << (bit & 7)
 
         def size_new(c: object, items, start: int, at: int) -> None:
             if counting[0] is None:
@@ -843,7 +850,7 @@ class PickleVM:
                     if pos < limit:
                         pos, fence, memo_left, n = fast(
                             buf, pos, limit, stack, marks, mseq, memo_left, fence, not msparse, PDict, DISPLAY_ITEMS,
-                            _KEEP_PAST_BUDGET, _EVICTED, blim, counting[0], MAX_EXPANSION, MAX_NESTING,
+                            _KEEP_PAST_BUDGET, _EVICTED, blim, counting[0], MAX_EXPANSION, MAX_NESTING, heavy_bits,
                         )
                         ops += n
                         if pos >= limit:
