@@ -252,9 +252,9 @@ def test_joblib_array_bytes_cannot_steer_the_walk(tmp_path):
 
 def test_ratio_bomb_is_incomplete_and_keeps_findings(tmp_path):
     path = tmp_path / "bomb.pkl.gz"
-    path.write_bytes(gzip.compress(payload(2) + b"\x00" * (80 << 20), 1))
+    path.write_bytes(gzip.compress(payload(2) + b"\x00" * (6 << 20), 1))
     # the ratio is checked past limits.ratio_after_bytes (1 GiB by default); lowered to keep the test small
-    settings = Settings.from_dict({"limits": {"ratio_after_bytes": 32 << 20}})
+    settings = Settings.from_dict({"limits": {"ratio_after_bytes": 2 << 20}})
     report = assert_caught(path, "bomb.pkl.gz:bomb.pkl", settings)
     assert any(e.incomplete and "max_ratio" in e.description for e in report.all_errors()), report.all_errors()
 

@@ -53,7 +53,7 @@ def test_torch_zip_state_dict_and_optimizer(tmp_path):
 def test_torch_zip_with_opcode_looking_tensors(tmp_path):
     # torch.load never unpickles a storage, so data.pkl is clean; but tensors whose bytes are
     # a pickle that calls os.system are a payload for tools that unpickle every member (issue 9)
-    t = torch.from_numpy(opcode_array(1 << 20))
+    t = torch.from_numpy(opcode_array(1 << 14))
     path = tmp_path / "weights.pth"
     torch.save({"w": t, "w2": t.clone()}, path)
     report = scan_path(path)
