@@ -18,11 +18,15 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from modelscan_core import scan_path
 from modelscan_core.model import Severity
+from modelscan_core.scanners.pickle.vm import READERS, PickleVM
 
 from .pickle_ops import Reduce
+from .test_vm import summary
 
 EVIL = pickle.dumps(Reduce(os.system, ("touch /tmp/modelscand-never-run",)), protocol=2)
 
@@ -221,6 +225,43 @@ BOMBS = {
     "deep nesting, marks": (b"\x80\x04" + b"(" * 200_000 + b"N" + b"t" * 200_000 + b".", "pickle/deep-nesting"),
     "deep nesting, appends": (b"\x80\x04" + b"]" * 200_000 + b"a" * 199_999 + b".", "pickle/deep-nesting"),
 }
+
+
+# -- frame ends: the C accelerator runs up to them, each reader handles what straddles one -------
+
+_PUSH = st.one_of(
+    st.sampled_from([b"N", b"]", b")", b"}", b"\x88", b"\x8c\x06system", b"\x8c\x02os", b"cos\nsystem\n"]),
+    st.integers(0, 255).map(lambda i: b"K" + bytes([i])),
+    st.integers(0, 65535).map(lambda i: b"M" + struct.pack("<H", i)),
+    st.integers(-(2**31), 2**31 - 1).map(lambda i: b"J" + struct.pack("<i", i)),
+    st.floats(allow_nan=False).map(lambda f: b"G" + struct.pack(">d", f)),
+)
+_NEAR_FRAME_ENDS = st.one_of(
+    _PUSH,
+    _PUSH,
+    st.sampled_from([b"(", b"e", b"u", b"s", b"a", b"t", b"\x85", b"\x86", b"\x87", b"\x94", b"0", b"l", b"R", b"b",
+                     b"\x93", b"."]),
+    st.integers(0, 3).map(lambda i: b"q" + bytes([i])),
+    st.integers(0, 3).map(lambda i: b"h" + bytes([i])),
+    st.integers(0, 3).map(lambda i: b"r" + struct.pack("<I", i)),
+    st.integers(0, 3).map(lambda i: b"j" + struct.pack("<I", i)),
+    # frames short enough that their ends fall inside operands, between opcodes, on FRAMEs
+    st.integers(0, 24).map(lambda n: b"\x95" + struct.pack("<Q", n)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_NEAR_FRAME_ENDS, max_size=50), st.sampled_from(READERS), st.lists(st.booleans(), max_size=6))
+def test_accelerator_agrees_with_reference_at_frame_ends_in_every_reader(tokens, reader, choices):
+    data = b"\x80\x04" + b"".join(tokens)
+
+    def read(accelerate: bool) -> tuple:
+        vm = PickleVM(io.BytesIO(data), size=len(data), accelerate=accelerate, reader=reader,
+                      frame_choices=tuple(choices))
+        facts = vm.run()
+        return summary(facts), facts.next_start, vm.divergences, vm.mattered
+
+    assert read(True) == read(False)
 
 
 @pytest.mark.parametrize("case", sorted(BOMBS))

@@ -845,15 +845,18 @@ class PickleVM:
                     if pos >= blen:
                         raise PickleTruncated("stream ends without STOP (truncated pickle)", base + pos)
                 if fast is not None:
-                    # The C accelerator runs data-only opcodes and stops before anything else.
-                    limit = min(blen if self._eof else blen - 16, blim - 16)
-                    if pos < limit:
+                    # The C accelerator runs data-only opcodes and stops before anything else. It runs
+                    # up to a frame end (`blim`): it reads no operand past it, so what it runs reads
+                    # the same in every reader; where it stops next to the end, the opcode is looked
+                    # at above before it runs here.
+                    limit = min(blen if self._eof else blen - 16, blim)
+                    if pos < limit and buf[pos] != 0x95:  # (FRAME is left to the code below)
                         pos, fence, memo_left, n = fast(
                             buf, pos, limit, stack, marks, mseq, memo_left, fence, not msparse, PDict, DISPLAY_ITEMS,
                             _KEEP_PAST_BUDGET, _EVICTED, blim, counting[0], MAX_EXPANSION, MAX_NESTING, heavy_bits,
                         )
                         ops += n
-                        if pos >= limit:
+                        if pos >= limit or (pos + 16 > blim and base + pos != checked):
                             continue
                 op = buf[pos]
                 pos += 1
