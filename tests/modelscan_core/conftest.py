@@ -46,3 +46,14 @@ def scan_bytes(tmp_path: Path):
         return Scanned(scan_path(path))
 
     return run
+
+
+#: module fixtures built by TensorFlow or Keras at test time (seconds each, and the import of
+#: TensorFlow): every test that uses one is slow, so the fast tier never imports TensorFlow
+REAL_LIBRARY_FIXTURES = frozenset({"saved", "models"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REAL_LIBRARY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

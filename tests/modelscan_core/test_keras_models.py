@@ -19,9 +19,10 @@ import pytest
 from modelscan_core import scan_path
 from modelscan_core.model import Severity
 
-from .tf_helpers import CRITICAL, HIGH, MEDIUM, by_rule, first_layer_dict, rewrite_keras, scan_in_subprocess
+from .tf_helpers import CRITICAL, HIGH, MEDIUM, LazyModule, by_rule, first_layer_dict, rewrite_keras, scan_in_subprocess
 
-keras = pytest.importorskip("keras")
+#: imported on first use: the tests that use it build real models and are slow (conftest.py)
+keras = LazyModule("keras")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +174,7 @@ def test_legacy_tf_keras_h5_layout_built_with_h5py(tmp_path, as_bytes):
     assert "subprocess" in found[0].description
 
 
+@pytest.mark.slow
 def test_legacy_tf_keras_h5_saved_by_tf_keras(tmp_path):
     tf_keras = pytest.importorskip("tf_keras")
     inner = tf_keras.Sequential([tf_keras.layers.Lambda(lambda x: x * 2, name="deep_lambda", input_shape=(4,))], name="inner")

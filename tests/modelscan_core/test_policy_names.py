@@ -15,6 +15,7 @@ Families, each generated over many names rather than one sample per name:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pickle
@@ -48,7 +49,10 @@ DANGER = {"os": "system", "posix": "system", "subprocess": "Popen", "sys": "modu
           "cloudpickle": "loads", "torch.serialization": "load", "timeit": "timeit", "pydoc": "pipepager"}
 
 
+@functools.cache
 def _aliases():
+    """(aliases of denied modules, re-exports of denied objects) in the table; built on first
+    use, not at collection (it judges every entry: seconds)."""
     modules, objects = [], []
     for module in sorted(TABLE._index()):
         for name, what in sorted(TABLE.entries(module).items()):
@@ -62,43 +66,44 @@ def _aliases():
     return modules, objects
 
 
-MODULE_ALIASES, OBJECT_ALIASES = _aliases()
-
-
 def test_the_table_has_the_aliases_that_matter():
     # a generated table that lost its aliases would make every test below vacuous
+    MODULE_ALIASES, OBJECT_ALIASES = _aliases()
     assert len(MODULE_ALIASES) > 1000 and len(OBJECT_ALIASES) > 5000
     assert ("sklearn.datasets._base", "NamedTemporaryFile", "tempfile", "NamedTemporaryFile", Severity.CRITICAL) in OBJECT_ALIASES
 
 
 @pytest.mark.parametrize("share", thinned(range(4), every=4))
 def test_every_alias_of_a_denied_module_is_judged_as_that_module(share):
-    missed = [(m, n) for m, n, _ in MODULE_ALIASES[share::4]
+    missed = [(m, n) for m, n, _ in _aliases()[0][share::4]
               if (POLICY.judge(m, n, CALLED).severity or Severity.LOW) < Severity.HIGH]
     assert not missed, missed[:20]
 
 
 @pytest.mark.parametrize("share", thinned(range(4), every=4))
 def test_every_re_export_of_a_denied_object_is_judged_as_that_object(share):
-    missed = [(m, n, tm, tn) for m, n, tm, tn, severity in OBJECT_ALIASES[share::4]
+    missed = [(m, n, tm, tn) for m, n, tm, tn, severity in _aliases()[1][share::4]
               if (POLICY.judge(m, n, CALLED).severity or Severity.LOW) < severity]
     assert not missed, missed[:20]
 
 
-_SAMPLE = random.Random(8)
+@functools.cache
+def _sample(kind: int) -> list:
+    return random.Random(8 + kind).sample(_aliases()[kind], 25)
 
 
-@pytest.mark.parametrize("module,name,target", _SAMPLE.sample(MODULE_ALIASES, 25))
-def test_module_alias_chains_in_real_pickles(module, name, target):
+@pytest.mark.parametrize("index", range(25))
+def test_module_alias_chains_in_real_pickles(index):
+    module, name, target = _sample(0)[index]
     for data in (proto(stack_global_op(module, name) + unicode_op("x") + b"\x85R"),
                  proto(global_op(module, name) + unicode_op("x") + b"\x85R", 4)):
         result = scan(data)
         assert high_or_worse(result), (module, name, target, result.report.findings())
 
 
-@pytest.mark.parametrize("module,name,target_module,target_name,severity",
-                         _SAMPLE.sample(OBJECT_ALIASES, 25))
-def test_re_exports_in_real_pickles(module, name, target_module, target_name, severity):
+@pytest.mark.parametrize("index", range(25))
+def test_re_exports_in_real_pickles(index):
+    module, name, _, _, severity = _sample(1)[index]
     result = scan(proto(global_op(module, name) + unicode_op("x") + b"\x85R", 2))
     assert result.worst is not None and result.worst >= severity, result.report.findings()
 

@@ -11,9 +11,10 @@ import pytest
 from modelscan_core import scan_path
 from modelscan_core.settings import Settings
 
-from .tf_helpers import CRITICAL, HIGH, MEDIUM, scan_in_subprocess
+from .tf_helpers import CRITICAL, HIGH, MEDIUM, LazyModule, scan_in_subprocess
 
-tf = pytest.importorskip("tensorflow")
+#: imported on first use: the tests that use it build real models and are slow (conftest.py)
+tf = LazyModule("tensorflow")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def test_an_op_tensorflow_does_not_know_is_reported(saved, tmp_path):
     assert _ops(scan_path(copy)) == {"MatMux": ("tf/unknown-op", MEDIUM)}
 
 
+@pytest.mark.slow
 def test_shipped_op_list_covers_installed_tensorflow():
     import importlib.util
 
@@ -180,6 +182,7 @@ def test_lambda_in_keras_metadata_built_by_hand(tmp_path):
     assert [(f.rule_id, f.severity, f.source) for f in found] == [("keras/lambda-dangerous", CRITICAL, "keras_metadata.pb")]
 
 
+@pytest.mark.slow
 def test_lambda_in_tf_keras_savedmodel(tmp_path):
     tf_keras = pytest.importorskip("tf_keras")
     inner = tf_keras.Sequential([tf_keras.layers.Lambda(lambda x: x * 2, name="deep_lambda", input_shape=(4,))], name="inner")
@@ -201,6 +204,7 @@ def test_scanning_savedmodels_imports_no_tensorflow(saved):
     assert sorted(out["verdicts"][str(saved["files"])]) == ["clean", "issues", "skipped", "skipped"]
 
 
+@pytest.mark.slow
 def test_frozen_graphdef_pb_is_read_for_ops(tmp_path):
     evil = tf.function(lambda p: tf.io.read_file(p)).get_concrete_function(tf.TensorSpec([], tf.string))
     benign = tf.function(lambda x: tf.nn.relu(x) * 2.0).get_concrete_function(tf.TensorSpec([3], tf.float32))
@@ -214,6 +218,7 @@ def test_frozen_graphdef_pb_is_read_for_ops(tmp_path):
     assert _ops(report) == {"ReadFile": ("tf/unsafe-op", HIGH)}
 
 
+@pytest.mark.slow
 def test_immutable_const_memory_maps_a_file_and_is_high(tmp_path):
     fn = tf.function(lambda: tf.raw_ops.ImmutableConst(dtype=tf.float32, shape=[2], memory_region_name="/etc/shadow"))
     (tmp_path / "mapped.pb").write_bytes(fn.get_concrete_function().graph.as_graph_def().SerializeToString())
@@ -222,6 +227,7 @@ def test_immutable_const_memory_maps_a_file_and_is_high(tmp_path):
     assert "'/etc/shadow'" in found[0].description
 
 
+@pytest.mark.slow
 def test_minimal_tensorflow_proto_agrees_with_tensorflow():
     from google.protobuf.descriptor import FieldDescriptor
     from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2, op_def_pb2

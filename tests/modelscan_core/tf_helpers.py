@@ -19,6 +19,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
+class LazyModule:
+    """A library imported on first use, so that collecting the tests (and the fast tier, which
+    deselects every test that builds a model with it) never pays for importing TensorFlow."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import pytest
+
+        return getattr(pytest.importorskip(self._name), attr)
+
+
 def findings(path: Path):
     report = scan_path(path)
     return report, report.findings()
