@@ -50,7 +50,7 @@ def defaults() -> dict[str, Any]:
             "conventions": True,
             "users": [],
             "include": [],
-            "exclude": ["*.lock", "CACHEDIR.TAG", "*/.no_exist/*", "*/refs/*"],
+            "exclude": ["CACHEDIR.TAG"],
             "reconcile_interval": 3600,
             "root_retry_interval": 10.0,
             "queue_size": 20000,

@@ -80,9 +80,13 @@ class Results:
         if verdict == "issues" and severity is not None and severity >= self._config().threshold:
             self.counts["over_threshold"] += 1
         event, level = EVENTS.get(verdict, ("scan.error", "error"))
-        model_named = verdict == "skipped" and self._model_named(cand)
-        if model_named:  # a model by name that no scanner can read: someone must look at it
+        # a model by name that no scanner can read: someone must look at it (an empty file
+        # is nothing a loader could run)
+        model_named = verdict == "skipped" and ident.size > 0 and self._model_named(cand)
+        if model_named:
             level = "warning"
+        elif verdict in ("clean", "skipped") and hfcache.metadata(cand.path):
+            level = "debug"  # HF's refs, negative cache and locks: one info line each is noise
         fields = {
             "path": cand.path, "root": cand.root, "reason": cand.reason, "verdict": verdict,
             "format": result.format if result is not None else None, "size": ident.size, "sha256": sha,
@@ -107,7 +111,7 @@ class Results:
             fields["errors"] = errors
         if status != "ok":
             fields["error"] = reply.error
-        hf = hfcache.describe(cand.path) if "--" in cand.path else None
+        hf = hfcache.describe(cand.path) if hfcache.maybe(cand.path) else None
         if hf:
             fields["hf"] = hf
         if sha and verdict == "issues":
@@ -130,7 +134,7 @@ class Results:
     @staticmethod
     def _model_named(cand: Candidate) -> bool:
         names = [os.path.basename(cand.path)] + ([os.path.basename(cand.via)] if cand.via else [])
-        if "--" in cand.path:  # an HF blob is known by its snapshot names
+        if hfcache.maybe(cand.path):  # an HF blob is known by its snapshot names
             hf = hfcache.describe(cand.path) or {}
             names += [os.path.basename(f["file"]) for f in hf.get("files", [])]
         return any(looks_like_model(n) for n in names)

@@ -19,7 +19,7 @@ import threading
 from typing import Callable
 
 from modelscand.config import Config, Root
-from modelscand.quarantine.store import PER_FS_NAME
+from modelscand.quarantine.store import PER_FS_NAME, is_per_filesystem_dir
 from modelscand.watcher import RootWatch
 
 
@@ -211,10 +211,16 @@ class Roots:
     def _own(self, path: str) -> bool:
         """The daemon's own state and quarantine dirs are never scanned (nor re-quarantined)."""
         cfg = self._config()
-        if f"/{PER_FS_NAME}/" in path:
-            return True
         own = (cfg.state_dir, cfg.quarantine_dir, *cfg.data["quarantine"]["filesystem_dirs"])
-        return any(path.startswith(d.rstrip("/") + "/") for d in own)
+        if any(path.startswith(d.rstrip("/") + "/") for d in own):
+            return True
+        mark = f"/{PER_FS_NAME}/"
+        at = path.find(mark)
+        while at >= 0:  # only a real one (ours, private, at its filesystem's top): the name alone hides nothing
+            if is_per_filesystem_dir(path[:at + len(mark) - 1]):
+                return True
+            at = path.find(mark, at + 1)
+        return False
 
     def paths(self) -> list[str]:
         with self.lock:

@@ -13,42 +13,73 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from modelscand import hfcache
 from modelscand.quarantine.store import DIR_FLAGS
 
 _MAX_REF = 256
+_MAX_REFS = 50  # refs recorded
+_MAX_REF_ENTRIES = 1000  # refs/ entries looked at
+_MAX_REF_DEPTH = 8
 
 
-def describe(path: str) -> dict | None:
-    """hfcache.describe plus repo folder, refs and link texts; None outside a hub cache."""
-    info = hfcache.describe(path)
+def describe(path: str, root: str | None = None) -> dict | None:
+    """hfcache.describe plus repo folder, refs and link texts; None outside a hub cache.
+    Everything is read below `root` by directory fd, never through a link (see hfcache):
+    the record holds nothing of a file outside the root, whoever pointed a link at it."""
+    info = hfcache.describe(path, root, links=True)
     if not info:
         return None
     folder = f"{info['repo_type']}s--{info['repo_id'].replace('/', '--')}"
     if info.get("shared_blob"):
         repo_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(path))), folder)
-        link = os.path.join(repo_dir, "blobs", info["etag"])
-        info["blob_link"] = {"name": f"blobs/{info['etag']}", "link": _readlink(link)}
     else:
         parts = path.split(os.sep)
         repo_dir = os.sep.join(parts[: parts.index(folder) + 1]) if folder in parts else None
     if repo_dir is None:
         return info
     info["repo_dir"] = repo_dir
-    for f in info.get("files", []):
-        f["link"] = _readlink(os.path.join(repo_dir, "snapshots", f["revision"], *f["file"].split("/")))
-    refs = {}
     try:
-        for name in sorted(os.listdir(os.path.join(repo_dir, "refs")))[:50]:
-            text = _read_small(os.path.join(repo_dir, "refs", name))
-            if text is not None:
-                refs[name] = text
+        rfd = hfcache.open_dir(repo_dir, root)
     except OSError:
-        pass
+        return info
+    try:
+        refs = _refs(rfd)
+    finally:
+        os.close(rfd)
     if refs:
         info["refs"] = refs
     return info
+
+
+def _refs(repo_fd: int) -> dict[str, str]:
+    """refs/ as {name: commit}: huggingface_hub writes ``revision="refs/pr/1"`` as the file
+    refs/refs/pr/1, so the folder is walked (files only, bounded, no link followed) and each
+    ref named by its path below refs/."""
+    out: dict[str, str] = {}
+    try:
+        top = os.open("refs", DIR_FLAGS, dir_fd=repo_fd)
+    except OSError:
+        return out
+    seen = 0
+    try:
+        for dirpath, dirs, files, dfd in os.fwalk(".", dir_fd=top):
+            dirs.sort()
+            if dirpath.count(os.sep) >= _MAX_REF_DEPTH:
+                dirs.clear()
+            for name in sorted(files):
+                seen += 1
+                if seen > _MAX_REF_ENTRIES or len(out) >= _MAX_REFS:
+                    return out
+                text = _read_small(dfd, name)
+                if text is not None:
+                    out[os.path.normpath(os.path.join(dirpath, name)).replace(os.sep, "/")] = text
+    except OSError:
+        pass
+    finally:
+        os.close(top)
+    return out
 
 
 def names(info: dict | None) -> list[str]:
@@ -119,19 +150,19 @@ def _chown_entry(name: str, dfd: int, uid: int, gid: int) -> None:
             pass  # left root's: the link still resolves, the user can still replace it
 
 
-def _readlink(path: str) -> str | None:
+def _read_small(dfd: int, name: str) -> str | None:
+    """The first bytes of the regular file `name` in `dfd`; None for a link, a FIFO, a file
+    with other names (HF writes refs as plain files), anything else."""
     try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
-def _read_small(path: str) -> str | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
     except OSError:
         return None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link may be anyone's file
+            return None
         return os.read(fd, _MAX_REF).decode("ascii", "replace").strip()
+    except OSError:
+        return None
     finally:
         os.close(fd)

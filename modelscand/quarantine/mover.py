@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from modelscand import hfcache
 from modelscand.text import safe_text
 from modelscand.quarantine import QuarantineError, tombstone
 from modelscand.quarantine import hf as hfnames
@@ -227,7 +228,7 @@ def _begin(store: Store, subject: Subject, meta: dict, fd: int, dfd: int, base: 
     if subject.sha256 and sha != subject.sha256:
         raise Changed("its bytes are not the ones scanned")
     qdir, same_fs = store.dirs.for_file(st.st_dev, os.path.dirname(subject.path))
-    hf = hfnames.describe(subject.path) if "--" in subject.path else None
+    hf = hfnames.describe(subject.path, subject.root) if hfcache.maybe(subject.path) else None
     qid = new_id()
     return store.ledger.append(
         "quarantine.begin", id=qid, method="rename" if same_fs else "copy", root=subject.root,

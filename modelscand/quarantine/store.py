@@ -68,6 +68,22 @@ def _mkdir_private(path: str) -> None:
         raise QuarantineError(f"cannot create the quarantine directory {path}: {exc.strerror or exc}") from None
 
 
+def is_per_filesystem_dir(path: str) -> bool:
+    """Is `path` one of our per-filesystem quarantine directories: named so, at the top of its
+    filesystem, ours and private? A directory a user names so anywhere else is no quarantine
+    (it is scanned like any other)."""
+    if os.path.basename(path) != PER_FS_NAME:
+        return False
+    try:
+        st = os.lstat(path)
+        top = os.path.dirname(path)
+        at_top = top == os.path.dirname(top) or os.lstat(top).st_dev != os.lstat(os.path.dirname(top)).st_dev
+    except OSError:
+        return False
+    return (at_top and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            and not stat.S_IMODE(st.st_mode) & 0o077)
+
+
 def filesystem_top(path: str, dev: int) -> str:
     """The highest directory above `path` still on filesystem `dev` (lstat: no link is followed)."""
     top = path
