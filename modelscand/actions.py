@@ -50,6 +50,11 @@ class Action(Protocol):
         """Act on one outcome; return what was done (logged by the caller) or None."""
         ...
 
+    def acts_on(self, row) -> bool:
+        """Would `handle` act on a file (still in place) whose cached verdict is this
+        baseline row? Then the row is no settled verdict: the file is scanned again."""
+        ...
+
 
 class LogAction:
     """Detect mode: say what a quarantine would have acted on; never touch the file."""
@@ -74,6 +79,9 @@ class LogAction:
             note="detect mode: logged only, file left in place",
         )
         return {"action": "detect"}
+
+    def acts_on(self, row) -> bool:
+        return False  # a log line is no lasting action: a cached verdict is settled
 
 
 def make_action(mode: str, threshold: Severity, config=None, fingerprint: str | None = None) -> Action:

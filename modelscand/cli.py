@@ -1,5 +1,8 @@
 """`modelscand`: run the watcher, scan once with its config and cache, check config, status.
 
+`scan PATH` is the check a user runs before loading a model: it reports and never moves a
+file, whatever the config's ``scan.mode``, unless asked with ``--mode quarantine``.
+
 Exit codes:
   run (service)      0 clean stop, 70 internal failure, 78 config error
   run --once, scan   0 nothing at/above the threshold, 1 findings at/above the threshold,
@@ -52,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(repeatable; switches conventions off)")
     run.add_argument("--mode", choices=("detect", "quarantine"))
     run.add_argument("--once", action="store_true", help="reconcile the roots, drain the queue, report, exit")
-    scan = sub.add_parser("scan", help="scan PATH once with the daemon's config and verdict cache")
+    scan = sub.add_parser("scan", help="scan PATH once with the daemon's config and verdict cache; moves nothing "
+                          "unless --mode quarantine")
     common(scan)
+    scan.add_argument("--mode", choices=("detect", "quarantine"), default="detect",
+                      help="detect (default, whatever the config's scan.mode says): report only; quarantine: also "
+                      "move what is found, as the daemon would")
     scan.add_argument("path", nargs="+")
     check = sub.add_parser("check-config", help="validate the config and print what would be watched")
     common(check)

@@ -86,11 +86,11 @@ class Daemon:
         self.intake = Intake(self.roots, self.queue, self.log, self.counts, wake=self.maintenance.wake)
         self.results = Results(cfg, lambda: self.baseline, lambda: self.action, self.log, self.counts)
         self.reconciler = Reconciler(cfg, self.roots, self.queue, lambda: self.baseline, self.log, self.activity,
-                                     stopping=self.stopping,
+                                     stopping=self.stopping, settled=self._settled,
                                      on_cached=self.results.log_cached if report_cached else None)
         self.scheduler = Scheduler(cfg, self.roots, self.queue, lambda: self.baseline, lambda: self.pool, self.log,
                                    self.activity, request_reconcile=self.reconciler.request, once=lambda: self.once,
-                                   on_reply=self.results.handle, reoffer=self._reoffer)
+                                   on_reply=self.results.handle, reoffer=self._reoffer, settled=self._settled)
         self._threads: list[threading.Thread] = []
         self._quiet = QuietOverflow()
 
@@ -100,6 +100,13 @@ class Daemon:
                          on_subwatch_failed=self.intake.on_subwatch_failed, on_root_gone=self._on_root_gone,
                          on_overflow=lambda r: self.intake.on_overflow([r], "inotify queue overflowed"),
                          hook=self._hook)
+
+    def _settled(self, row) -> bool:
+        """Is a cached verdict final for a file still in place? Not when the action (the one
+        a reload installed) would act on it: quarantine mode moves a cached finding that a
+        kill, a failed move or a detect-mode scan sharing the state dir left in place."""
+        acts_on = getattr(self.action, "acts_on", None)
+        return acts_on is None or not acts_on(row)
 
     def _hook(self, watch, event) -> None:
         if self.handler_hook is not None:

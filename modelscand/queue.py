@@ -32,11 +32,13 @@ class Candidate:
     since: float = field(default_factory=time.monotonic)  # when the event was handled
     wall: float = field(default_factory=time.time)
     attempts: int = 0
-    first_stat: tuple | None = None
+    first_stat: tuple | None = None  # (size, mtime) at the last look where no lease could be taken
+    seen: tuple | None = None  # (size, mtime, ctime) at the last look...
+    changed_at: float = 0.0  # ...and when it last changed, on the monotonic clock
     via: str | None = None  # the link (or path through a linked directory) the file was reached by
     outside: bool = False  # reached by a link whose target is outside every root
-    waiting_on: tuple | None = None
-    quiet_on: tuple | None = None  # the inode this candidate is parked on until it is quiet  # the inode whose writer this candidate waits for
+    waiting_on: tuple | None = None  # the inode whose writer this candidate waits for
+    quiet_on: tuple | None = None  # the inode this candidate is parked on until it is quiet
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class WorkQueue:
         self.dropped = 0
         self._in_full = False
         self._closed = False
+        self._woken = 0
         self.in_hand = 0  # taken by get(), not yet done(): a run --once must not stop in between
 
     def __len__(self) -> int:
@@ -111,7 +114,8 @@ class WorkQueue:
         """Next rescan marker or candidate; None on timeout or close."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._items and not self._rescans and not self._closed:
+            woken = self._woken
+            while not self._items and not self._rescans and not self._closed and self._woken == woken:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
@@ -130,7 +134,9 @@ class WorkQueue:
             return None
 
     def wake(self) -> None:
+        """Make a waiting get() return None now (the consumer has new parked work to time)."""
         with self._cond:
+            self._woken += 1
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -33,7 +33,8 @@ RESCAN_GAP_FACTOR = 10.0  # ...and at least ten times as long as the last walk t
 class Reconciler:
     def __init__(self, config: Callable[[], Config], roots: Roots, queue: WorkQueue, baseline: Callable[[], Baseline],
                  log, activity: Activity, *, stopping: threading.Event,
-                 on_cached: Callable[[str, object], None] | None = None):
+                 on_cached: Callable[[str, object], None] | None = None,
+                 settled: Callable[[object], bool] = lambda row: True):
         self._config = config
         self.roots = roots
         self.queue = queue
@@ -42,12 +43,30 @@ class Reconciler:
         self.activity = activity
         self._stopping = stopping
         self.on_cached = on_cached  # run --once: report what the baseline already knows
+        self._settled = settled  # a cached verdict the action would still act on is queued again
         self._cond = threading.Condition()
         self._pending: dict[str, tuple[str, float]] = {}  # path -> (why, due on the monotonic clock)
         self._last: dict[str, tuple[float, float]] = {}  # path -> (end, duration) of its last walk
         self._running = 0
         self._closed = False
         self.dir_count = 0
+        self._temps: dict[tuple[int, int], tuple[tuple, float]] = {}  # temp inode -> (size, mtime, ctime), since
+
+    def _stale(self, st: os.stat_result, stale_after: float) -> bool:
+        """A temp-named file untouched for `stale_after` seconds: by its mtime, or, when the
+        mtime says nothing (in the future: `touch -d 2100-01-01`, a clock set back), as seen
+        unchanged across walks on the daemon's monotonic clock."""
+        if time.time() - st.st_mtime >= stale_after:
+            return True
+        key, now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns), time.monotonic()
+        with self._cond:
+            if len(self._temps) > 100000:
+                self._temps.clear()
+            seen = self._temps.get((st.st_dev, st.st_ino))
+            if seen is None or seen[0] != key:
+                self._temps[(st.st_dev, st.st_ino)] = (key, now)
+                return False
+        return now - seen[1] >= stale_after
 
     # ------------------------------------------------------------------ requests
     def request(self, root_path: str, why: str) -> None:
@@ -173,13 +192,13 @@ class Reconciler:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                if temp and time.time() - st.st_mtime < stale_after:
+                if temp and not self._stale(st, stale_after):
                     continue  # a download in progress: its rename is the signal
                 files += 1
                 ident = Identity.of(st)
                 seen.add(ident.inode)
                 row = baseline.lookup(ident)
-                if row is not None:
+                if row is not None and self._settled(row):
                     if self.on_cached is not None:
                         self.on_cached(path, row)
                     continue

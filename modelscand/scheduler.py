@@ -2,11 +2,14 @@
 
 The scheduler thread takes candidates off the queue and decides, for each:
 
-- the baseline already knows this identity -> nothing to do;
+- the baseline already knows this identity -> nothing to do (unless the action would still
+  act on that verdict: a cached finding left in place in quarantine mode is scanned again);
 - a symlink -> its target, if the target is inside a root (an HF snapshot link names its
   blob's verdict once the blob has one);
 - the inode is being scanned right now -> remember that it changed (rescanned after);
-- written less than ``watch.settle_time`` ago -> park it until it has been quiet that long;
+- changed less than ``watch.settle_time`` ago (measured on the daemon's monotonic clock from
+  the last change it saw; file times are a hint for the first look only) -> park it until it
+  has been quiet that long;
 - a writer still holds the file (lease probe) -> park it and look again later, at most
   ``watch.busy_max_wait`` seconds in all; where no lease can be taken, wait until size and
   mtime are stable for ``watch.settle_time``;
@@ -36,11 +39,13 @@ from modelscand.config import Config, Root
 from modelscand.queue import Candidate, Rescan, WorkQueue
 from modelscand.roots import Roots
 from modelscand.state import Baseline, Identity
-from modelscand.workers import ScanJob, ScanReply, WorkerPool
+from modelscand.workers import KILLED, ScanJob, ScanReply, WorkerPool
 from modelscand.writers import COMPLETE_ON
 
 BUSY_MAX_RECHECK = 30.0
 UNSTABLE_AFTER = 5  # scans in a row without a verdict before a file is offered again only after a delay
+KILLED_RETRY = 0.5  # seconds before the first scan again after a worker was killed from outside (doubling)
+KILLED_MAX = 3  # workers killed from outside while scanning one file before it gets an incomplete verdict
 
 
 @dataclass
@@ -111,7 +116,7 @@ class Scheduler:
                  pool: Callable[[], WorkerPool], log, activity: Activity, *,
                  request_reconcile: Callable[[str, str], None], once: Callable[[], bool],
                  on_reply: Callable[[Candidate, Identity, ScanReply], None],
-                 reoffer: Callable[[str, str, str], None]):
+                 reoffer: Callable[[str, str, str], None], settled: Callable[[object], bool] = lambda row: True):
         self._config = config
         self.roots = roots
         self.queue = queue
@@ -123,6 +128,7 @@ class Scheduler:
         self._once = once
         self._on_reply = on_reply  # results: log, record, act
         self._reoffer = reoffer
+        self._settled = settled  # is a cached verdict final (not one the action would still act on)?
         self.lock = threading.RLock()
         self.inflight: dict[tuple[int, int], Track] = {}
         self._parked: list = []
@@ -130,7 +136,9 @@ class Scheduler:
         self._waiting: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked on its writer
         self._quiet: dict[tuple[int, int], Candidate] = {}  # inode -> the one candidate parked for quiet
         self._no_verdict: dict[tuple[int, int], int] = {}  # inode -> scans in a row that ended without one
+        self._killed: dict[tuple[int, int], int] = {}  # inode -> its scans whose worker was killed from outside
         self._seq = itertools.count()
+        self._thread: threading.Thread | None = None  # the loop's
 
     # ------------------------------------------------------------------ state
     def busy(self, include_parked: bool = True) -> bool:
@@ -149,8 +157,12 @@ class Scheduler:
     def _park(self, cand: Candidate, delay: float) -> None:
         with self.lock:
             heapq.heappush(self._parked, (time.monotonic() + delay, next(self._seq), cand))
+            first = self._parked[0][2] is cand
+        if first and threading.current_thread() is not self._thread:
+            self.queue.wake()  # a worker slot parked it: the loop may be waiting without a deadline
 
     def loop(self) -> None:
+        self._thread = threading.current_thread()
         while True:
             with self.lock:
                 due = self._parked[0][0] if self._parked else None
@@ -218,13 +230,14 @@ class Scheduler:
             if track is not None:  # scanned right now: look again at every path it had meanwhile
                 track.also[cand.path] = (cand.reason, cand.root)
                 return
-        if baseline.lookup(ident) is not None:
+        row = baseline.lookup(ident)
+        if row is not None and self._settled(row):
             return
         if not COMPLETE_ON.get(cand.reason, False):
             watch = self._config().watch
             # quiet first: a writer that reopens and appends per chunk is not done between
             # chunks; scanning then would log an error (or a clean prefix) per chunk
-            quiet = float(watch["settle_time"]) - (time.time() - max(st.st_mtime, st.st_ctime))
+            quiet = self._quiet_left(cand, ident, st, float(watch["settle_time"]))
             waited = time.monotonic() - cand.since
             if quiet > 0 and not self._once() and waited < float(watch["busy_max_wait"]):
                 with self.lock:
@@ -270,14 +283,27 @@ class Scheduler:
                 self._park(cand, delay)
                 return
             if state == "unknown":
-                settle = float(watch["settle_time"])
+                # no lease: the same size and mtime once more, settle_time later on our clock
                 snap = (ident.size, ident.mtime_ns)
-                age = time.time() - st.st_mtime
-                if cand.first_stat != snap or age < settle:
+                if cand.first_stat != snap and time.monotonic() - cand.since < float(watch["busy_max_wait"]):
                     cand.first_stat = snap
-                    self._park(cand, settle)
+                    self._park(cand, float(watch["settle_time"]))
                     return
         self.submit(cand, ident)
+
+    @staticmethod
+    def _quiet_left(cand: Candidate, ident: Identity, st: os.stat_result, settle: float) -> float:
+        """Seconds until the file has been quiet for `settle`, on the daemon's monotonic clock
+        since the last change it observed (a new size, mtime or ctime at a look). File times
+        are only a hint for the first look, clamped to [0, settle]: a future mtime (`touch -d
+        2100-01-01`, a clock set back) costs one settle period, never years, and a clock set
+        forward costs nothing but the lease probe that follows."""
+        now = time.monotonic()
+        seen = (ident.size, ident.mtime_ns, ident.ctime_ns)
+        if cand.seen != seen:
+            age = min(max(time.time() - max(st.st_mtime, st.st_ctime), 0.0), settle)
+            cand.seen, cand.changed_at = seen, now - age
+        return settle - (now - cand.changed_at)
 
     def _resolve(self, cand: Candidate, baseline: Baseline) -> tuple[Candidate, os.stat_result] | None:
         """The candidate for what a link (or a path through a linked directory) leads to now."""
@@ -293,7 +319,7 @@ class Scheduler:
         if troot is None:
             return self._outside(cand, target, tst, baseline)
         row = baseline.lookup(Identity.of(tst))
-        if row is not None:
+        if row is not None and self._settled(row):
             if hfcache.snapshot_link(via):
                 self.log.info("hf.snapshot", path=via, blob=target, verdict=row.verdict, severity=row.severity,
                               sha256=row.sha256, rule_ids=list(row.rule_ids), hf=hfcache.describe(via))
@@ -375,10 +401,33 @@ class Scheduler:
                              tries=n, answer="offered again with a growing delay until it holds still")
         return min(BUSY_MAX_RECHECK, 0.5 * 2 ** (n - UNSTABLE_AFTER))
 
+    def _killed_retry(self, cand: Candidate, ident: Identity, reply: ScanReply) -> tuple[ScanReply, float]:
+        """A worker killed from outside mid-scan (the OOM killer): the file is scanned again
+        after a short pause; after KILLED_MAX such deaths on it, it gets one ``incomplete``
+        verdict (a warning, kept in the baseline: no loop) instead of a retry."""
+        with self.lock:
+            if len(self._killed) > 10000:
+                self._killed.clear()
+            n = self._killed.get(ident.inode, 0) + 1
+            self._killed[ident.inode] = n
+            if n >= KILLED_MAX:
+                del self._killed[ident.inode]
+        if n >= KILLED_MAX:
+            return ScanReply("error", identity=ident, incomplete=True,
+                             error=f"not scanned: the scan worker was killed from outside {n} times while "
+                                   f"scanning this file (last: {reply.error}); is it exhausting memory?"), 0.0
+        delay = min(BUSY_MAX_RECHECK, KILLED_RETRY * 2 ** (n - 1))
+        self.log.info("scan.retry", path=cand.via or cand.path, why=reply.error, tries=n, retry_s=delay,
+                      answer="a worker killed from outside says nothing of the file: scanning it again")
+        return reply, delay
+
     def _done(self, cand: Candidate, ident: Identity, reply: ScanReply) -> None:
         """In the worker slot's thread: hand the reply to results, free the inode, and offer
         again every path the file had meanwhile (a rename while it was scanned) - and its
-        own path when the reply is no verdict (gone, changed, replaced, escaped)."""
+        own path when the reply is no verdict (gone, changed, replaced, escaped, killed)."""
+        retry = 0.0
+        if reply.status == KILLED:
+            reply, retry = self._killed_retry(cand, ident, reply)
         try:
             self._on_reply(cand, ident, reply)
         except Exception as exc:
@@ -388,7 +437,12 @@ class Scheduler:
             with self.lock:
                 track = self.inflight.pop(ident.inode, None)
             again = dict(track.also) if track is not None else {}
-            backoff = self._unstable(ident, cand, reply) if reply.verdict is None and reply.status != "gone" else 0.0
+            if retry:
+                backoff = retry
+            elif reply.verdict is None and reply.status not in ("gone", KILLED):
+                backoff = self._unstable(ident, cand, reply)
+            else:
+                backoff = 0.0
             if backoff:  # not at once again: a file changing under every scan must not loop a worker
                 path = cand.via or cand.path
                 self._park(Candidate(path, ("retry", path), "created", cand.root), backoff)
@@ -398,6 +452,7 @@ class Scheduler:
             else:
                 with self.lock:
                     self._no_verdict.pop(ident.inode, None)
+                    self._killed.pop(ident.inode, None)
             for path, (reason, root) in again.items():
                 self._reoffer(path, reason, root)
             self.activity.changed()

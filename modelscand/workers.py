@@ -2,9 +2,11 @@
 
 A corrupt HDF5 file can crash the C library; a hostile pickle can make a parser spin. In
 the daemon's own process either would take the watcher down with it. Here each worker is a
-process fed one `ScanJob` at a time over a pipe by a parent thread: a worker that dies (any
-signal, any exit) or overruns a phase's time limit is killed and replaced, and the file
-gets an ``error`` verdict. Memory is capped with ``RLIMIT_AS`` inside the worker.
+process fed one `ScanJob` at a time over a pipe by a parent thread: a worker that crashes
+(a fault signal, abort, any exit) or overruns a phase's time limit is killed and replaced,
+and the file gets an ``error`` verdict. A worker killed from outside (SIGKILL by the OOM
+killer, SIGTERM) is replaced too, but the reply is ``killed``: that says nothing of the file,
+and the scheduler scans it again. Memory is capped with ``RLIMIT_AS`` inside the worker.
 
 Two phases, each with its own limit, so a finding is never lost to slow hashing:
 
@@ -59,6 +61,14 @@ HASH_CHUNK = 1 << 20
 
 #: reply statuses: only "ok" carries a verdict; the others say why there is none
 STATUSES = ("ok", "gone", "replaced", "changed", "escape", "error")
+#: what the parent says of a worker killed from outside mid-scan (never a worker's own reply)
+KILLED = "killed"
+#: signals a process gets from what it does itself (a C library crash, abort(), a CPU or
+#: file-size limit): the file's bytes led there, an error verdict. Any other signal (SIGKILL
+#: from the OOM killer or an operator, SIGTERM, ...) came from outside and says nothing of
+#: the file: the scan is retried (the scheduler bounds the retries).
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+                           signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGTRAP})
 
 
 @dataclass(frozen=True)
@@ -435,6 +445,8 @@ class _Slot:
             how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
             if scanned is not None:  # it died hashing: the scan's findings stand
                 return reply_from(scanned, None, hash_note=f"not hashed: the worker died while hashing ({how})")
+            if code is not None and code < 0 and -code not in CRASH_SIGNALS:
+                return ScanReply(KILLED, error=f"scan worker {how} from outside mid-scan")
             return ScanReply("error", error=f"scan worker crashed ({how})")
         finally:
             self.busy_since = None

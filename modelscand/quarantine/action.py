@@ -27,6 +27,7 @@ import threading
 import time
 
 from modelscan_core._version import __version__ as CORE_VERSION
+from modelscan_core.model import Severity
 
 from modelscand import logging as mlog
 from modelscand.quarantine import QuarantineError, mover, tombstone
@@ -89,6 +90,26 @@ class QuarantineAction:
         with self._lock:
             self._refresh()
             return sha256 in self._tombstones
+
+    def acts_on(self, row) -> bool:
+        """Would this action move a file whose cached verdict is `row` (a baseline Row)? Such
+        a verdict is not settled while the file is still in place: a kill between the
+        verdict and the move, a `modelscand scan` or a detect-mode run that shares the state
+        dir, a move that failed, all leave a cached finding whose file never moved. The
+        scheduler and the walks scan it again, and the move follows. Never for bytes a
+        restore allowed, nor for our own tombstones."""
+        if row.verdict not in _REPEATABLE:
+            return False
+        try:
+            severity = Severity.parse(row.severity) if row.severity else None
+        except ValueError:
+            severity = None
+        with self._lock:
+            self._refresh()
+            if row.sha256 in self._tombstones or self.index.allowed_by(row.sha256):
+                return False
+            first = self.index.first_by_sha.get(row.sha256) if row.sha256 else None
+        return self._reason_for(row.verdict, severity, first) is not None
 
     def handle(self, outcome) -> dict | None:
         started = time.monotonic()
@@ -153,11 +174,14 @@ class QuarantineAction:
         return {"action": "quarantine", "id": done["id"]}
 
     def _reason(self, outcome, first: str | None) -> str | None:
-        if outcome.actionable(self.threshold):
+        return self._reason_for(outcome.verdict, outcome.severity, first)
+
+    def _reason_for(self, verdict: str, severity: Severity | None, first: str | None) -> str | None:
+        if verdict == "issues" and severity is not None and severity >= self.threshold:
             return "repeat" if first else "finding"
-        if first and outcome.verdict in _REPEATABLE:
+        if first and verdict in _REPEATABLE:
             return "repeat"  # bytes known to be bad, whatever this scan could or could not read
-        if self.fail_closed and outcome.verdict in ("error", "incomplete"):
+        if self.fail_closed and verdict in ("error", "incomplete"):
             return "fail_closed"
         return None
 

@@ -48,3 +48,11 @@ def always_changed(job, settings, report):
     if os.path.basename(job.path).startswith("flux"):
         return {"status": "changed", "identity": None}
     return scan_job(job, settings, report)
+
+
+def oom_killed(job, settings, report):
+    """A file named "oom*" gets its worker SIGKILLed mid-scan every time, as the OOM killer
+    would (a signal from outside, not a crash of the worker's own making)."""
+    if os.path.basename(job.path).startswith("oom"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return scan_job(job, settings, report)
