@@ -517,6 +517,12 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
                 ref.uses |= CALLED
             if policy.judge(ref.module, ref.name, CALLED).severity is not None:
                 result.dynamic_calls.append(call)
+        if type(call.func) is Call:
+            # an object trusted code made is called (its class's __call__): like any trusted
+            # callable it may call what it is handed (joblib's Parallel()([(f, args, {})]) does)
+            for ref in reachable_globals(call.args, 3):
+                if (ref.module, ref.name) not in _OBJECT:
+                    ref.uses |= CALLED
     if facts.dropped_events:
         issues.append(Issue("pickle/blind", u.blind, f"{facts.dropped_events} dynamic calls, rewrites or blind uses "
                             "past the ones the scanner keeps were not judged", None))

@@ -147,6 +147,33 @@ class Policy:
                 out[key] = (severity, (module, name))
         return out
 
+    @cached_property
+    def _deny_reexported(self) -> dict[tuple[str, str], tuple[Severity, tuple[str, str]]]:
+        """object identity -> (severity, the denied spelling), for the native half of a denied
+        API: `torch.distributed.FileStore` is the class `torch._C._distributed_c10d.FileStore`,
+        from an extension module the generator could not list. Such an object is known only
+        through its re-exports, so the denied module that re-exports it decides for it too.
+        Objects of listed modules (what `torch._dynamo` imports from `torch.serialization`) and
+        of other packages (`inspect.OrderedDict`) keep their own judgement."""
+        out: dict[tuple[str, str], tuple[Severity, tuple[str, str]]] = {}
+        for module in self.table._index():
+            sev, _ = self._denied_module(module)
+            if sev is None:
+                continue
+            top = module.split(".", 1)[0] + "."
+            for name, what in (self.table.entries(module) or {}).items():
+                if what[:1] in ("!", "@", "") or ":" not in what:
+                    continue
+                target_module, _, target_name = what.partition(":")
+                if not (target_module + ".").startswith(top) or self.table.covers(target_module) \
+                        or self._denied_module(target_module)[0] is not None \
+                        or self._safe_module_depth(target_module) or (target_module, target_name) in self._safe_objects:
+                    continue
+                key = (target_module, target_name)
+                if key not in out or out[key][0] < sev:
+                    out[key] = (sev, (module, name))
+        return out
+
     def resolve(self, module: str, name: str) -> Resolved:
         return self.table.resolve(module, name)
 
@@ -182,7 +209,7 @@ class Policy:
             return Judgement(None, "pickle/allowed", self.reason(module, name), f"{module}.{name}")
         r = self.table.resolve(module, name)
         via = r.qualname if r.aliased else ""
-        denied = self._exact_deny(module, name, r)
+        denied = self._exact_deny(module, name, r) or self._deny_reexported.get((r.module, r.name.split(".", 1)[0]))
         if denied is not None:
             return _with(_unsafe(*denied), via)
         if r.dunder and (r.dunder in INTROSPECTION or "." in name):

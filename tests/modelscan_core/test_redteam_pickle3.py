@@ -1,0 +1,126 @@
+"""Third red-team round against the pickle policy: what the first two rounds left open.
+
+- The native half of a denied API: a denied module re-exports classes and functions of an
+  extension module the name table cannot list (`torch.distributed.FileStore` is
+  `torch._C._distributed_c10d.FileStore`, `torch._dynamo`'s frame hook lives in
+  `torch._C._dynamo.eval_frame`); spelled by their own module they are the same objects.
+- An object trusted code made, then called by the load: its class's `__call__` may call what
+  it is handed, as any trusted callable may (joblib's `Parallel()([(f, args, kwargs)])`).
+
+Payloads only `touch`; nothing built here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from modelscan_core.scanners.pickle import names
+
+from .pickle_ops import call_op, global_op, stack_global_op, unicode_op
+from .policy_util import UNKNOWN_FUNC, describe, high_or_worse, scan, settings, thinned
+
+CMD = "touch /tmp/modelscand-redteam3"
+
+
+def _args(*values) -> bytes:
+    return b"".join(pickle.dumps(v, protocol=2)[2:-1] for v in values)
+
+
+def _call(module: str, name: str, *values) -> bytes:
+    return b"\x80\x02" + call_op(global_op(module, name), _args(*values)) + b"."
+
+
+# -- 1. the native half of a denied API ----------------------------------------------------------
+
+def _native_reexports() -> list[tuple[str, str, str]]:
+    """(re-exporting module, name, native module): what a denied module of the table re-exports
+    from a module of its own package that the table does not list."""
+    table = names.default_table()
+    policy = settings().pickle_policy
+    out = []
+    for module in sorted(table._index()):
+        if policy._denied_module(module)[0] is None:
+            continue
+        for name, what in sorted((table.entries(module) or {}).items()):
+            target, _, target_name = what.partition(":")
+            if what[:1] in ("!", "@") or not target_name or table.covers(target) \
+                    or target.split(".")[0] != module.split(".")[0] or "." in target_name \
+                    or policy._denied_module(target)[0] is not None:
+                continue
+            out.append((module, name, f"{target}:{target_name}"))
+    return out
+
+
+NATIVE = _native_reexports()
+
+
+def test_the_table_knows_the_native_halves_of_denied_apis():
+    found = {entry[2] for entry in NATIVE}
+    assert {"torch._C._distributed_c10d:FileStore", "torch._C._distributed_c10d:TCPStore",
+            "torch._C._dynamo.eval_frame:set_eval_frame"} <= found
+    assert len(NATIVE) >= 50
+
+
+@pytest.mark.parametrize("module,name,native", thinned(NATIVE, 25))
+def test_native_objects_spelled_by_their_own_module_are_high(module, name, native):
+    target, _, target_name = native.partition(":")
+    result = scan(_call(target, target_name, "/tmp/store", 1))
+    assert high_or_worse(result), (module, name, describe(result))
+
+
+@pytest.mark.parametrize("spelling", ["GLOBAL", "STACK_GLOBAL", "dotted from torch._C"])
+def test_file_store_and_tcp_store_however_spelled(spelling):
+    for cls, args in [("FileStore", ("store", 1)), ("TCPStore", ("0.0.0.0", 29500, 1, True))]:
+        if spelling == "GLOBAL":
+            data = _call("torch._C._distributed_c10d", cls, *args)
+        elif spelling == "STACK_GLOBAL":
+            data = b"\x80\x04" + call_op(stack_global_op("torch._C._distributed_c10d", cls), _args(*args)) + b"."
+        else:
+            data = b"\x80\x04" + call_op(stack_global_op("torch._C", f"_distributed_c10d.{cls}"), _args(*args)) + b"."
+        result = scan(data)
+        assert high_or_worse(result), (cls, describe(result))
+
+
+def test_frame_evaluation_hook_is_high():
+    """set_eval_frame(callback) makes every later Python frame call the callback."""
+    data = b"\x80\x02" + call_op(global_op("torch._C._dynamo.eval_frame", "set_eval_frame"),
+                                 global_op(*UNKNOWN_FUNC)) + b"."
+    assert high_or_worse(scan(data))
+
+
+def test_listed_objects_re_exported_by_denied_modules_keep_their_judgement():
+    """torch._dynamo imports torch's own classes; they are not denied for it."""
+    for module, name in [("torch.nn.modules.linear", "Linear"), ("torch", "Size"), ("torch.distributed.tensor", "DTensor"),
+                         ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata")]:
+        data = b"\x80\x02" + global_op(module, name) + b")\x81."
+        assert not high_or_worse(scan(data)), (module, name, describe(scan(data)))
+
+
+# -- 2. an object trusted code made, called with callables --------------------------------------
+
+def _instance_call(cls: tuple[str, str], handed: bytes) -> bytes:
+    return b"\x80\x02" + call_op(call_op(global_op(*cls)), handed) + b"."
+
+
+PARALLELS = [("sklearn.utils.parallel", "Parallel"), ("sklearn.utils", "Parallel"), ("torch.nn.modules.container", "Sequential")]
+
+
+@pytest.mark.parametrize("cls", PARALLELS)
+@pytest.mark.parametrize("how", ["task tuple", "bare", "partial"])
+def test_callables_handed_to_a_trusted_instance_are_called(cls, how):
+    func = global_op(*UNKNOWN_FUNC)
+    if how == "task tuple":  # Parallel()(delayed(f)(x) for ...): items are (f, args, kwargs)
+        handed = b"](" + func + b"(" + unicode_op(CMD) + b"t}ta"
+    elif how == "bare":
+        handed = func
+    else:
+        handed = call_op(global_op("functools", "partial"), func + unicode_op(CMD))
+    result = scan(_instance_call(cls, handed))
+    assert high_or_worse(result), describe(result)
+
+
+def test_trusted_instance_called_with_data_stays_clean():
+    result = scan(_instance_call(("torch.nn.modules.linear", "Identity"), _args(1.0, [1, 2], {"a": "b"})))
+    assert not high_or_worse(result), describe(result)
