@@ -190,6 +190,24 @@ container(PyObject *v)
     return PyTuple_CheckExact(v) || PyList_Check(v);
 }
 
+/* The items of a tuple or a list (or a list subclass), and how many. */
+static inline PyObject **
+items_of(PyObject *v, Py_ssize_t *n)
+{
+    *n = Py_SIZE(v);
+    return PyTuple_CheckExact(v) ? ((PyTupleObject *)v)->ob_item : ((PyListObject *)v)->ob_item;
+}
+
+/* No item is a container: a tiny container of these weighs 1 + n at depth 1, which a walk
+ * finds too, without a call per container (most containers are such leaves). */
+static inline int
+all_scalars(PyObject **items, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (container(items[i])) return 0;
+    return 1;
+}
+
 static int
 weigh_at(PyObject *v, const Heavy *heavy, long long *w, long long *d, int *budget)
 {
@@ -206,8 +224,8 @@ weigh_at(PyObject *v, const Heavy *heavy, long long *w, long long *d, int *budge
         if (e == NULL && PyErr_Occurred()) return -1;
     }
     /* tiny: walk it (a few nodes; the budget only guards against stale sizes) */
-    int is_tuple = PyTuple_CheckExact(v);
-    Py_ssize_t n = is_tuple ? PyTuple_GET_SIZE(v) : PyList_GET_SIZE(v);
+    Py_ssize_t n;
+    PyObject **items = items_of(v, &n);
     *w = 1;
     *d = 1;
     if (--*budget <= 0) {
@@ -216,9 +234,18 @@ weigh_at(PyObject *v, const Heavy *heavy, long long *w, long long *d, int *budge
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         long long iw, id;
-        PyObject *item = is_tuple ? PyTuple_GET_ITEM(v, i) : PyList_GET_ITEM(v, i);
+        PyObject *item = items[i];
         if (!container(item)) {
             *w += 1;
+            continue;
+        }
+        Py_ssize_t m;
+        PyObject **leaf = items_of(item, &m);
+        if (!maybe_heavy(heavy, item) && all_scalars(leaf, m)) {
+            /* what weigh_at(item) gives, budget spent or not */
+            --*budget;
+            *w += 1 + m;
+            if (*d < 2) *d = 2;
             continue;
         }
         if (weigh_at(item, heavy, &iw, &id, budget) < 0) return -1;
@@ -230,13 +257,22 @@ weigh_at(PyObject *v, const Heavy *heavy, long long *w, long long *d, int *budge
 
 #define WALK_BUDGET 64
 
-static int
+static inline int
 weigh(PyObject *v, const Heavy *heavy, long long *w, long long *d)
 {
     if (!container(v)) {
         *w = 1;
         *d = 0;
         return 0;
+    }
+    if (!maybe_heavy(heavy, v)) {
+        Py_ssize_t n;
+        PyObject **items = items_of(v, &n);
+        if (all_scalars(items, n)) {
+            *w = 1 + n;
+            *d = 1;
+            return 0;
+        }
     }
     int budget = WALK_BUDGET;
     return weigh_at(v, heavy, w, d, &budget);
