@@ -24,13 +24,14 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXE
 
 
 def open_dir(path: str, root: str | None = None) -> int:
-    """A dir fd for the absolute `path`, opened one component at a time below `root` (which
-    is realpath'd by the config and opened as is) or from ``/``, never through a symlink.
-    Raises OSError: ELOOP/ENOTDIR for a linked component, EXDEV for a path outside `root`."""
-    base = root if root is not None else os.sep
+    """A dir fd for the absolute `path`, opened one component at a time, never through a
+    symlink: below `root` (realpath'd by the config, opened as is) when `path` is inside
+    it, else from ``/`` (a file given as its own root, a root set inside a repo folder).
+    Raises OSError (ELOOP or ENOTDIR for a linked component)."""
+    if not os.path.isabs(path):
+        raise OSError(errno.EINVAL, f"{path!r} is not an absolute path")
+    base = root if root is not None and _below(path, root) else os.sep
     rel = os.path.relpath(path, base)
-    if rel.startswith("..") or os.path.isabs(rel) or not os.path.isabs(path):
-        raise OSError(errno.EXDEV, f"{path!r} is not below {base!r}")
     parts = [] if rel == "." else rel.split(os.sep)
     if any(p in ("", ".", "..") for p in parts):
         raise OSError(errno.EINVAL, f"{path!r} is not a plain path")
@@ -44,6 +45,11 @@ def open_dir(path: str, root: str | None = None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _below(path: str, root: str) -> bool:
+    rel = os.path.relpath(path, root)
+    return not (rel.startswith("..") or os.path.isabs(rel))
 
 
 def _readlink_at(dfd: int, name: str) -> str | None:

@@ -307,3 +307,15 @@ def test_restored_bytes_are_settled_not_rescanned_at_every_start(tmp_path):
     third = cli(*args)
     assert [e["event"] for e in events(third.stdout) if e.get("path") == evil] == ["scan.cached"]
     assert open(evil, "rb").read() == EVIL
+
+
+def test_an_hf_blob_given_as_its_own_root_keeps_its_names(tmp_path):
+    """`modelscand scan --mode quarantine <blob>`: the file is its own root; its repo folder
+    is above it, still read (from /, never through a link), so restore can put it back."""
+    hub = tmp_path / "hub"
+    repo, blob, rev = _hf_repo(hub)
+    store = make_store(tmp_path)
+    begin, _ = mover.quarantine(store, mover.Subject(blob, blob), {"verdict": "issues"})
+    assert begin["hf"]["files"] == [{"revision": rev, "file": "pytorch_model.bin", "link": f"../../blobs/{sha(EVIL)}"}]
+    assert begin["hf"]["refs"] == {"main": rev}
+    accounted(store, {blob: EVIL})
