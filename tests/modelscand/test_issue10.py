@@ -28,7 +28,7 @@ def _state(tmp_path, name="state"):
 def _verdicts(evs, path=None):
     out = [e for e in evs if e["event"] in ("scan.clean", "scan.finding", "scan.error", "scan.incomplete",
                                             "scan.skipped", "scan.cached")]
-    return [e for e in out if path is None or e["path"] == str(path)]
+    return [e for e in out if path is None or e.get("path") == str(path)]
 
 
 # -- the one-shot commands ----------------------------------------------------------------

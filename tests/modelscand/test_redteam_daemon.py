@@ -1,10 +1,10 @@
 """Red team of the daemon and its quarantine, as an unprivileged local user and an unlucky
 operator would attack it. Each test of a defect was written first and failed on the code it
-names (the last one guards the fix of another against a loop); each asserts what a user or
+names (test_restored_bytes_... guards another fix against a loop); each asserts what a user or
 operator sees: a verdict, a file moved or left, a log line, an exit code.
 
-Users are simulated with real uids (the tests run as root; they skip otherwise): a "user"
-owns the watched cache, a "victim" owns files outside every root.
+The other user is simulated with a real uid (those tests run as root; they skip otherwise):
+a "victim" owns files outside every root.
 """
 
 from __future__ import annotations
@@ -21,22 +21,10 @@ from modelscand.quarantine import mover, tombstone
 from tests.modelscand.conftest import EVIL
 from tests.modelscand.qhelpers import accounted, make_store, plant, sha
 from tests.modelscand.test_cli import REPO, cli, events
+from tests.modelscand.test_issue10 import _state, _verdicts
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="simulating other users needs root")
-USER, VICTIM = 5151, 6161  # uids with no passwd entry: owners only
-Q = {"scan__mode": "quarantine"}
-
-
-def _state(tmp_path, name="state"):
-    d = tmp_path / name
-    d.mkdir(mode=0o700)
-    return str(d)
-
-
-def _verdicts(evs, path=None):
-    out = [e for e in evs if e["event"] in ("scan.clean", "scan.finding", "scan.error", "scan.incomplete",
-                                            "scan.skipped", "scan.cached")]
-    return [e for e in out if path is None or e.get("path") == str(path)]
+VICTIM = 6161  # a uid with no passwd entry: an owner only
 
 
 def _owned(path, uid, mode=None):
