@@ -18,11 +18,24 @@ from modelscan_core._version import __version__
 from modelscan_core.model import Limits, Severity
 from modelscan_core.scanners.pickle import lists
 
+_ATOMS = (str, int, float, bool, type(None))
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of settings data (tables, lists, strings, numbers) at a fraction of what
+    copy.deepcopy costs: every run copies the default name lists. Other types go to deepcopy."""
+    if isinstance(value, dict):
+        return {k: v if type(v) in _ATOMS else _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [v if type(v) in _ATOMS else _copy(v) for v in value]
+    return value if type(value) in _ATOMS else copy.deepcopy(value)
+
+
 def scanner_defaults() -> dict[str, Any]:
     """`scanners.<table>` defaults, as each scanner module declares them (`SETTINGS`)."""
     from modelscan_core.scanners import registry
 
-    return {entry.table: copy.deepcopy(dict(entry.defaults)) for entry in registry().settings.values()}
+    return {entry.table: _copy(dict(entry.defaults)) for entry in registry().settings.values()}
 
 
 def _tables(key: str) -> tuple[str, ...]:
@@ -38,8 +51,8 @@ def default_settings() -> dict[str, Any]:
         "modelscan_version": __version__,
         "supported_zip_extensions": [".zip", ".npz"],
         "scanners": scanner_defaults(),
-        "unsafe_globals": copy.deepcopy(lists.UNSAFE_GLOBALS),
-        "safe_globals": copy.deepcopy(lists.SAFE_GLOBALS),
+        "unsafe_globals": _copy(lists.UNSAFE_GLOBALS),
+        "safe_globals": _copy(lists.SAFE_GLOBALS),
         "ecosystem_packages": list(lists.ECOSYSTEM_PACKAGES),
         "unknown_globals": {
             "call": "HIGH",
@@ -132,7 +145,7 @@ class Settings:
         from modelscan_core.scanners.pickle.policy import Policy, UnknownSeverities
 
         unknown = UnknownSeverities(**{k: Severity.parse(str(v)) for k, v in self.data["unknown_globals"].items()})
-        unsafe = copy.deepcopy(self.data["unsafe_globals"])
+        unsafe = _copy(self.data["unsafe_globals"])
         # An entry the user wrote decides that name, whatever level the defaults gave it.
         for level, modules in self.user_unsafe_globals.items():
             for module, names in (modules or {}).items():

@@ -18,9 +18,10 @@ functions that use them): `modelscan -p small.pkl` never pays for them.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import lru_cache
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple
 
 from modelscan_core.detect import Rule
 from modelscan_core.scanners.interface import Scanner
@@ -41,8 +42,11 @@ MODULES = (
 )
 
 
-@dataclass(frozen=True)
-class Format:
+# The declarations are NamedTuples, not frozen dataclasses: every run imports every declaring
+# module, and a NamedTuple class is made for a tenth of what a dataclass costs at start-up.
+
+
+class Format(NamedTuple):
     """One format: how detection recognises it and which scanner reads it.
 
     `scanner` is a class name in the declaring module or a "module:Class" path, imported
@@ -59,8 +63,7 @@ class Format:
     extensions: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class ScannerSettings:
+class ScannerSettings(NamedTuple):
     """A scanner's table in the settings file: `scanners."<table>"` with its `defaults`.
 
     `table` keeps modelscan's names (`modelscan.scanners.PickleUnsafeOpScan`) so old settings
@@ -70,11 +73,10 @@ class ScannerSettings:
 
     key: str
     table: str
-    defaults: Mapping[str, Any] = field(default_factory=lambda: {"enabled": True})
+    defaults: Mapping[str, Any] = MappingProxyType({"enabled": True})  # read-only: shared by all
 
 
-@dataclass(frozen=True)
-class Registry:
+class Registry(NamedTuple):
     formats: Mapping[str, tuple[Format, str]]  # format name -> (declaration, declaring module)
     settings: Mapping[str, ScannerSettings]  # key -> settings, in declaration order
     rules: tuple[Rule, ...]  # bound to their format, sorted by priority

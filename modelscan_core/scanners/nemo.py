@@ -52,12 +52,12 @@ _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
 def sniff_nemo(head: bytes, name: str, stream: BinaryIO) -> bool:
-    import tarfile
-
     from modelscan_core.sources import sniff
 
     if not sniff.tar(head, name, stream):
         return False
+    import tarfile  # only for a tar: every file is asked, and tarfile costs a millisecond
+
     try:
         archive = tarfile.open(fileobj=stream, mode="r:")
         for _ in range(SNIFF_MEMBERS):
