@@ -124,3 +124,31 @@ def test_callables_handed_to_a_trusted_instance_are_called(cls, how):
 def test_trusted_instance_called_with_data_stays_clean():
     result = scan(_instance_call(("torch.nn.modules.linear", "Identity"), _args(1.0, [1, 2], {"a": "b"})))
     assert not high_or_worse(result), describe(result)
+
+
+# -- 3. native loaders, and the bare names of what they load --------------------------------------
+
+@pytest.mark.parametrize("module,name,args", [
+    ("torch._C._aoti", "AOTIModelContainerRunnerCpu", ("model.so", 1)),
+    ("torch._C._aoti", "AOTIModelPackageLoader", ("model.pt2", "model", False, 1)),
+    ("torch._C._nativert", "PyModelRunner", ("model.pt2", "forward")),
+])
+def test_native_model_loaders_are_high(module, name, args):
+    """AOTInductor's runner dlopens the library it is handed; the package loader extracts one."""
+    result = scan(_call(module, name, *args))
+    assert high_or_worse(result), describe(result)
+
+
+@pytest.mark.parametrize("text", ["libpayload.so", "libx.so.1", "payload.dylib", "evil.dll", "ext.pyd", "run.sh", "setup.bat"])
+@pytest.mark.parametrize("cls", [("someones_tools.helpers", "Runner"), ("thinc.backends", "Loader")])
+def test_a_bare_library_or_script_name_reads_as_a_path(cls, text):
+    """A constructor handed `libx.so` loads it from the loader's working directory, like a path."""
+    result = scan(b"\x80\x02" + call_op(global_op(*cls), unicode_op(text)) + b".")
+    assert high_or_worse(result), describe(result)
+    assert "pickle/suspicious-arguments" in result.rules()
+
+
+@pytest.mark.parametrize("text", ["weights.bin", "model.safetensors", "config.json", "cuda:0", "bert-base", "so", "x.sox"])
+def test_data_file_names_stay_plain(text):
+    result = scan(b"\x80\x02" + call_op(global_op("someones_tools.helpers", "Runner"), unicode_op(text)) + b".")
+    assert not high_or_worse(result), describe(result)

@@ -72,7 +72,10 @@ def _patterns() -> tuple[re.Pattern, ...]:
         r"|\b(?:sh|bash|cmd|powershell)(?:\.exe)?\s+(?:-c|/c)\b"
     )
     url = re.compile(r"\s*(?:[a-z][a-z0-9+.-]{1,15})://", re.I)
-    path = re.compile(r"\s*(?:~?/|\.{1,2}/|[A-Za-z]:[\\/]|\\\\|~\\)")
+    # a path, or the bare name of a native library or a script: a constructor handed one loads
+    # or runs it (relative to the loader's working directory)
+    path = re.compile(r"\s*(?:~?/|\.{1,2}/|[A-Za-z]:[\\/]|\\\\|~\\)"
+                      r"|[^\s/\\]+\.(?:so(?:\.\d+)*|dylib|dll|pyd|sh|bash|bat|cmd|ps1|exe)\s*$")
     return code, shell, url, path
 
 

@@ -73,6 +73,9 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         # classes of torch's C core that compile TorchScript or load a model from a path or bytes
         "torch._C": ["CompilationUnit", "import_ir_module", "import_ir_module_from_buffer",
                      "_load_for_lite_interpreter", "_load_for_lite_interpreter_from_buffer", "_jit_pass_lower_all_tuples"],
+        # native loaders of compiled models: AOTInductor's runners and package loader dlopen the
+        # shared library a path names; nativert runs a packaged program
+        "torch._C._aoti": ALL, "torch._C._nativert": ALL,
         "torch.multiprocessing": ALL, "torch.distributed.rpc": ALL, "torch.testing": ALL, "torch._jit_internal": ALL,
         "torch.utils._config_module": ALL, "torch.library": ALL, "torch.utils.data.datapipes": ALL,
         "keras.models": ["load_model"], "keras.saving": ["load_model"], "keras.src.saving": ALL,
