@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from modelscand import config as cfgmod
 from modelscand.queue import Candidate, Rescan, WorkQueue
 from modelscand.writers import is_temp
@@ -71,6 +73,7 @@ def test_check_config_and_errors(tmp_path):
     assert cli("frobnicate").returncode == 4
 
 
+@pytest.mark.slow
 def test_sd_notify_ready_reload_watchdog_and_clean_stop(tmp_path):
     root = tmp_path / "r"
     root.mkdir()

@@ -7,6 +7,8 @@ import json
 import os
 import stat
 
+import pytest
+
 from tests.modelscand.conftest import BENIGN, EVIL
 from tests.modelscand.test_cli import cli, events
 
@@ -17,6 +19,7 @@ def _state(tmp_path, name="state"):
     return str(d)
 
 
+@pytest.mark.slow
 def test_control_and_bidi_characters_in_file_names_are_escaped_in_both_formats(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
@@ -43,6 +46,7 @@ def _same_size_pair():
     return good, bad
 
 
+@pytest.mark.slow
 def test_in_place_rewrite_with_mtime_put_back_is_rescanned(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
@@ -175,6 +179,7 @@ def test_swapped_parent_directory_leading_out_of_the_root_is_a_warning_and_a_ver
         assert ev["event"] == "scan.finding" and ev["via"] == str(d / "secret.pkl") and ev["outside_roots"] is True
 
 
+@pytest.mark.slow
 def test_stale_temp_named_files_are_scanned_by_the_reconciliation_walk(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
@@ -197,6 +202,7 @@ def test_stale_temp_named_files_are_scanned_by_the_reconciliation_walk(tmp_path)
     assert off.returncode == 0 and not [e for e in events(off.stdout) if e["event"].startswith("scan.")]
 
 
+@pytest.mark.slow
 def test_file_held_open_for_writing_is_scanned_after_a_bounded_wait_with_a_warning(running, root):
     with running(str(root), watch__busy_max_wait=1.5) as h:
         p = root / "model.pkl"
@@ -227,6 +233,7 @@ def test_run_once_does_not_wait_for_a_writer_that_never_closes(tmp_path):
     assert [e["event"] for e in evs if e["event"].startswith("scan.") and e["event"] != "scan.deferred"] == ["scan.finding"]
 
 
+@pytest.mark.slow
 def test_in_place_rewrite_through_an_fd_kept_open_is_scanned_after_the_bounded_wait(running, root):
     p = root / "model.pkl"
     good = b"\x80\x02X" + (len(EVIL) - 8).to_bytes(4, "little") + b"A" * (len(EVIL) - 8) + b"."

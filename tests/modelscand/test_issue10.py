@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from tests.modelscand.conftest import BENIGN, EVIL
 from tests.modelscand.test_cli import REPO, cli, events
 
@@ -33,6 +35,7 @@ def _verdicts(evs, path=None):
 
 # -- the one-shot commands ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scan_of_a_file_path_scans_it_and_exits_like_modelscan(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
@@ -86,6 +89,7 @@ def test_status_shows_the_roots_of_the_reloaded_config(tmp_path):
 
 # -- a malicious pickle with a 50 GB sparse tail -----------------------------------------
 
+@pytest.mark.slow
 def test_a_finding_survives_a_hash_phase_that_runs_out(running, root, tmp_path):
     big = root / "big.pkl"
     with running(str(root), scan__hash_timeout=0.5, scan__workers=2) as h:
@@ -112,6 +116,7 @@ def _in_flight(h, n=1):
     h.wait_for(lambda h: h.daemon.scheduler.in_flight() >= n, 10, "a scan in flight")
 
 
+@pytest.mark.slow
 def test_rename_of_a_file_being_scanned_scans_the_destination(running, root):
     with running(str(root), scan_function=SLOW) as h:
         tmp = root / ".slow_tmp_x"  # no writer rule knows this name as temporary
@@ -122,6 +127,7 @@ def test_rename_of_a_file_being_scanned_scans_the_destination(running, root):
         assert ev["event"] == "scan.finding"
 
 
+@pytest.mark.slow
 def test_rename_of_a_directory_holding_queued_files_scans_them_all(running, root):
     with running(str(root), scan_function=SLOW) as h:
         d = root / "tmpx"  # torch.hub: extract into a temp dir, then move it into place
@@ -136,6 +142,7 @@ def test_rename_of_a_directory_holding_queued_files_scans_them_all(running, root
             assert ev["event"] == ("scan.finding" if i == 2 else "scan.clean")
 
 
+@pytest.mark.slow
 def test_directory_swapped_for_a_symlink_during_the_scan_rescans_the_real_file(running, root):
     with running(str(root), scan_function=SLOW) as h:
         d = root / "slowd"
@@ -246,6 +253,7 @@ def test_watches_and_walks_do_not_queue_events_for_the_daemons_own_reads(running
         assert seen == []
 
 
+@pytest.mark.slow
 def test_overflows_in_a_row_are_one_warning_each_and_walks_are_coalesced_and_rate_limited(running, root,
                                                                                             monkeypatch):
     from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
@@ -300,6 +308,7 @@ def test_a_vanished_subdirectory_is_debug_and_not_polled(running, root):
         assert h.daemon.roots.polled == {}
 
 
+@pytest.mark.slow
 def test_a_writer_that_reopens_and_appends_per_chunk_gets_one_verdict(running, root):
     p = root / "model.pkl"
     with running(str(root), watch__settle_time=0.3) as h:
@@ -336,6 +345,7 @@ def _in_private_mounts(script: str, *args: str, **kw):
 READ_ONLY = 'mount --bind "$1" "$1"; mount -o remount,ro,bind "$1"; shift; exec "$@"'
 
 
+@pytest.mark.slow
 def test_a_read_only_state_dir_degrades_loudly_and_loses_no_verdict(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
@@ -360,6 +370,7 @@ def test_a_read_only_state_dir_degrades_loudly_and_loses_no_verdict(tmp_path):
     assert [e["event"] for e in _verdicts(events(out.stdout), root / "evil.pkl")] == ["scan.finding"]
 
 
+@pytest.mark.slow
 def test_a_full_state_dir_logs_every_verdict_and_catches_up_when_space_returns(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
@@ -437,6 +448,7 @@ def test_sigterm_and_sighup_delivered_to_any_thread_are_handled_at_once(tmp_path
         proc.communicate(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_file_that_keeps_being_written_is_scanned_after_the_bounded_wait(running, root):
     p = root / "model.pkl"
     with running(str(root), watch__settle_time=0.5, watch__busy_max_wait=1.0) as h:
@@ -450,6 +462,7 @@ def test_a_file_that_keeps_being_written_is_scanned_after_the_bounded_wait(runni
         assert h.wait_scan(str(p))["event"] == "scan.finding"
 
 
+@pytest.mark.slow
 def test_a_file_that_changes_under_every_scan_is_one_warning_and_a_backoff_not_a_loop(running, root):
     with running(str(root), scan_function="tests.modelscand.hooks:always_changed") as h:
         (root / "flux.pkl").write_bytes(BENIGN)

@@ -146,6 +146,7 @@ def test_verify_ok_then_a_tampered_line_or_file_exits_1(q, populated):
     assert data["problems"] and data["files_checked"] == 2
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_codes(tmp_path, populated):
     store, root, ids, paths = populated
     empty = tmp_path / "empty"

@@ -63,6 +63,7 @@ def test_a_finding_is_moved_at_once_and_its_tombstone_is_not_a_finding(running, 
     accounted(store, {path: EVIL, clean: BENIGN})
 
 
+@pytest.mark.slow
 def test_below_threshold_errors_and_detect_mode_are_never_moved(running, root, tmp_path):
     with running(str(root), **Q, scan_function="tests.modelscand.hooks:crash_or_hang") as h:
         low = _land(root, "low.pkl", LOW)
@@ -86,6 +87,7 @@ def test_below_threshold_errors_and_detect_mode_are_never_moved(running, root, t
     assert open(evil, "rb").read() == EVIL and not (tmp_path / "s3" / "ledger").exists()
 
 
+@pytest.mark.slow
 def test_hook_runs_once_per_bytes_with_the_record_and_is_bounded(running, root, tmp_path):
     out = tmp_path / "hook.out"
     script = tmp_path / "hook.py"
@@ -175,6 +177,7 @@ def test_recovery_at_start_finishes_a_move_a_kill_interrupted(running, root, tmp
     accounted(_store(tmp_path), {path: EVIL})
 
 
+@pytest.mark.slow
 def test_run_once_in_quarantine_mode_from_the_command_line(tmp_path):
     root = tmp_path / "r"
     path = plant(root, "evil.pkl")
@@ -225,6 +228,7 @@ def _hf(hub, env, expect: bytes | None = None) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_huggingface_download_quarantined_load_fails_naming_it_and_a_redownload_is_a_repeat(running, tmp_path):
     pytest.importorskip("huggingface_hub")
     hub = tmp_path / "hf" / "hub"

@@ -131,6 +131,7 @@ def test_torn_record_from_a_crash_is_dropped_by_the_next_writer(tmp_path, captur
     assert any(e["event"] == "ledger.torn_record" and e["level"] == "warning" for e in events)
 
 
+@pytest.mark.slow
 def test_two_processes_append_under_the_lock_and_the_chain_holds(tmp_path):
     code = ("import sys; from modelscand.quarantine.ledger import Ledger\n"
             "led = Ledger(sys.argv[1])\n"

@@ -63,6 +63,7 @@ def serve(files: dict[str, bytes]):
     return server
 
 
+@pytest.mark.slow
 def test_torch_hub_download_url_to_file(running, tmp_path):
     torch_hub = pytest.importorskip("torch.hub")
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
@@ -81,6 +82,7 @@ def test_torch_hub_download_url_to_file(running, tmp_path):
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_huggingface_hub_download_writes_blob_then_snapshot_link(running, tmp_path):
     pytest.importorskip("huggingface_hub")
     hub = tmp_path / "hf" / "hub"

@@ -35,6 +35,7 @@ def _owned(path, uid, mode=None):
 
 # -- names that hid a file from the scanner -----------------------------------------------------
 
+@pytest.mark.slow
 def test_a_directory_named_like_the_quarantine_or_hf_metadata_hides_nothing(tmp_path):
     """`.modelscand-quarantine`, `refs` and `.no_exist` anywhere in a root were never scanned
     (a repo downloaded with `hf download --local-dir` can hold such paths)."""
@@ -127,6 +128,7 @@ KILL_AT_OPENED = ("import os, signal, sys\n"
                   "main()\n")
 
 
+@pytest.mark.slow
 def test_a_daemon_killed_after_the_verdict_and_before_the_move_moves_it_at_restart(tmp_path):
     """The verdict was in the baseline, the ledger had nothing: the restart took the cached
     finding as settled and the malicious file stayed in place for good."""
@@ -149,6 +151,7 @@ def test_a_daemon_killed_after_the_verdict_and_before_the_move_moves_it_at_resta
 
 # -- a worker killed by someone else -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_worker_killed_from_outside_is_retried_not_an_error_verdict_for_good(running, root):
     """The OOM killer (or an operator) SIGKILLs a worker mid-scan: that says nothing about the
     file. Stored as its error verdict, a malicious file was never scanned again."""
@@ -164,6 +167,7 @@ def test_a_worker_killed_from_outside_is_retried_not_an_error_verdict_for_good(r
         assert [e["event"] for e in h.scans(str(path))] == ["scan.finding"]
 
 
+@pytest.mark.slow
 def test_a_file_killed_under_every_scan_gets_one_incomplete_warning_not_a_loop(running, root):
     """Retries after outside kills are bounded: the third death is one `scan.incomplete`
     warning (kept in the baseline, so nothing loops), never a clean and never silence."""
@@ -180,6 +184,7 @@ def test_a_file_killed_under_every_scan_gets_one_incomplete_warning_not_a_loop(r
         assert [e["event"] for e in h.scans(str(path))] == ["scan.incomplete"]
 
 
+@pytest.mark.slow
 def test_a_temp_file_with_a_future_mtime_is_swept_like_any_stale_one(running, root):
     """The stale-temp sweep compared the mtime with the clock: a `.incomplete` file dated
     2100 was never stale, never scanned, though a loader can open it by that name."""
@@ -252,6 +257,7 @@ def _quarantine_config(tmp_path, state):
     return str(conf)
 
 
+@pytest.mark.slow
 def test_modelscand_scan_reports_and_moves_nothing_even_with_a_quarantine_config(tmp_path):
     """`modelscand scan` is what a user runs before loading: exit 1 and the file where it
     was; `--mode quarantine` opts in. And the detect verdict it cached does not stop the
@@ -276,6 +282,7 @@ def test_modelscand_scan_reports_and_moves_nothing_even_with_a_quarantine_config
     assert [e["path"] for e in events(opted.stdout) if e["event"] == "quarantine.moved"] == [other]
 
 
+@pytest.mark.slow
 def test_restored_bytes_are_settled_not_rescanned_at_every_start(tmp_path):
     """A cached finding is rescanned in quarantine mode only when the quarantine would act
     on it: bytes an operator restored are left alone, with no finding logged again."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 
 from tests.modelscand.conftest import BENIGN, EVIL
@@ -99,6 +100,7 @@ def test_restart_over_unchanged_tree_rescans_nothing(running, root, tmp_path):
         assert len(h2.daemon.baseline.all_rows()) == rows == 30
 
 
+@pytest.mark.slow
 def test_worker_crash_and_hang_are_error_verdicts_and_daemon_lives(running, root):
     with running(str(root), scan_function="tests.modelscand.hooks:crash_or_hang", scan__timeout=1.5) as h:
         (root / "crash.pkl").write_bytes(BENIGN)
