@@ -155,18 +155,93 @@ keep_pair(PyObject *target, PyObject *key, PyObject *value, Py_ssize_t cap)
  * weighed by walking them. Anything past the limits goes back to vm.py, which reports it.
  *
  * Most containers are tiny, and asking `heavy` about each (an int made of its address, a dict
- * lookup) cost more than the rest of the opcode. `marks` is a bitmap of addresses that both
+ * lookup) cost more than the rest of the opcode. `bits` is a bitmap of addresses that both
  * sides set for every container they put in `heavy` (bit (id >> 4) % HEAVY_BITS, as vm.py's
- * _mark_heavy): a clear bit means "not in the table" without asking it. A set bit may be
- * another container's; the table then says. */
+ * `sized`): a clear bit means "not in the table" without asking it. A set bit may be another
+ * container's; the table then says.
+ *
+ * `leaves` remembers, for one run, containers C made or grew whose items are all scalars and
+ * that are not in `heavy`, with the weight a walk gives them (1 + the items they keep). The
+ * APPENDS of a list of a thousand small lists then weighs each without reading it and its
+ * items again. An entry holds a reference, so its address is never another object's; every
+ * change C makes to a container updates or drops its entry, and vm.py changes nothing while a
+ * run lasts (the table is emptied when the run ends). */
 #define HEAVY_WEIGHT 16
 #define HEAVY_DEPTH 4
 #define HEAVY_BITS (1 << 16)
+#define LEAF_SLOTS 2048
+
+typedef struct {
+    PyObject *v;  /* a reference, or NULL */
+    long long w;  /* the weight a walk gives it; its depth is 1 */
+} Leaf;
 
 typedef struct {
     PyObject *table;     /* vm.py's `heavy` dict, or NULL when sizes are no longer counted */
     unsigned char *bits; /* HEAVY_BITS bits, or NULL: ask the table every time */
+    Leaf *leaves;        /* LEAF_SLOTS slots, or NULL: no leaves are remembered */
 } Heavy;
+
+/* One table for the module: a run holds the GIL from start to end, except where it calls
+ * vm.py's PDict (Python code may switch threads there); a run that finds it in use goes
+ * without. */
+static Leaf leaf_table[LEAF_SLOTS];
+static int leaf_table_busy;
+
+static inline Leaf *
+leaf_slot(const Heavy *h, PyObject *v)
+{
+    return &h->leaves[((uintptr_t)v >> 4) & (LEAF_SLOTS - 1)];
+}
+
+/* The weight of a remembered leaf, or 0. */
+static inline long long
+leaf_weight(const Heavy *h, PyObject *v)
+{
+    if (h->leaves == NULL) return 0;
+    Leaf *e = leaf_slot(h, v);
+    return e->v == v ? e->w : 0;
+}
+
+static inline void
+leaf_set(const Heavy *h, PyObject *v, long long w)
+{
+    if (h->leaves == NULL) return;
+    Leaf *e = leaf_slot(h, v);
+    if (e->v != v) {
+        PyObject *old = e->v;
+        Py_INCREF(v);
+        e->v = v;
+        Py_XDECREF(old); /* a list or tuple of scalars: freeing it runs no code of ours */
+    }
+    e->w = w;
+}
+
+static inline void
+leaf_drop(const Heavy *h, PyObject *v)
+{
+    if (h->leaves == NULL) return;
+    Leaf *e = leaf_slot(h, v);
+    if (e->v == v) {
+        e->v = NULL;
+        Py_DECREF(v); /* the caller holds another reference */
+    }
+}
+
+static void
+leaves_release(Heavy *h)
+{
+    if (h->leaves == NULL) return;
+    for (Py_ssize_t i = 0; i < LEAF_SLOTS; i++) {
+        PyObject *v = h->leaves[i].v;
+        if (v != NULL) {
+            h->leaves[i].v = NULL;
+            Py_DECREF(v);
+        }
+    }
+    h->leaves = NULL;
+    leaf_table_busy = 0;
+}
 
 static inline size_t
 heavy_bit(PyObject *v)
@@ -235,6 +310,13 @@ weigh_at(PyObject *v, const Heavy *heavy, long long *w, long long *d, int *budge
     for (Py_ssize_t i = 0; i < n; i++) {
         long long iw, id;
         PyObject *item = items[i];
+        long long lw = leaf_weight(heavy, item);
+        if (lw) {
+            --*budget;
+            *w += lw;
+            if (*d < 2) *d = 2;
+            continue;
+        }
         if (!container(item)) {
             *w += 1;
             continue;
@@ -260,6 +342,12 @@ weigh_at(PyObject *v, const Heavy *heavy, long long *w, long long *d, int *budge
 static inline int
 weigh(PyObject *v, const Heavy *heavy, long long *w, long long *d)
 {
+    long long lw = leaf_weight(heavy, v);
+    if (lw) {
+        *w = lw;
+        *d = 1;
+        return 0;
+    }
     if (!container(v)) {
         *w = 1;
         *d = 0;
@@ -287,6 +375,12 @@ weigh_items(PyObject *stack, Py_ssize_t i, Py_ssize_t n, const Heavy *heavy, lon
     for (Py_ssize_t j = i; j < i + n; j++) {
         long long iw, id;
         PyObject *item = PyList_GET_ITEM(stack, j);
+        long long lw = leaf_weight(heavy, item);
+        if (lw) {
+            *w += lw;
+            if (*d < 1) *d = 1;
+            continue;
+        }
         if (!container(item)) {
             *w += 1;
             continue;
@@ -301,18 +395,31 @@ weigh_items(PyObject *stack, Py_ssize_t i, Py_ssize_t n, const Heavy *heavy, lon
 static int remember(const Heavy *heavy, PyObject *v, long long w, long long d);
 
 /* `target` takes stack[i:i+n] (APPEND(S), SETITEM(S)): its new size. 0 when counted (or not
- * counting), 1 when it goes past a limit (vm.py handles the opcode and reports it), -1 on error. */
+ * counting), 1 when it goes past a limit (vm.py handles the opcode and reports it), -1 on error.
+ * `*leaf` says whether it is a leaf afterwards (see `leaves`): its items scalars, not in `heavy`. */
 static int
 grow(const Heavy *heavy, PyObject *target, PyObject *stack, Py_ssize_t i, Py_ssize_t n, long long max_weight,
-     long long max_depth)
+     long long max_depth, int *leaf)
 {
     long long tw, td, w, d;
+    *leaf = 0;
     if (heavy->table == NULL) return 0;
     if (weigh(target, heavy, &tw, &td) < 0 || weigh_items(stack, i, n, heavy, &w, &d) < 0) return -1;
     w += tw;
     d = d + 1 > td ? d + 1 : td;
     if (w > max_weight || d > max_depth) return 1;
+    *leaf = d == 1 && w < HEAVY_WEIGHT;
     return remember(heavy, target, w, d) < 0 ? -1 : 0;
+}
+
+/* After a list took items: remember it as a leaf, with what a walk finds in it, or forget it. */
+static inline void
+leaf_after_grow(const Heavy *heavy, PyObject *target, int leaf)
+{
+    if (leaf)
+        leaf_set(heavy, target, 1 + PyList_GET_SIZE(target));
+    else
+        leaf_drop(heavy, target);
 }
 
 static int
@@ -352,10 +459,15 @@ fast_run(PyObject *self, PyObject *args)
                           &keep, &evicted, &stop, &table, &max_weight, &max_depth, &bits))
         return NULL;
     /* no table (None): sizes are no longer counted (vm.py has reported a bomb already) */
-    Heavy heavy_ = {table != NULL && PyDict_Check(table) ? table : NULL, NULL};
+    Heavy heavy_ = {table != NULL && PyDict_Check(table) ? table : NULL, NULL, NULL};
     if (bits != NULL && PyByteArray_CheckExact(bits) && PyByteArray_GET_SIZE(bits) == HEAVY_BITS / 8)
         heavy_.bits = (unsigned char *)PyByteArray_AS_STRING(bits);
+    if (heavy_.table != NULL && !leaf_table_busy) {
+        leaf_table_busy = 1;
+        heavy_.leaves = leaf_table;
+    }
     const Heavy *heavy = &heavy_;
+    int leaf;
     long long w, d;
     const unsigned char *buf = view.buf;
     Py_ssize_t end = view.len < stop ? view.len : stop;
@@ -401,9 +513,12 @@ fast_run(PyObject *self, PyObject *args)
             p += 4;
             break;
         }
-        case 0x5D: /* EMPTY_LIST */
-            if (push(stack, PyList_New(0)) < 0) goto error;
+        case 0x5D: { /* EMPTY_LIST */
+            PyObject *list = PyList_New(0);
+            if (list != NULL) leaf_set(heavy, list, 1);
+            if (push(stack, list) < 0) goto error;
             break;
+        }
         case 0x7D: /* EMPTY_DICT */
             if (push(stack, PyObject_CallNoArgs(pdict)) < 0) goto error;
             break;
@@ -433,7 +548,7 @@ fast_run(PyObject *self, PyObject *args)
             if (k < len) {
                 PyObject *target = PyList_GET_ITEM(stack, k - 1);
                 if (!PyList_CheckExact(target)) goto done;
-                switch (grow(heavy, target, stack, k, len - k, max_weight, max_depth)) {
+                switch (grow(heavy, target, stack, k, len - k, max_weight, max_depth, &leaf)) {
                 case -1: goto error;
                 case 1: goto done;
                 }
@@ -441,6 +556,7 @@ fast_run(PyObject *self, PyObject *args)
                 if (room > len - k) room = len - k;
                 for (Py_ssize_t i = 0; i < room; i++)
                     if (PyList_Append(target, PyList_GET_ITEM(stack, k + i)) < 0) goto error;
+                leaf_after_grow(heavy, target, leaf);
                 if (PyList_SetSlice(stack, k, len, NULL) < 0) goto error;
             }
             if (pop_mark(marks, &fence) < 0) goto error;
@@ -454,7 +570,7 @@ fast_run(PyObject *self, PyObject *args)
                 if ((PyObject *)Py_TYPE(target) != pdict || needs_reference(stack, target, k, len, cap, pdict)) goto done;
                 for (Py_ssize_t i = k; i < len; i += 2)
                     if (hash_in_doubt(PyList_GET_ITEM(stack, i), pdict)) goto done;
-                switch (grow(heavy, target, stack, k, len - k, max_weight, max_depth)) {
+                switch (grow(heavy, target, stack, k, len - k, max_weight, max_depth, &leaf)) {
                 case -1: goto error;
                 case 1: goto done;
                 }
@@ -474,7 +590,7 @@ fast_run(PyObject *self, PyObject *args)
             if ((PyObject *)Py_TYPE(target) != pdict || hash_in_doubt(PyList_GET_ITEM(stack, k), pdict) ||
                 needs_reference(stack, target, k, len, cap, pdict))
                 goto done;
-            switch (grow(heavy, target, stack, k, 2, max_weight, max_depth)) {
+            switch (grow(heavy, target, stack, k, 2, max_weight, max_depth, &leaf)) {
             case -1: goto error;
             case 1: goto done;
             }
@@ -486,11 +602,12 @@ fast_run(PyObject *self, PyObject *args)
             if (len < 2) goto done;
             PyObject *target = PyList_GET_ITEM(stack, len - 2);
             if (!PyList_CheckExact(target)) goto done;
-            switch (grow(heavy, target, stack, len - 1, 1, max_weight, max_depth)) {
+            switch (grow(heavy, target, stack, len - 1, 1, max_weight, max_depth, &leaf)) {
             case -1: goto error;
             case 1: goto done;
             }
             if (PyList_GET_SIZE(target) < cap && PyList_Append(target, PyList_GET_ITEM(stack, len - 1)) < 0) goto error;
+            leaf_after_grow(heavy, target, leaf);
             if (PyList_SetSlice(stack, len - 1, len, NULL) < 0) goto error;
             break;
         }
@@ -510,6 +627,7 @@ fast_run(PyObject *self, PyObject *args)
                 Py_XDECREF(tuple);
                 goto error;
             }
+            if (heavy->table != NULL && d == 0 && w + 1 < HEAVY_WEIGHT) leaf_set(heavy, tuple, w + 1);
             if (PyList_SetSlice(stack, len - n, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
             break;
         }
@@ -527,6 +645,7 @@ fast_run(PyObject *self, PyObject *args)
                 Py_XDECREF(tuple);
                 goto error;
             }
+            if (heavy->table != NULL && d == 0 && w + 1 < HEAVY_WEIGHT) leaf_set(heavy, tuple, w + 1);
             if (PyList_SetSlice(stack, k, len, NULL) < 0 || push(stack, tuple) < 0) goto error;
             if (pop_mark(marks, &fence) < 0) goto error;
             break;
@@ -573,9 +692,11 @@ fast_run(PyObject *self, PyObject *args)
         ops++;
     }
 done:
+    leaves_release(&heavy_);
     PyBuffer_Release(&view);
     return Py_BuildValue("nnnn", pos, fence, memo_left, ops);
 error:
+    leaves_release(&heavy_);
     PyBuffer_Release(&view);
     return NULL;
 }
