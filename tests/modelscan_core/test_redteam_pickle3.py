@@ -152,3 +152,30 @@ def test_a_bare_library_or_script_name_reads_as_a_path(cls, text):
 def test_data_file_names_stay_plain(text):
     result = scan(b"\x80\x02" + call_op(global_op("someones_tools.helpers", "Runner"), unicode_op(text)) + b".")
     assert not high_or_worse(result), describe(result)
+
+
+# -- 4. classes built by a metaclass other than type ----------------------------------------------
+
+METACLASSES = [("typing", "NamedTupleMeta"), ("typing", "_TypedDictMeta"), ("typing", "_ProtocolMeta"),
+               ("enum", "EnumType"), ("torch._C", "_TensorMeta"), ("torch.nn.parameter", "_ParameterMeta")]
+
+
+@pytest.mark.parametrize("bases", ["none", "tuple"])
+@pytest.mark.parametrize("meta", METACLASSES)
+def test_a_class_built_by_a_trusted_metaclass_is_judged_like_type(meta, bases):
+    """NamedTupleMeta("X", (), {"__del__": f}) copies __del__ onto the class; an instance made
+    next calls f when it is collected."""
+    func = call_op(global_op("functools", "partial"), global_op(*UNKNOWN_FUNC) + unicode_op(CMD))
+    namespace = b"}(" + unicode_op("__module__") + unicode_op("x") + unicode_op("__del__") + func + b"u"
+    base = b")" if bases == "none" else b"(" + global_op("builtins", "tuple") + b"t"
+    cls = call_op(global_op(*meta), unicode_op("X") + base + namespace)
+    result = scan(b"\x80\x02" + call_op(cls, _args(1, 2)) + b".")
+    assert high_or_worse(result), describe(result)
+    assert "pickle/class-built" in result.rules()
+
+
+@pytest.mark.parametrize("args", [("name", (1, 2), {"a": 1}), ("name", (), {"a": 1}), ("x", "y", "z")])
+def test_trusted_constructors_given_three_plain_values_build_no_class(args):
+    result = scan(_call("torch.nn.modules.linear", "Identity", *args))
+    assert "pickle/class-built" not in result.rules(), describe(result)
+    assert not high_or_worse(result), describe(result)

@@ -136,7 +136,7 @@ class Observer:
     closed for that global)."""
 
     __slots__ = ("ref", "role", "trusted", "check_args", "state_index", "calls", "values", "suspicious", "dropped",
-                 "blind")
+                 "blind", "class_builds")
 
     def __init__(self, ref: GlobalRef, role: str, trusted: bool, check_args: bool, state_index: int | None = None):
         self.ref = ref
@@ -149,6 +149,7 @@ class Observer:
         self.suspicious: list[tuple[Call, str]] = []
         self.dropped = 0
         self.blind: list[tuple[int, str]] = []
+        self.class_builds: list[Call] = []  # calls shaped like type(name, bases, namespace)
 
     def __call__(self, call: Call) -> None:
         role = self.role
@@ -195,6 +196,8 @@ class Observer:
                             self._keep_value(item)
         if self.state_index is not None and args is not None and len(args) > self.state_index:
             self._plant(call, call, args[self.state_index])
+        if self.check_args and args is not None and not role and _metaclass_shaped(args):
+            self._keep_class_build(call)
         if self.check_args and len(self.suspicious) < 8:
             why = _suspicious_args(call)
             if why:
@@ -203,6 +206,12 @@ class Observer:
     def _keep_call(self, call: Call) -> None:
         if len(self.calls) < MAX_OBSERVED:
             self.calls.append(call)
+        else:
+            self.dropped += 1
+
+    def _keep_class_build(self, call: Call) -> None:
+        if len(self.class_builds) < MAX_VALUES:
+            self.class_builds.append(call)
         else:
             self.dropped += 1
 
@@ -247,6 +256,17 @@ class Observer:
 
 
 _CONTAINERS = (list, tuple, PDict, PSet)
+
+
+def _metaclass_shaped(args: tuple) -> bool:
+    """(name, bases, namespace) as a metaclass takes them: a class called so builds a class, as
+    type() does (typing's NamedTupleMeta copies the namespace's __del__ onto the class it makes).
+    Bases are classes; with none, the namespace must hold a dunder for the shape to count."""
+    if len(args) != 3 or type(args[0]) is not str or type(args[1]) is not tuple or type(args[2]) is not PDict:
+        return False
+    if args[1]:
+        return all(type(base) is GlobalRef for base in args[1])
+    return any(type(key) is str and key[:2] == "__" == key[-2:] and len(key) > 4 for key, _ in args[2])
 _KEEP_CALLS = frozenset({pol.IMPORT, pol.GETATTR, pol.NESTED, pol.BUILD_CLASS, pol.SHARED})
 
 
@@ -501,6 +521,8 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
                 issues.append(Issue("pickle/blind", u.blind, why, offset, ref.module, ref.name))
             if obs.suspicious:
                 result.suspicious[id(ref)] = obs.suspicious[0]
+            for call in obs.class_builds:
+                _class_built(ref, call, policy, issues, called)
 
     # calls of values computed at load time (REDUCE on a call result, a planted method)
     for call in facts.dynamic_calls:

@@ -148,24 +148,45 @@ class Policy:
         return out
 
     @cached_property
-    def _deny_reexported(self) -> dict[tuple[str, str], tuple[Severity, tuple[str, str]]]:
-        """object identity -> (severity, the denied spelling), for the native half of a denied
-        API: `torch.distributed.FileStore` is the class `torch._C._distributed_c10d.FileStore`,
-        from an extension module the generator could not list. Such an object is known only
-        through its re-exports, so the denied module that re-exports it decides for it too.
-        Objects of listed modules (what `torch._dynamo` imports from `torch.serialization`) and
-        of other packages (`inspect.OrderedDict`) keep their own judgement."""
-        out: dict[tuple[str, str], tuple[Severity, tuple[str, str]]] = {}
+    def _covered_by_top(self) -> dict[str, list[str]]:
+        """The table's modules, by top-level package."""
+        out: dict[str, list[str]] = {}
         for module in self.table._index():
+            out.setdefault(module.split(".", 1)[0], []).append(module)
+        return out
+
+    def _deny_reexported(self, r: Resolved) -> tuple[Severity, tuple[str, str]] | None:
+        """The native half of a denied API: `torch.distributed.FileStore` is the class
+        `torch._C._distributed_c10d.FileStore`, from an extension module the generator could not
+        list. Such an object is known only through its re-exports, so a denied module of its own
+        package that re-exports it decides for it too. Objects of listed modules (what
+        `torch._dynamo` imports from `torch.serialization`) and of other packages
+        (`inspect.OrderedDict`) keep their own judgement."""
+        if r.covered or r.is_module or not r.name:
+            return None
+        top = r.module.split(".", 1)[0]
+        found = self._reexports_cache.get(top)
+        if found is None:
+            found = self._reexports_cache[top] = self._denied_reexports_of(top)
+        return found.get((r.module, r.name.split(".", 1)[0]))
+
+    @cached_property
+    def _reexports_cache(self) -> dict[str, dict]:
+        return {}
+
+    def _denied_reexports_of(self, top: str) -> dict[tuple[str, str], tuple[Severity, tuple[str, str]]]:
+        """object identity -> (severity, the denied spelling) for one package's denied modules'
+        re-exports from its modules the table does not list (computed on first need, per package)."""
+        out: dict[tuple[str, str], tuple[Severity, tuple[str, str]]] = {}
+        for module in self._covered_by_top.get(top, ()):
             sev, _ = self._denied_module(module)
             if sev is None:
                 continue
-            top = module.split(".", 1)[0] + "."
             for name, what in (self.table.entries(module) or {}).items():
                 if what[:1] in ("!", "@", "") or ":" not in what:
                     continue
                 target_module, _, target_name = what.partition(":")
-                if not (target_module + ".").startswith(top) or self.table.covers(target_module) \
+                if target_module.split(".", 1)[0] != top or self.table.covers(target_module) \
                         or self._denied_module(target_module)[0] is not None \
                         or self._safe_module_depth(target_module) or (target_module, target_name) in self._safe_objects:
                     continue
@@ -209,7 +230,7 @@ class Policy:
             return Judgement(None, "pickle/allowed", self.reason(module, name), f"{module}.{name}")
         r = self.table.resolve(module, name)
         via = r.qualname if r.aliased else ""
-        denied = self._exact_deny(module, name, r) or self._deny_reexported.get((r.module, r.name.split(".", 1)[0]))
+        denied = self._exact_deny(module, name, r) or self._deny_reexported(r)
         if denied is not None:
             return _with(_unsafe(*denied), via)
         if r.dunder and (r.dunder in INTROSPECTION or "." in name):
