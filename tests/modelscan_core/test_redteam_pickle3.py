@@ -179,3 +179,22 @@ def test_trusted_constructors_given_three_plain_values_build_no_class(args):
     result = scan(_call("torch.nn.modules.linear", "Identity", *args))
     assert "pickle/class-built" not in result.rules(), describe(result)
     assert not high_or_worse(result), describe(result)
+
+
+# -- 5. a mapping's planted items(), called by OrderedDict ---------------------------------------
+
+@pytest.mark.parametrize("builder", [("collections", "OrderedDict"), ("builtins", "dict"), ("collections", "Counter")])
+@pytest.mark.parametrize("filler", [0, 40])
+def test_planted_items_of_a_mapping_handed_to_a_dict_builder(builder, filler):
+    """OrderedDict(x) calls x.items() when x has no keys(): an instance attribute set by BUILD."""
+    func = call_op(global_op("functools", "partial"), global_op(*UNKNOWN_FUNC) + unicode_op(CMD))
+    items = b"".join(unicode_op(f"a{i}") + _args(i) for i in range(filler))
+    obj = call_op(global_op("argparse", "Namespace")) + b"}(" + items + unicode_op("items") + func + b"ub"
+    result = scan(b"\x80\x02" + call_op(global_op(*builder), obj) + b".")
+    assert high_or_worse(result), describe(result)
+
+
+def test_plain_attributes_of_a_mapping_handed_to_a_dict_builder_stay_clean():
+    obj = call_op(global_op("argparse", "Namespace")) + b"}(" + unicode_op("items") + _args([1, 2]) + b"ub"
+    result = scan(b"\x80\x02" + call_op(global_op("collections", "OrderedDict"), b"]" ) + b"0" + obj + b".")
+    assert not high_or_worse(result), describe(result)

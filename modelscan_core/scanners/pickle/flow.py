@@ -160,9 +160,15 @@ class Observer:
         elif role == pol.STATE:
             self._state(call, args)
         elif role == pol.MAPPING:
+            # dict(), UserDict() and Counter() call a non-dict argument's keys(); OrderedDict()
+            # calls its items() when it has no keys
             for arg in args or ():
-                if type(arg) is Call and arg.planted and "keys" in arg.planted:
-                    self._keep_value(arg.planted["keys"])
+                if type(arg) is Call and arg.planted:
+                    if "keys" in arg.planted:
+                        self._keep_value(arg.planted["keys"])
+                    for key, value in arg.planted.get(STORED, ()):
+                        if key == "items":
+                            self._keep_value(value)
         elif role == pol.LOOKUP:
             container = args[0] if args else None
             if type(container) is Call and type(container.func) is GlobalRef and container.func.name == "defaultdict":
