@@ -1,10 +1,15 @@
 """Pickle-engine benchmark: speed and memory against modelscan 0.8.8, start-up, detection.
 
-    python3 bench/bench_pickle.py [--ref /path/to/modelscan] [--runs 3]
+    python3 bench/bench_pickle.py [--ref /path/to/modelscan] [--runs 3] [--against PYTHON]
 
 Without --ref, modelscan 0.8.8 is installed once into ~/.cache/modelscand-bench/ref (a venv;
 it needs the package registry). Every measurement is a whole process, timed with wait4(),
 so peak RSS is the child's own. Nothing here is a pass/fail test: it prints numbers.
+
+--against names the interpreter of another checkout (a worktree of an earlier commit with its
+own venv, `.venv/bin/python`): the op-dense scan and start-up are then compared with it in CPU
+time (user + sys, the least of alternating runs: steadier than wall time on a shared machine).
+Compile both checkouts' .pyc first, or start-up includes compiling.
 """
 
 from __future__ import annotations
@@ -45,6 +50,23 @@ def reference_modelscan(explicit: str | None) -> str | None:
     return str(exe)
 
 
+def cpu_seconds(cmd: list[str]) -> float:
+    """User + system CPU seconds of one child process."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+    _, _, usage = os.wait4(proc.pid, 0)
+    return usage.ru_utime + usage.ru_stime
+
+
+def compare(label: str, args: list[str], ours: str, other: str, runs: int) -> None:
+    """The least CPU time of `python -m modelscan_core ARGS` under each interpreter, runs alternated."""
+    times: dict[str, list[float]] = {ours: [], other: []}
+    for _ in range(runs):
+        for python in times:
+            times[python].append(cpu_seconds([python, "-m", "modelscan_core", *args]))
+    mine, theirs = min(times[ours]), min(times[other])
+    print(f"  {label}: {mine * 1000:.0f} ms CPU here, {theirs * 1000:.0f} ms there ({mine / theirs:.2f}x)")
+
+
 def best_of(cmd: list[str], runs: int) -> tuple[float, float, int]:
     results = [measure(cmd) for _ in range(runs)]
     return min(r[0] for r in results), max(r[1] for r in results), results[0][2]
@@ -54,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ref", help="path of a modelscan 0.8.8 executable")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--against", help="interpreter of another checkout to compare CPU time with")
     args = parser.parse_args()
     ours = [sys.executable, "-m", "modelscan_core"]
     ref = reference_modelscan(args.ref)
@@ -79,6 +102,11 @@ def main() -> None:
         walls = [measure(cmd + ["-p", str(small)])[0] for _ in range(10)]
         print(f"start-up, `modelscan -p small.pkl`: median {statistics.median(walls) * 1000:.0f} ms, "
               f"max {max(walls) * 1000:.0f} ms over 10 runs")
+
+        if args.against:
+            print(f"against {args.against} (least CPU of {max(args.runs, 7)} alternating runs):")
+            compare("op-dense", ["-p", str(big)], sys.executable, args.against, max(args.runs, 7))
+            compare("start-up", ["-p", str(small)], sys.executable, args.against, max(args.runs, 7) * 2)
 
     sys.path.insert(0, str(ROOT))
     detection()
