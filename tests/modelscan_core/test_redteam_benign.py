@@ -234,3 +234,25 @@ def test_python2_pickles_have_no_high_finding(label):
     result = scan(PY2_PICKLES[label])
     assert result.worst is None or result.worst < Severity.HIGH, describe(result)
     assert not result.file.errors, result.file.errors
+
+
+def _dill_plain_values():
+    import numpy as np
+    import pandas as pd
+
+    return {"frame": pd.DataFrame({"a": [1, 2], "s": ["x", "y"], "c": pd.Categorical(["u", "v"])}),
+            "series": pd.Series([1.5, None], index=pd.RangeIndex(2)), "array": np.arange(6).reshape(2, 3),
+            "slices": [slice(0, 1, 1), slice(None)], "types": [int, type(None), slice], "nested": {"k": [1, (2, 3)]}}
+
+
+@pytest.mark.parametrize("byref", [False, True])
+def test_dill_dumps_of_plain_data_have_no_high_finding(byref):
+    """dill writes slices, types and arrays through its own helpers (`_load_type('slice')(0, 1, 1)`
+    handed to pandas' block unpickler): a value a plain type made is no callable."""
+    import dill
+
+    value = _dill_plain_values()
+    for protocol in (2, 3, 4, 5):
+        result = scan(dill.dumps(value, protocol=protocol, byref=byref))
+        high = [f for f in describe(result) if Severity[f[0]] >= Severity.HIGH]
+        assert not high, (protocol, high)

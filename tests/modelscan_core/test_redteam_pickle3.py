@@ -198,3 +198,13 @@ def test_plain_attributes_of_a_mapping_handed_to_a_dict_builder_stay_clean():
     obj = call_op(global_op("argparse", "Namespace")) + b"}(" + unicode_op("items") + _args([1, 2]) + b"ub"
     result = scan(b"\x80\x02" + call_op(global_op("collections", "OrderedDict"), b"]" ) + b"0" + obj + b".")
     assert not high_or_worse(result), describe(result)
+
+
+@pytest.mark.parametrize("name,high", [("FunctionType", True), ("CodeType", True), ("MethodType", True), ("slice", False),
+                                       ("int", False)])
+def test_what_a_type_fetched_by_name_made_is_called(name, high):
+    """dill's `_load_type(name)(...)` makes a value; calling that value runs code only when the
+    type makes code (a function, a method), never for slices and ints."""
+    made = call_op(call_op(global_op("dill._dill", "_load_type"), unicode_op(name)), _args("x", {}))
+    result = scan(b"\x80\x02" + call_op(made, _args(CMD)) + b".")
+    assert high_or_worse(result) == high, describe(result)
