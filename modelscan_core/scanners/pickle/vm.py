@@ -42,6 +42,7 @@ import codecs
 import io
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -91,6 +92,8 @@ _HEAVY_DEPTH = 4
 #: is set (HEAVY_BITS in _fastvm.c): every entry put in the table sets its bit
 _HEAVY_BITS = 1 << 16
 _WALK_BUDGET = 64
+#: a frame end the C accelerator can take (a FRAME length read from the stream can be any 64-bit number)
+_SSIZE_MAX = sys.maxsize
 
 #: how each reader reads FRAMEs (see the module docstring)
 READERS = ("bytes", "file", "python")
@@ -853,7 +856,8 @@ class PickleVM:
                     if pos < limit and buf[pos] != 0x95:  # (FRAME is left to the code below)
                         pos, fence, memo_left, n = fast(
                             buf, pos, limit, stack, marks, mseq, memo_left, fence, not msparse, PDict, DISPLAY_ITEMS,
-                            _KEEP_PAST_BUDGET, _EVICTED, blim, counting[0], MAX_EXPANSION, MAX_NESTING, heavy_bits,
+                            _KEEP_PAST_BUDGET, _EVICTED, min(blim, _SSIZE_MAX), counting[0], MAX_EXPANSION, MAX_NESTING,
+                            heavy_bits,
                         )
                         ops += n
                         if pos >= limit or (pos + 16 > blim and base + pos != checked):
