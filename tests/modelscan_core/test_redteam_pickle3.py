@@ -208,3 +208,63 @@ def test_what_a_type_fetched_by_name_made_is_called(name, high):
     made = call_op(call_op(global_op("dill._dill", "_load_type"), unicode_op(name)), _args("x", {}))
     result = scan(b"\x80\x02" + call_op(made, _args(CMD)) + b".")
     assert high_or_worse(result) == high, describe(result)
+
+
+# -- 6. the gadgets of the 2025-2026 scanner advisories, spelled every way find_class takes ------
+
+#: (module, name, args) from picklescan's, fickling's and modelscan's advisories of 2025-2026
+ADVISORY_GADGETS = [
+    ("_interpreters", "run_string", (0, "x=1")), ("_xxsubinterpreters", "run_string", (0, "x=1")),
+    ("asyncio.unix_events", "_UnixSubprocessTransport", (None, None, CMD, True, None, None, None, 0)),
+    ("asyncio.base_events", "BaseEventLoop.subprocess_shell", (None, None, CMD)),
+    ("distutils.file_util", "write_file", ("x.py", ["import os"])), ("shutil", "copy", ("/etc/passwd", "x")),
+    ("numpy.f2py.crackfortran", "getlincoef", ("1", {})), ("numpy.f2py.crackfortran", "_eval_length", ("1", {})),
+    ("torch._dynamo.guards", "GuardBuilder.get", (None, "x")), ("torch.utils.bottleneck.__main__", "run_cprofile", ("x", {})),
+    ("torch.utils.bottleneck.__main__", "run_autograd_prof", ("x", {})), ("torch.utils.collect_env", "run", (CMD,)),
+    ("idlelib.debugobj", "ObjectTreeItem.SetText", (None, "x")), ("idlelib.autocomplete", "AutoComplete.fetch_completions", (None, "x", 1)),
+    ("idlelib.pyshell", "ModifiedInterpreter.runcommand", (None, "x")), ("lib2to3.pgen2.pgen", "ParserGenerator.make_label", (None, None, "'x'")),
+    ("lib2to3.pgen2.grammar", "Grammar.loads", (None, b"x")), ("operator", "itemgetter", ("x",)),
+    ("ssl", "get_server_certificate", (("x", 443),)), ("profile", "Profile.runctx", (None, "x", {}, {})),
+    ("trace", "Trace.run", (None, "x")), ("pydoc", "locate", ("os.system",)), ("pty", "spawn", ("id",)),
+    ("_pickle", "loads", (b"x",)), ("pickle", "_loads", (b"x",)), ("code", "InteractiveInterpreter.runcode", (None, "x")),
+    ("cProfile", "runctx", ("x", {}, {})), ("doctest", "debug_script", ("x",)), ("ensurepip", "_run_pip", (["x"],)),
+    ("torch.serialization", "load", ("x.pt",)), ("torch.utils.data.datapipes.utils.decoder", "basichandlers", ("pickle", b"x")),
+    ("pkgutil", "resolve_name", ("os:system",)), ("importlib", "import_module", ("os",)), ("marshal", "loads", (b"x",)),
+    ("uuid", "_get_command_stdout", ("id",)), ("imaplib", "IMAP4_stream", ("id",)), ("_pyrepl.pager", "pipe_pager", ("x", CMD)),
+    ("_osx_support", "_read_output", (CMD,)), ("_aix_support", "_read_cmd_output", (CMD,)), ("logging", "FileHandler", ("x",)),
+]
+
+
+def _spellings(module: str, name: str, args: tuple) -> dict[str, bytes]:
+    arg_ops = _args(*args)
+    out = {"GLOBAL": b"\x80\x02" + call_op(global_op(module, name), arg_ops) + b".",
+           "STACK_GLOBAL": b"\x80\x04" + call_op(stack_global_op(module, name), arg_ops) + b"."}
+    if "." not in name:  # INST runs cls(*args) with no REDUCE
+        text = b"".join(b"S'" + a.encode("unicode_escape") + b"'\n" for a in args if isinstance(a, str))
+        if len(text) and all(isinstance(a, str) for a in args):
+            out["INST"] = b"(" + text + b"i" + module.encode() + b"\n" + name.encode() + b"\n."
+    head, _, tail = module.rpartition(".")
+    if head:  # the module reached as an attribute of its parent package
+        out["dotted"] = b"\x80\x04" + call_op(stack_global_op(head, f"{tail}.{name}"), arg_ops) + b"."
+    return out
+
+
+@pytest.mark.parametrize("module,name,args", thinned(ADVISORY_GADGETS, 5))
+def test_advisory_gadgets_are_high_however_spelled(module, name, args):
+    for spelling, data in _spellings(module, name, args).items():
+        result = scan(data)
+        assert high_or_worse(result), (spelling, describe(result))
+
+
+# -- 7. constructors that compile and run text ---------------------------------------------------
+
+#: timeit's template indents stmt after each "\n" only: a bare "\r" ends the line unindented, so
+#: the text after it runs when the Timer is made (this one only defines a function)
+TEMPLATE_BREAKOUT = "pass\rdef f():\r    if 1:\r        pass"
+
+
+@pytest.mark.parametrize("module,name", [("torch.utils.benchmark", "Timer"), ("torch.utils.benchmark.utils.timer", "Timer"),
+                                         ("timeit", "Timer")])
+def test_benchmark_timers_that_exec_their_text_are_high(module, name):
+    result = scan(_call(module, name, TEMPLATE_BREAKOUT))
+    assert high_or_worse(result), describe(result)

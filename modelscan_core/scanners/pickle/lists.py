@@ -76,6 +76,11 @@ UNSAFE_GLOBALS: dict[str, dict[str, object]] = {
         # native loaders of compiled models: AOTInductor's runners and package loader dlopen the
         # shared library a path names; nativert runs a packaged program
         "torch._C._aoti": ALL, "torch._C._nativert": ALL,
+        # torch's benchmark Timer hands stmt/setup text to timeit.Timer, whose constructor execs a
+        # template the text can leave (a bare \r ends a line the template does not indent);
+        # valgrind and C++ JIT helpers start processes and compile code
+        "torch.utils.benchmark.utils.timer": ALL, "torch.utils.benchmark.utils.valgrind_wrapper": ALL,
+        "torch.utils.benchmark.utils.cpp_jit": ALL,
         "torch.multiprocessing": ALL, "torch.distributed.rpc": ALL, "torch.testing": ALL, "torch._jit_internal": ALL,
         "torch.utils._config_module": ALL, "torch.library": ALL, "torch.utils.data.datapipes": ALL,
         "keras.models": ["load_model"], "keras.saving": ["load_model"], "keras.src.saving": ALL,
