@@ -268,3 +268,22 @@ TEMPLATE_BREAKOUT = "pass\rdef f():\r    if 1:\r        pass"
 def test_benchmark_timers_that_exec_their_text_are_high(module, name):
     result = scan(_call(module, name, TEMPLATE_BREAKOUT))
     assert high_or_worse(result), describe(result)
+
+
+# -- 8. modules that run a program when imported -------------------------------------------------
+
+@pytest.mark.parametrize("module", ["torch.utils.model_dump.__main__", "flask.__main__", "IPython.__main__", "tqdm.__main__",
+                                    "somepkg.sub.__main__"])
+@pytest.mark.parametrize("use", ["referenced", "called"])
+def test_importing_a_package_main_module_is_high(module, use):
+    """find_class imports the module first: an unguarded __main__ runs its program right there."""
+    ref = global_op(module, "main")
+    data = b"\x80\x02" + (call_op(ref) if use == "called" else ref) + b"."
+    result = scan(data)
+    assert high_or_worse(result), describe(result)
+
+
+def test_the_loaders_own_main_module_stays_a_plain_name():
+    """Classes defined in the script that saved the pickle live in `__main__`: that is no entry point."""
+    result = scan(b"\x80\x02" + global_op("__main__", "Net") + b")\x81}" + unicode_op("w") + _args(1) + b"sb.")
+    assert not high_or_worse(result), describe(result)

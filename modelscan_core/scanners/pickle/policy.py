@@ -226,6 +226,11 @@ class Policy:
         key = (module, name)
         if key in self._deny_exact:
             return _unsafe(self._deny_exact[key], key)
+        if "__main__" in module.split(".")[1:]:
+            # find_class imports the module: a package's __main__ runs its command-line program
+            # (flask, IPython, torch.utils.model_dump run unguarded), whatever name is then read
+            return Judgement(self.unknown.call, "pickle/entry-point",
+                             f"importing {module} runs the command-line program of its package")
         if key in self._safe_exact:
             return Judgement(None, "pickle/allowed", self.reason(module, name), f"{module}.{name}")
         r = self.table.resolve(module, name)
