@@ -241,11 +241,37 @@ def torch_constants(module) -> set[str]:
     return {name for name, obj in list(vars(module).items()) if isinstance(obj, kinds)}
 
 
+def loop_targets(module) -> set[str]:
+    """Names a module binds only as the target of a top-level `for` loop: whatever its last
+    iteration left, which can change from one run to the next (scipy.sparse._data loops over a
+    set of ufuncs). The table leaves them out: a pickle naming one is judged unresolved."""
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return set()
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    out: set[str] = set()
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.For, ast.AsyncFor)):
+            out.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for attr in ("body", "orelse", "finalbody", "handlers"):
+            pending.extend(getattr(node, attr, None) or ())
+    return out
+
+
 def describe(module) -> dict[str, str]:
     """name -> what, for one module (see the module docstring)."""
     out: dict[str, str] = {}
     own_name = module.__name__
     names = dict(vars(module))
+    for name in loop_targets(module):
+        names.pop(name, None)
     for name in getattr(module, "__all__", None) or ():
         if isinstance(name, str) and name not in names:
             try:  # a lazy attribute (module-level __getattr__)
