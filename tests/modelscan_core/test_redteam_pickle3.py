@@ -1,11 +1,16 @@
 """Third red-team round against the pickle policy: what the first two rounds left open.
 
-- The native half of a denied API: a denied module re-exports classes and functions of an
-  extension module the name table cannot list (`torch.distributed.FileStore` is
-  `torch._C._distributed_c10d.FileStore`, `torch._dynamo`'s frame hook lives in
-  `torch._C._dynamo.eval_frame`); spelled by their own module they are the same objects.
-- An object trusted code made, then called by the load: its class's `__call__` may call what
-  it is handed, as any trusted callable may (joblib's `Parallel()([(f, args, kwargs)])`).
+1. The native half of a denied API: a denied module re-exports objects of an extension module
+   the name table cannot list (`torch.distributed.FileStore` is `torch._C._distributed_c10d.
+   FileStore`, torch._dynamo's frame hook lives in `torch._C._dynamo.eval_frame`).
+2. An object trusted code made, then called by the load: its `__call__` may call what it is
+   handed, as any trusted callable may (joblib's `Parallel()([(f, args, kwargs)])`).
+3. Native model loaders (AOTInductor, nativert), and bare library or script names as paths.
+4. Classes built by a trusted metaclass other than type (typing's NamedTupleMeta).
+5. A mapping's planted `items()`, which OrderedDict calls.
+6. The 2025-2026 advisory gadgets in every spelling find_class takes.
+7. Constructors that compile and run text (torch's benchmark Timer over timeit).
+8. Modules that run a program when imported (a package's `__main__`).
 
 Payloads only `touch`; nothing built here is ever unpickled.
 """
@@ -287,3 +292,26 @@ def test_the_loaders_own_main_module_stays_a_plain_name():
     """Classes defined in the script that saved the pickle live in `__main__`: that is no entry point."""
     result = scan(b"\x80\x02" + global_op("__main__", "Net") + b")\x81}" + unicode_op("w") + _args(1) + b"sb.")
     assert not high_or_worse(result), describe(result)
+
+
+@pytest.mark.parametrize("attribute", ["keys", "items"])
+@pytest.mark.parametrize("cls,base", [(("collections", "OrderedDict"), ("builtins", "dict")),
+                                      (("collections", "OrderedDict"), ("collections", "OrderedDict")),
+                                      (("collections", "Counter"), ("collections", "Counter"))])
+def test_planted_mapping_methods_called_by_a_reconstructor_base(attribute, cls, base):
+    """copyreg._reconstructor(cls, base, state) runs base.__init__(obj, state): dict's calls keys()."""
+    func = call_op(global_op("functools", "partial"), global_op(*UNKNOWN_FUNC) + unicode_op(CMD))
+    state = call_op(global_op("argparse", "Namespace")) + b"}" + unicode_op(attribute) + func + b"sb"
+    data = b"\x80\x02" + call_op(global_op("copyreg", "_reconstructor"), global_op(*cls) + global_op(*base) + state) + b"."
+    result = scan(data)
+    assert high_or_worse(result), describe(result)
+
+
+def test_dict_subclasses_as_protocol_0_writes_them_stay_clean():
+    import collections
+
+    for protocol in (0, 1):
+        result = scan(pickle.dumps(collections.OrderedDict(a=1, b=[1, 2]), protocol=protocol))
+        assert not high_or_worse(result), describe(result)
+        result = scan(pickle.dumps(collections.Counter("abca"), protocol=protocol))
+        assert not high_or_worse(result), describe(result)

@@ -149,7 +149,9 @@ class Observer:
         self.suspicious: list[tuple[Call, str]] = []
         self.dropped = 0
         self.blind: list[tuple[int, str]] = []
-        self.class_builds: list[Call] = []  # calls shaped like type(name, bases, namespace)
+        #: calls shaped like type(name, bases, namespace); for copyreg's reconstructor, the
+        #: planted methods base.__init__ calls on the state
+        self.class_builds: list = []
 
     def __call__(self, call: Call) -> None:
         role = self.role
@@ -160,15 +162,9 @@ class Observer:
         elif role == pol.STATE:
             self._state(call, args)
         elif role == pol.MAPPING:
-            # dict(), UserDict() and Counter() call a non-dict argument's keys(); OrderedDict()
-            # calls its items() when it has no keys
             for arg in args or ():
-                if type(arg) is Call and arg.planted:
-                    if "keys" in arg.planted:
-                        self._keep_value(arg.planted["keys"])
-                    for key, value in arg.planted.get(STORED, ()):
-                        if key == "items":
-                            self._keep_value(value)
+                for method in _mapping_methods(arg):
+                    self._keep_value(method)
         elif role == pol.LOOKUP:
             container = args[0] if args else None
             if type(container) is Call and type(container.func) is GlobalRef and container.func.name == "defaultdict":
@@ -185,6 +181,11 @@ class Observer:
                 self._keep_value(call.args)
         elif role == pol.INSTANTIATE:
             self._keep_call(call) if len(self.calls) < MAX_VALUES else self._instantiate(args)
+            if args is not None and len(args) > 2:
+                # copyreg._reconstructor(cls, base, state) runs base.__init__(obj, state): a dict
+                # base calls the state's keys() (items() for OrderedDict), as dict(state) would
+                for method in _mapping_methods(args[2]):
+                    self._keep_class_build(method)
         elif self.trusted and role != pol.STORE and args:
             for arg in args:  # a callable value handed to a trusted callable is assumed called
                 if type(arg) is Call and _callable_value(arg):
@@ -262,6 +263,16 @@ class Observer:
 
 
 _CONTAINERS = (list, tuple, PDict, PSet)
+
+
+def _mapping_methods(arg: object) -> list:
+    """The planted methods a dict builder calls on a non-dict argument: dict(), UserDict() and
+    Counter() call keys(); OrderedDict() calls items() when there is no keys()."""
+    if type(arg) is not Call or not arg.planted:
+        return []
+    out = [arg.planted["keys"]] if "keys" in arg.planted else []
+    out.extend(value for key, value in arg.planted.get(STORED, ()) if key == "items")
+    return out
 
 
 def _metaclass_shaped(args: tuple) -> bool:
@@ -528,8 +539,11 @@ def analyse(facts, policy: pol.Policy) -> Analysis:
                 issues.append(Issue("pickle/blind", u.blind, why, offset, ref.module, ref.name))
             if obs.suspicious:
                 result.suspicious[id(ref)] = obs.suspicious[0]
-            for call in obs.class_builds:
-                _class_built(ref, call, policy, issues, called)
+            for item in obs.class_builds:
+                if role == pol.INSTANTIATE:  # a planted method base.__init__ calls
+                    called(item, ref.offset, f"state handed by {ref.module}.{ref.name} to a base class initialiser")
+                else:
+                    _class_built(ref, item, policy, issues, called)
 
     # calls of values computed at load time (REDUCE on a call result, a planted method)
     for call in facts.dynamic_calls:
