@@ -41,6 +41,13 @@ OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify"
 REASONS = {"moved": "renamed", "closed": "closed", "created": "created", "modified": "modified"}
 
 
+def _callback_failed(what: str, path: bytes, exc: Exception) -> None:
+    """A report from watchdog's reader thread that did not reach the daemon: the reader must
+    live on, and the operator must know that a walk or a root's re-watch may not follow."""
+    log().error("watch.report_failed", report=what, root=os.fsdecode(path),
+                     error=f"{type(exc).__name__}: {exc}")
+
+
 class _LoudWatchGroup(InotifyWatchGroup):
     """watchdog's watch group, except that a failed sub-watch is reported, not swallowed,
     and the root moving away (IN_MOVE_SELF, which watchdog ignores) is reported too."""
@@ -52,16 +59,16 @@ class _LoudWatchGroup(InotifyWatchGroup):
     def on_queue_overflow(self) -> None:
         try:
             type(self).report_overflow()
-        except Exception:  # noqa: BLE001 - never into watchdog's reader thread
-            pass
+        except Exception as exc:  # noqa: BLE001 - never into watchdog's reader thread; loud: a walk may be lost
+            _callback_failed("overflow", self.path, exc)
         super().on_queue_overflow()  # watchdog re-adds the watches (no events with our mask)
 
     def on_event(self, event) -> None:
         if event.is_move_self and self._active_callbacks_by_watch.get(event.wd) == self.path:
             try:
                 type(self).report_root_moved()
-            except Exception:  # noqa: BLE001 - never into watchdog's reader thread
-                pass
+            except Exception as exc:  # noqa: BLE001 - never into watchdog's reader thread; loud: a root may be lost
+                _callback_failed("root_moved", self.path, exc)
         super().on_event(event)
 
     def _add_callback(self, path: bytes) -> None:

@@ -37,6 +37,21 @@ def test_simulated_overflow_triggers_root_rescan(running, root):
         assert len([e for e in h.scans() if e["event"] == "scan.finding"]) == 1
 
 
+def test_an_overflow_report_that_fails_is_an_error_line_and_the_reader_lives(running, root):
+    with running(str(root)) as h:
+        watch = next(iter(h.daemon.watches.values()))
+
+        def broken(_root):
+            raise RuntimeError("overflow report bug")
+
+        watch._on_overflow = broken
+        watch.observer._inotify_fd.handle_event(InotifyEvent(-1, InotifyConstants.IN_Q_OVERFLOW, 0, b""))
+        err = h.wait_event("watch.report_failed")
+        assert err["level"] == "error" and err["report"] == "overflow" and "overflow report bug" in err["error"]
+        (root / "after.pkl").write_bytes(EVIL)  # watchdog's reader thread is still alive
+        assert h.wait_scan(str(root / "after.pkl"))["event"] == "scan.finding"
+
+
 class _Dropped(Exception):
     pass
 
