@@ -376,7 +376,7 @@ class _Slot:
         if self.proc is not None:
             try:
                 self.proc.kill()
-            except Exception:  # already gone: nothing to kill
+            except (OSError, ValueError):  # already gone (or closed): nothing to kill
                 pass
             self.proc.join(5)
             self.proc.close() if self.proc.exitcode is not None else None
