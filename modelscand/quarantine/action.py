@@ -25,6 +25,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Callable
 
 from modelscan_core._version import __version__ as CORE_VERSION
 from modelscan_core.model import Severity
@@ -52,7 +53,8 @@ class QuarantineAction:
         self._tombstones: set[str] = set()
         self._follower = Follower(self.store.ledger)
         self._lock = threading.Lock()
-        self.hook = Hook(list(q["hook"]), float(q["hook_timeout"])) if q["hook"] else None
+        self.hook = Hook(list(q["hook"]), float(q["hook_timeout"]), self.store.ledger,
+                         self._hook_recorded) if q["hook"] else None
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -70,6 +72,29 @@ class QuarantineAction:
                                      reason=rec.get("reason") or rec.get("error") or rec.get("note"))
         with self._lock:
             self._refresh()
+            pending = self.index.pending_hooks()
+        if pending and self.hook is None:
+            self.log.warning("quarantine.hook_pending", ids=pending[:20], count=len(pending),
+                             why="moves recorded with a hook due, and no quarantine.hook configured now: not run")
+        elif pending:
+            self.log.warning("quarantine.hook_due", ids=pending[:20], count=len(pending),
+                             why="a kill or a stop came between the move and its hook: running it now")
+            for qid in pending:
+                self.hook.submit(qid, lambda qid=qid: self._hook_record(qid, recovered=True))
+
+    def _hook_recorded(self, qid: str) -> bool:
+        with self._lock:
+            self._refresh()
+            return not self.index.hook_pending(qid)
+
+    def _hook_record(self, qid: str, recovered: bool = False) -> dict | None:
+        """What the hook gets on stdin, from the ledger: the move's begin and done records."""
+        recs = self.store.ledger.records_of(qid)
+        begin = next((r for r in recs if r.get("type") == "quarantine.begin"), None)
+        done = next((r for r in reversed(recs) if r.get("type") == "quarantine.done"), None)
+        if begin is None or done is None:
+            return None
+        return {"event": "quarantine", "id": qid, "begin": begin, "done": done, "recovered": recovered}
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.hook is not None:
@@ -143,6 +168,7 @@ class QuarantineAction:
             "format": extra.get("format"), "rule_ids": list(outcome.rule_ids), "findings": list(outcome.findings),
             "errors": list(extra.get("errors") or []), "scan_error": extra.get("error"), "scanner": self.scanner,
             "repeat_of": first, "threshold": self.threshold.name.lower(), "via": extra.get("via"),
+            "hook_due": self.hook is not None and not first,  # the alert, until hook.done says it ran
         }
         try:
             begin, done = mover.quarantine(self.store, subject, meta)
@@ -189,44 +215,74 @@ class QuarantineAction:
 class Hook:
     """The operator's command per first quarantine (ClamAV's VirusEvent, without a shell):
     argv as configured, the record as JSON on stdin, killed with its process group after
-    ``hook_timeout`` seconds, run on one thread so a slow hook never delays a move."""
+    ``hook_timeout`` seconds, run on one thread so a slow hook never delays a move.
 
-    def __init__(self, argv: list[str], timeout: float):
+    At least once per event, across kills and restarts: the move's ``quarantine.begin`` says
+    the hook is due, and a ``hook.done`` record (with how it ended) is written once it has run.
+    A start runs every hook still due (a move finished by recovery, a kill between the move
+    and the hook, a stop before the queue drained). A run is never repeated once its
+    ``hook.done`` is recorded; only a kill between the run and that record repeats it."""
+
+    #: ids whose hook is queued or running in this process (a reload starts a second Hook
+    #: while the first may still be busy: one run per event, not one per Hook)
+    _claimed: set[str] = set()
+    _claimed_lock = threading.Lock()
+
+    def __init__(self, argv: list[str], timeout: float, ledger=None, recorded=None):
         self.argv, self.timeout = argv, timeout
+        self.ledger = ledger  # where hook.done goes (None: nothing is recorded, as in unit tests)
+        self.recorded = recorded or (lambda qid: False)  # has hook.done been written for qid?
         self.log = mlog.get()
-        self._jobs: queue.Queue = queue.Queue(maxsize=256)
+        self._jobs: queue.Queue = queue.Queue()  # ids are small; records are built when run
         self._thread = threading.Thread(target=self._run, name="modelscand-quarantine-hook", daemon=True)
         self._start_lock = threading.Lock()
 
-    def submit(self, qid: str, record: dict) -> None:
+    def submit(self, qid: str, record: dict | Callable[[], dict | None]) -> None:
+        with self._claimed_lock:
+            if qid in self._claimed:
+                return
+            self._claimed.add(qid)
         with self._start_lock:
             if self._thread.ident is None:
                 self._thread.start()
-        try:
-            self._jobs.put_nowait((qid, record))
-        except queue.Full:
-            self.log.error("quarantine.hook_failed", id=qid, error="256 hook runs already pending; this one dropped")
+        self._jobs.put((qid, record))
 
     def close(self, timeout: float) -> None:
+        """Stop after the hooks queued so far, waiting at most `timeout`; any still due when
+        it returns stay due in the ledger and run at the next start."""
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join(timeout)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            qid, record = job
             try:
-                self._one(*job)
+                if self.recorded(qid):
+                    continue  # another Hook of this process (before a reload) ran it
+                if callable(record):
+                    record = record()
+                    if record is None:
+                        continue
+                outcome = self._one(qid, record)
+                if self.ledger is not None:
+                    self.ledger.append("hook.done", id=qid, **outcome)
             except Exception as exc:  # the hook thread must outlive any one run
-                self.log.error("quarantine.hook_failed", id=job[0], error=f"{type(exc).__name__}: {exc}")
+                self.log.error("quarantine.hook_failed", id=qid, error=f"{type(exc).__name__}: {exc}",
+                               note="still due: run again at the next start")
+            finally:
+                with self._claimed_lock:
+                    self._claimed.discard(qid)
 
-    def _one(self, qid: str, record: dict) -> None:
+    def _one(self, qid: str, record: dict) -> dict:
+        """Run the hook once; how it ended (what ``hook.done`` records)."""
         data = json.dumps(record, default=str).encode()
         try:
             proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True, close_fds=True)
         except OSError as exc:
             self.log.warning("quarantine.hook_failed", id=qid, argv=self.argv, error=exc.strerror or str(exc))
-            return
+            return {"outcome": "not_started", "error": exc.strerror or str(exc)}
         try:
             _out, err = proc.communicate(data, timeout=self.timeout)
         except subprocess.TimeoutExpired:
@@ -237,9 +293,10 @@ class Hook:
             proc.communicate()
             self.log.warning("quarantine.hook_failed", id=qid, argv=self.argv,
                              error=f"did not finish within {self.timeout:g}s (quarantine.hook_timeout); killed")
-            return
+            return {"outcome": "timeout"}
         if proc.returncode != 0:
             self.log.warning("quarantine.hook_failed", id=qid, argv=self.argv, exit=proc.returncode,
                              stderr=err.decode(errors="replace")[-500:])
-        else:
-            self.log.info("quarantine.hook_ran", id=qid)
+            return {"outcome": "failed", "exit": proc.returncode}
+        self.log.info("quarantine.hook_ran", id=qid, recovered=bool(record.get("recovered")))
+        return {"outcome": "ok", "exit": 0}

@@ -12,6 +12,10 @@ One entry per quarantine id. Its state follows from the last record of the id:
 ``summary.tsv`` (tab-separated: splitting is ~10x cheaper than parsing JSON) so that listing
 10,000 entries never parses 10,000 sets of findings.
 
+The operator's hook is derived the same way: a ``quarantine.begin`` with ``hook_due`` (a hook
+was configured and the bytes were new) whose move is done and which has no ``hook.done`` record
+yet is pending (`pending_hooks`), whichever process or start finished the move.
+
 The allow-list is derived, not stored: a hash is allowed while an entry with that hash is
 restoring or restored. ``restore.begin`` is fsync'd before the file goes back, so the daemon
 sees the hash allowed before the restored file lands in a watched root.
@@ -67,6 +71,7 @@ class Index:
         self.times_by_sha: collections.Counter = collections.Counter()
         self._allowed: dict[str, set[str]] = {}
         self.orphans: list[dict] = []  # records naming an id with no quarantine.begin
+        self._hook_due: dict[str, bool] = {}  # id -> its move is done (insertion order: oldest first)
 
     @classmethod
     def of(cls, records, detail: bool = True, history: bool = True) -> "Index":
@@ -79,6 +84,12 @@ class Index:
         kind = rec.get("type")
         state = _NEXT.get(kind)
         qid = rec.get("id")
+        if kind == "hook.done" and isinstance(qid, str):
+            self._hook_due.pop(qid, None)
+            entry = self.entries.get(qid)
+            if entry is not None and self.history:
+                entry.records.append(rec)
+            return
         if state is None or not isinstance(qid, str):
             return
         entry = self.entries.get(qid)
@@ -93,6 +104,12 @@ class Index:
         entry.state, entry.updated = state, rec.get("time", entry.updated)
         if self.history:
             entry.records.append(rec)
+        if kind == "quarantine.begin" and rec.get("hook_due"):
+            self._hook_due[qid] = False
+        elif kind == "quarantine.done" and qid in self._hook_due:
+            self._hook_due[qid] = True
+        elif kind == "quarantine.aborted":
+            self._hook_due.pop(qid, None)  # nothing was moved: nothing to alert about
         if kind == "quarantine.done" and rec.get("sha256"):
             entry.sha256 = rec["sha256"]  # hashed once out of reach (the scan may have had no time to)
         sha = entry.sha256
@@ -110,6 +127,13 @@ class Index:
         """The id of a restore that allows these bytes, if any."""
         ids = self._allowed.get(sha256 or "")
         return min(ids) if ids else None
+
+    def pending_hooks(self) -> list[str]:
+        """Ids whose move is done and whose hook has not run (no ``hook.done``), oldest first."""
+        return [qid for qid, moved in self._hook_due.items() if moved]
+
+    def hook_pending(self, qid: str) -> bool:
+        return bool(self._hook_due.get(qid))
 
     def unfinished(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.state in UNFINISHED]

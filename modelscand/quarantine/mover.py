@@ -12,7 +12,7 @@ cannot redirect anything, and only the entry that was re-identified is moved.
   3. locked down: owner root, mode 0000 (every other hard link of the inode with it)
   4. re-identified after: the new name is our inode, size and mtime unchanged, sha256 re-read
   5. a tombstone in the emptied name (tombstone.py)
-  6. ledger ``quarantine.done``
+  6. ledger ``quarantine.done`` (then the caller's alert: the hook is due until ``hook.done``)
 
 Across filesystems step 2 is: copy into the quarantine dir, fsync, re-read and verify the
 sha256, ledger ``quarantine.copied``, check the name is still our unchanged file, unlink it
@@ -204,9 +204,11 @@ def quarantine(store: Store, subject: Subject, meta: dict | None = None) -> tupl
             _step("begun")
             qfd = open_private_dir(begin["dir"])
             try:
-                return begin, _transfer(store, begin, fd, dfd, base, qfd)
+                done = _transfer(store, begin, fd, dfd, base, qfd)
             finally:
                 os.close(qfd)
+            _step("done")
+            return begin, done
         finally:
             os.close(fd)
             os.close(dfd)
