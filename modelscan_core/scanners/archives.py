@@ -71,9 +71,7 @@ class ZipScanner(Scanner):
             raise ScanFailed(f"zip archive cannot be read: {exc}", "NESTED_ZIP") from None
         torch = item.format == "pytorch_zip"
         if listing.prefix:
-            # torch.load reads a file that does not start with a local header as a legacy
-            # pickle; zipfile ignores the bytes. Scan them as what they are.
-            ctx.scan_member("<bytes before the archive>", lambda: Window(item.stream, 0, listing.prefix), listing.prefix)
+            self._prefix(item, ctx, listing.prefix)
         root = _torch_root(listing) if torch else None
         counts: dict[str, int] = {}
         for member in listing.members:
@@ -84,6 +82,19 @@ class ZipScanner(Scanner):
                 self._storage(item, ctx, member, label)  # raw tensor bytes to torch.load
                 continue
             self._member(item, ctx, member, label, torch=torch)
+
+    def _prefix(self, item: Item, ctx: ScanContext, prefix: int) -> None:
+        """torch.load reads a file that does not start with a local header as a legacy pickle;
+        zipfile ignores the bytes. A pickle there is read as every loader reads it: from offset
+        0 to its STOP, wherever that is, since the archive can be an operand of the pickle
+        (keras pickles a model as the .keras zip's bytes). Other bytes are scanned as what they are."""
+        whole = Window(item.stream, 0, item.size)
+        head = whole.read(detect.HEAD)
+        whole.seek(0)
+        if "pickle" in detect.detect_all(head, "", whole):
+            ctx.scan_member("<bytes before the archive>", lambda: Window(item.stream, 0, item.size), item.size, "pickle")
+        else:
+            ctx.scan_member("<bytes before the archive>", lambda: Window(item.stream, 0, prefix), prefix)
 
     def _storage(self, item: Item, ctx: ScanContext, member: ziparchive.ZipMember, label: str) -> None:
         """A storage is raw bytes to torch.load, but a tool that unpickles every member of the

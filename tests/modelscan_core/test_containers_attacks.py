@@ -99,6 +99,16 @@ def test_bytes_before_the_archive(tmp_path):
     assert_caught(path, "<bytes before the archive>")
 
 
+def test_a_pickle_that_holds_an_archive_as_an_operand_is_read_to_its_stop(tmp_path):
+    # keras pickles a model as the bytes of its .keras zip: the archive sits inside the
+    # pickle, whose calls come after it; pickle.load reads past the archive to STOP
+    archive = zip_bytes([("config.json", b"{}"), ("model.weights.h5", b"\x89HDF")])
+    data = b"\x80\x03B" + struct.pack("<I", len(archive)) + archive + b"0" + payload(2)[2:]
+    path = tmp_path / "model.pkl"
+    path.write_bytes(data)
+    assert_caught(path, "<bytes before the archive>")
+
+
 def test_nested_zip(tmp_path):
     inner = replace_member(torch_zip(), "/data.pkl", payload())
     middle = zip_bytes([("weights/model.pt", inner)], method=zipfile.ZIP_DEFLATED)
