@@ -155,7 +155,7 @@ def _check_config(cfg, as_json: bool) -> int:
         "quarantine_dir": cfg.quarantine_dir,
         "workers": cfg.scan["workers"],
         "roots": [{"path": r.path, "configured": r.configured, "kind": r.kind, "origin": r.origin,
-                   "exists": r.exists()} for r in roots],
+                   "exists": r.exists(), "refused": r.refused} for r in roots],
         "include": cfg.watch["include"],
         "exclude": cfg.watch["exclude"],
     }
@@ -168,6 +168,8 @@ def _check_config(cfg, as_json: bool) -> int:
     print("would watch:" if roots else "would watch: nothing (add [watch] roots or enable conventions)")
     for r in info["roots"]:
         mark = "" if r["exists"] else "   [missing: retried until it appears]"
+        if r["refused"]:
+            mark = f"   [refused: {r['refused']}]"
         print(f"  {r['path']}  ({r['kind']}, {r['origin']}){mark}")
     return 0
 

@@ -18,6 +18,7 @@ import copy
 import glob
 import os
 import pwd
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class Root:
     kind: str  # generic | hf_hub | hf_modules | torch | keras | ollama | ...
     origin: str  # "config" or "convention:<user>:<VAR>"
     pattern: str | None = None  # glob this came from, if any
+    refused: str | None = None  # why it is not watched (a user's link into someone else's directory)
 
     def exists(self) -> bool:
         return os.path.isdir(self.path) or os.path.isfile(self.path)
@@ -215,15 +217,15 @@ class Config:
                 matches = sorted(glob.glob(expanded))
                 for m in matches:
                     if os.path.isdir(m):
-                        found.append(Root(os.path.realpath(m), m, classify_root(m), "config", pattern=entry))
+                        found.append(Root(*canonical_root(m), m, classify_root(m), "config", pattern=entry))
                 if not matches:
                     found.append(Root(expanded, entry, "generic", "config", pattern=entry))
             else:
-                found.append(Root(_canonical(expanded), entry, classify_root(expanded), "config"))
+                found.append(_root(expanded, entry, classify_root(expanded), "config"))
         if self.data["watch"]["conventions"]:
             for user in self.users():
                 for var, path, kind in convention_dirs(user):
-                    found.append(Root(_canonical(path), path, kind, f"convention:{user.pw_name}:{var}"))
+                    found.append(_root(path, path, kind, f"convention:{user.pw_name}:{var}"))
         return dedupe_roots(found)
 
     def users(self) -> list[pwd.struct_passwd]:
@@ -237,8 +239,64 @@ class Config:
         return [pwd.getpwnam(n) for n in names]
 
 
-def _canonical(path: str) -> str:
-    return os.path.realpath(path)
+def _root(path: str, configured: str, kind: str, origin: str) -> Root:
+    real, refused = canonical_root(path)
+    return Root(real, configured, kind, origin, refused=refused)
+
+
+def canonical_root(path: str) -> tuple[str, str | None]:
+    """(realpath of `path`, why it must not be watched or None).
+
+    A root runs as root over what it names, so where it leads is only as trusted as the
+    links on the way: a link owned by a user (``~/.cache/huggingface/hub -> ...``, or one
+    made later by swapping the directory) may lead only to a directory that user owns.
+    Otherwise the user could point the daemon at another user's files, to be read, logged
+    and moved (the kernel's protected_symlinks rule, for a daemon that follows links once,
+    at set-up). Links owned by root (or us) are the operator's: followed as they are."""
+    real, owners = _resolve(os.path.abspath(path))
+    users = sorted({uid for uid, _link in owners if uid not in (0, os.geteuid())})
+    if not users:
+        return real, None
+    try:
+        owner = os.stat(real).st_uid
+    except OSError:
+        return real, None  # not there yet: judged again when it appears
+    if any(uid != owner for uid in users):
+        link = next(link for uid, link in owners if uid != owner and uid not in (0, os.geteuid()))
+        return real, (f"{link} is a link owned by uid {users[0]} that leads to {real}, owned by uid {owner}: "
+                      f"a user's link may lead only to that user's own directory")
+    return real, None
+
+
+def _resolve(path: str) -> tuple[str, list[tuple[int, str]]]:
+    """realpath, and (owner uid, link path) of every symlink followed on the way."""
+    owners: list[tuple[int, str]] = []
+    todo = [p for p in path.split(os.sep) if p][::-1]
+    cur, hops = os.sep, 0
+    while todo:
+        part = todo.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, part)
+        try:
+            st = os.lstat(nxt)
+        except OSError:
+            return os.path.join(nxt, *todo[::-1]), owners  # the rest does not exist (yet)
+        if not stat.S_ISLNK(st.st_mode):
+            cur = nxt
+            continue
+        hops += 1
+        if hops > 40:
+            return os.path.realpath(path), owners
+        owners.append((st.st_uid, nxt))
+        target = os.readlink(nxt)
+        if os.path.isabs(target):
+            cur = os.sep
+        todo.extend([p for p in target.split(os.sep) if p][::-1])
+    return cur, owners
 
 
 def convention_dirs(user: pwd.struct_passwd) -> list[tuple[str, str, str]]:
@@ -280,7 +338,9 @@ def classify_root(path: str) -> str:
 
 def dedupe_roots(roots: list[Root]) -> list[Root]:
     out: list[Root] = []
-    for root in sorted(roots, key=lambda r: (len(r.path), r.path)):
+    # a refused root shadows nothing (it is not watched), and is dropped where a root that is
+    # watched covers its path anyway
+    for root in sorted(roots, key=lambda r: (r.refused is not None, len(r.path), r.path)):
         if any(root.path == o.path or root.path.startswith(o.path.rstrip("/") + "/") for o in out):
             continue
         out.append(root)

@@ -25,7 +25,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXE
 
 def open_dir(path: str, root: str | None = None) -> int:
     """A dir fd for the absolute `path`, opened one component at a time, never through a
-    symlink: below `root` (realpath'd by the config, opened as is) when `path` is inside
+    symlink: below `root` (itself opened from / without following a link) when `path` is inside
     it, else from ``/`` (a file given as its own root, a root set inside a repo folder).
     Raises OSError (ELOOP or ENOTDIR for a linked component)."""
     if not os.path.isabs(path):
@@ -35,7 +35,9 @@ def open_dir(path: str, root: str | None = None) -> int:
     parts = [] if rel == "." else rel.split(os.sep)
     if any(p in ("", ".", "..") for p in parts):
         raise OSError(errno.EINVAL, f"{path!r} is not a plain path")
-    fd = os.open(base, DIR_FLAGS & ~os.O_NOFOLLOW)
+    from modelscand.workers import open_root
+
+    fd = open_root(base)
     try:
         for part in parts:
             nfd = os.open(part, DIR_FLAGS, dir_fd=fd)

@@ -18,7 +18,7 @@ import os
 import threading
 from typing import Callable
 
-from modelscand.config import Config, Root
+from modelscand.config import Config, Root, canonical_root
 from modelscand.quarantine.store import PER_FS_NAME, is_per_filesystem_dir
 from modelscand.watcher import RootWatch
 
@@ -36,12 +36,25 @@ class Roots:
         self.watches: dict[str, RootWatch] = {}
         self.polled: dict[str, Root] = {}  # sub-directories whose watch failed
         self._inode: dict[str, tuple[int, int]] = {}  # root path -> (dev, ino) when it was added
+        self.refused: dict[str, str] = {}  # configured path -> why (logged once per reason)
 
     # ------------------------------------------------------------------ add / lose
     def add(self, root: Root) -> bool:
         """Watch `root` (when watching) and make it active; False when it is missing or
         cannot be watched (then it is retried)."""
         cfg = self._config()
+        if root.refused:
+            with self.lock:
+                first = self.refused.get(root.configured) != root.refused
+                self.refused[root.configured] = root.refused
+                self.missing[root.configured] = root
+            if first:
+                self.log.error("watch.root_refused", root=root.path, configured=root.configured, origin=root.origin,
+                               why=root.refused, answer="not watched, not scanned, nothing moved there; retried",
+                               fix="remove the link, or have the directory's owner own the link")
+            return False
+        with self.lock:
+            self.refused.pop(root.configured, None)
         if os.path.isfile(root.path):  # `scan FILE`, `run --once --root FILE`
             if self.watch_enabled:
                 self.log.warning("watch.root_is_file", root=root.path, configured=root.configured,
@@ -90,10 +103,13 @@ class Roots:
             missing = list(self.missing.values())
         for root in missing:
             expanded = os.path.expanduser(root.configured)
-            real = os.path.realpath(expanded) if not root.pattern else root.path
+            real, refused = canonical_root(expanded) if not root.pattern else canonical_root(root.path)
             if not os.path.isdir(real):
                 continue
-            fresh = Root(real, root.configured, root.kind, root.origin, root.pattern)
+            fresh = Root(real, root.configured, root.kind, root.origin, root.pattern, refused)
+            if refused:
+                self.add(fresh)  # logged once per reason; stays missing
+                continue
             with self.lock:
                 self.missing.pop(root.configured, None)
             if self.add(fresh):

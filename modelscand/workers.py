@@ -130,6 +130,29 @@ class Escape(Exception):
     """The path leaves its root (a symlinked directory component, "..", another root)."""
 
 
+def open_root(root: str) -> int:
+    """A dir fd for a root, opened from ``/`` one component at a time, never through a
+    symlink. Roots are realpath'd when they are added, so a symlink on the way now means a
+    directory above (or at) the root was swapped since, by whoever owns its parent (a user
+    owns ~/.cache): following it would read, move or restore into another user's files.
+    Raises OSError (ELOOP or ENOTDIR for a linked component)."""
+    if not os.path.isabs(root):
+        raise OSError(errno.EINVAL, f"{root!r} is not an absolute path")
+    parts = [p for p in root.split(os.sep) if p]
+    if any(p in (".", "..") for p in parts):
+        raise OSError(errno.EINVAL, f"{root!r} is not a plain path")
+    fd = os.open(os.sep, DIR_FLAGS)
+    try:
+        for part in parts:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_beneath(root: str, path: str) -> tuple[int, int, str]:
     """(file fd, parent dir fd, basename): `path` opened below `root` one component at a
     time, never following a symlink, so a directory swapped for a link out of the root
@@ -140,7 +163,12 @@ def open_beneath(root: str, path: str) -> tuple[int, int, str]:
     parts = rel.split(os.sep)
     if rel.startswith("..") or os.path.isabs(rel) or rel == "." or any(p in ("", ".", "..") for p in parts):
         raise Escape(f"not below its root {root}")
-    dfd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself is realpath'd by the config
+    try:
+        dfd = open_root(root)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Escape(f"the root {root} is reached through a symlink now (a directory was swapped)") from None
+        raise
     try:
         for part in parts[:-1]:
             try:

@@ -112,7 +112,9 @@ def restore_links(root: str, info: dict | None, uid: int, gid: int) -> dict:
 def _link_beneath(root: str, parts: list[str], text: str, uid: int, gid: int) -> bool:
     if any(p in ("", ".", "..") for p in parts):
         raise OSError(errno.EINVAL, "not a plain relative path")
-    dfd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)
+    from modelscand.workers import open_root
+
+    dfd = open_root(root)  # a root path swapped for a link is refused, not followed
     try:
         for part in parts[:-1]:
             try:

@@ -46,7 +46,7 @@ from modelscand.quarantine import QuarantineError, tombstone
 from modelscand.quarantine import hf as hfnames
 from modelscand.quarantine.index import Entry, Index
 from modelscand.quarantine.store import DIR_FLAGS, Store, open_private_dir, try_chown
-from modelscand.workers import Escape, open_beneath
+from modelscand.workers import Escape, open_beneath, open_root
 
 #: Test seam: called with the name of each step right after it is taken (tests SIGKILL here).
 STEP_HOOK: Callable[[str], None] | None = None
@@ -171,7 +171,13 @@ def open_parent(root: str, path: str) -> int:
     """A dir fd for the directory of `path`, opened below `root` (no symlinked component)."""
     parent = os.path.dirname(path)
     if path == root or parent == root:
-        return os.open(parent, DIR_FLAGS & ~os.O_NOFOLLOW)
+        try:
+            return open_root(parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise QuarantineError(f"{safe_text(parent)[0]} is reached through a symlink now (a directory was "
+                                      f"swapped): refused") from None
+            raise
     try:
         fd, dfd, _ = open_beneath(root, parent)
     except Escape as exc:

@@ -119,3 +119,124 @@ def test_a_hook_killed_with_the_daemon_is_run_again_and_a_finished_one_is_not(tm
     ran = [e for e in events(again.stdout) if e["event"] == "quarantine.hook_ran"]
     assert len(ran) == 1 and ran[0]["recovered"] is True
     assert [r["path"] for r in _hook_runs(out)] == [first_evil, str(root / "b" / "evil2.pkl")]
+
+
+# -- a root (or a directory above it) swapped for a symlink ---------------------------------------
+
+def _victim_dir(tmp_path, name="victim") -> tuple:
+    """A directory of another user's, outside every root, holding a malicious-looking file."""
+    vdir = tmp_path / name
+    vdir.mkdir(mode=0o700)
+    vfile = plant(vdir, "evil.pkl")
+    for p in (vfile, vdir):
+        os.chown(p, VICTIM, VICTIM)
+    return vdir, vfile
+
+
+def _unchanged(path: str, data: bytes = EVIL, uid: int = VICTIM) -> None:
+    st = os.lstat(path)
+    assert open(path, "rb").read() == data and st.st_uid == uid and st.st_mode & 0o777 != 0
+
+
+def _swap_for_link(path, target) -> None:
+    os.rename(path, f"{path}.old")
+    os.symlink(target, path)
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("swapped", ["root", "above"])
+def test_a_root_swapped_for_a_link_moves_nothing_of_the_victim(tmp_path, swapped):
+    """The mover opened the root by its path, following links: a user who owns the root's
+    parent (~/.cache) swaps the root, or a directory above it, for a link to a victim's
+    directory, and the daemon moved the victim's same-named file into quarantine."""
+    from modelscand.quarantine import QuarantineError, mover
+
+    cache = tmp_path / "u" / "cache"
+    hub = cache / "hub"
+    plant(hub, "evil.pkl")
+    vdir, vfile = _victim_dir(tmp_path)
+    if swapped == "root":
+        _swap_for_link(hub, vdir)
+    else:
+        (tmp_path / "fake" / "hub").mkdir(parents=True)
+        os.rename(vfile, tmp_path / "fake" / "hub" / "evil.pkl")
+        vfile = str(tmp_path / "fake" / "hub" / "evil.pkl")
+        _swap_for_link(cache, tmp_path / "fake")
+    store = Store(_state(tmp_path))
+    with pytest.raises(QuarantineError):
+        mover.quarantine(store, mover.Subject(str(hub), str(hub / "evil.pkl")), {"verdict": "issues"})
+    _unchanged(vfile)
+    assert not store.index().entries
+
+
+@ROOT_ONLY
+@pytest.mark.slow
+def test_restore_into_a_root_swapped_for_a_link_is_refused(tmp_path):
+    """`quarantine restore` (as root) wrote the file, and HF links, wherever the root's path
+    now led: into a victim's directory."""
+    hub = tmp_path / "u" / "hub"
+    evil = plant(hub, "evil.pkl")
+    state = _state(tmp_path)
+    first = cli("run", "--once", "--mode", "quarantine", "--root", str(hub), "--state-dir", state)
+    (moved,) = [e for e in events(first.stdout) if e["event"] == "quarantine.moved"]
+    assert moved["path"] == evil
+    vdir = tmp_path / "victim"
+    vdir.mkdir(mode=0o700)
+    os.chown(vdir, VICTIM, VICTIM)
+    _swap_for_link(hub, vdir)
+    out = cli("quarantine", "restore", moved["id"], "--state-dir", state)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "symlink" in out.stderr and "Traceback" not in out.stderr
+    assert os.listdir(vdir) == []
+    assert Store(state).index().entries[moved["id"]].state == "quarantined"
+
+
+@ROOT_ONLY
+@pytest.mark.slow
+def test_a_watched_root_swapped_for_a_link_to_a_victims_dir_is_not_followed(running, tmp_path):
+    """The daemon re-resolved a replaced root with realpath and watched, scanned and moved
+    whatever the user's link now named: another user's directory."""
+    home = tmp_path / "u"
+    home.mkdir()
+    os.chown(home, USER, USER)
+    hub = home / "hub"
+    hub.mkdir()
+    os.chown(hub, USER, USER)
+    vdir, vfile = _victim_dir(tmp_path)
+    with running(str(hub), scan__mode="quarantine", watch__root_retry_interval=0.2) as h:
+        h.settle()
+        _swap_for_link(hub, vdir)
+        os.lchown(hub, USER, USER)
+        plant(f"{hub}.old", "evil.pkl", EVIL + b" ")  # an event named like the victim's file
+        h.wait_event("watch.root_refused", timeout=20)
+        h.settle()
+        _unchanged(vfile)
+        assert not [e for e in h.events if str(e.get("path", "")).startswith(str(vdir))]
+        assert not h.scans(str(hub / "evil.pkl")) or all(
+            e.get("path") != vfile for e in h.named("quarantine."))
+
+
+@ROOT_ONLY
+def test_a_users_link_into_another_users_directory_is_refused_at_start_up(tmp_path):
+    """Conventions make every user's ~/.cache/huggingface/hub a root: a user who made it a
+    link to another user's directory had the daemon (root) scan and move files there."""
+    vdir, vfile = _victim_dir(tmp_path)
+    own = tmp_path / "own"
+    own.mkdir()
+    os.chown(own, USER, USER)
+    links = {}
+    shared, _ = _victim_dir(tmp_path, "shared")
+    for name, target, owner in (("to_victim", vdir, USER), ("to_own", own, USER), ("operators", shared, 0)):
+        links[name] = tmp_path / name
+        os.symlink(target, links[name])
+        os.lchown(links[name], owner, owner)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[watch]\nconventions = false\nroots = {json.dumps([str(p) for p in links.values()])}\n'
+                    f'[state]\ndir = "{_state(tmp_path)}"\n')
+    out = cli("run", "--once", "--config", str(conf))
+    evs = events(out.stdout)
+    refused = [e for e in evs if e["event"] == "watch.root_refused"]
+    assert [e["configured"] for e in refused] == [str(links["to_victim"])] and refused[0]["level"] == "error"
+    started = sorted(e["root"] for e in evs if e["event"] == "watch.start")
+    assert started == sorted([str(own), str(shared)])  # the operator's own link is followed
+    assert not [e for e in evs if str(e.get("path", "")).startswith(str(vdir))]
