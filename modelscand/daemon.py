@@ -87,7 +87,8 @@ class Daemon:
         self.results = Results(cfg, lambda: self.baseline, lambda: self.action, self.log, self.counts)
         self.reconciler = Reconciler(cfg, self.roots, self.queue, lambda: self.baseline, self.log, self.activity,
                                      stopping=self.stopping, settled=self._settled,
-                                     on_cached=self.results.log_cached if report_cached else None)
+                                     on_cached=self.results.log_cached if report_cached else None,
+                                     on_special=self.intake.not_regular, counts=self.counts)
         self.scheduler = Scheduler(cfg, self.roots, self.queue, lambda: self.baseline, lambda: self.pool, self.log,
                                    self.activity, request_reconcile=self.reconciler.request, once=lambda: self.once,
                                    on_reply=self.results.handle, reoffer=self._reoffer, settled=self._settled)
@@ -214,7 +215,8 @@ class Daemon:
         return 0
 
     def run_once(self, max_wait: float | None = None) -> int:
-        """Walk, drain, report, exit: 1 findings at/above threshold, 2 scan errors, else 0."""
+        """Walk, drain, report, exit: 1 findings at/above threshold, 2 scan errors or something not
+        scanned (a directory the walk could not read, a model-named FIFO or device), else 0."""
         self.once = True
         self.start()
         self.wait_idle(timeout=max_wait)
@@ -224,7 +226,7 @@ class Daemon:
         self.shutdown()
         if self.counts["over_threshold"]:
             return 1
-        if self.counts["error"] or self.counts["incomplete"] or deferred:
+        if self.counts["error"] or self.counts["incomplete"] or self.counts["unscanned"] or deferred:
             return 2
         return 0
 

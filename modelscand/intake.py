@@ -69,6 +69,7 @@ class Intake:
         if len(self._warned) > 10000:
             self._warned.clear()
         self._warned.add(key)
+        self.counts["unscanned"] += 1
         kind = ("fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else
                 "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "other")
         self.log.warning("scan.not_regular", path=path, kind=kind, answer="not scanned: not a regular file")

@@ -34,7 +34,9 @@ class Reconciler:
     def __init__(self, config: Callable[[], Config], roots: Roots, queue: WorkQueue, baseline: Callable[[], Baseline],
                  log, activity: Activity, *, stopping: threading.Event,
                  on_cached: Callable[[str, object], None] | None = None,
-                 settled: Callable[[object], bool] = lambda row: True):
+                 settled: Callable[[object], bool] = lambda row: True,
+                 on_special: Callable[[str, os.stat_result], None] | None = None,
+                 counts: dict | None = None):
         self._config = config
         self.roots = roots
         self.queue = queue
@@ -44,6 +46,8 @@ class Reconciler:
         self._stopping = stopping
         self.on_cached = on_cached  # run --once: report what the baseline already knows
         self._settled = settled  # a cached verdict the action would still act on is queued again
+        self.on_special = on_special  # a FIFO, socket or device: warned about if named like a model
+        self.counts = counts if counts is not None else {"unscanned": 0}
         self._cond = threading.Condition()
         self._pending: dict[str, tuple[str, float]] = {}  # path -> (why, due on the monotonic clock)
         self._last: dict[str, tuple[float, float]] = {}  # path -> (end, duration) of its last walk
@@ -163,7 +167,9 @@ class Reconciler:
         def onerror(exc: OSError) -> None:
             nonlocal complete
             complete = False
-            self.log.warning("reconcile.unreadable", path=getattr(exc, "filename", None), error=exc.strerror or str(exc))
+            self.counts["unscanned"] = self.counts.get("unscanned", 0) + 1
+            self.log.warning("reconcile.unreadable", path=getattr(exc, "filename", None), error=exc.strerror or str(exc),
+                             answer="nothing below it is scanned until it can be read")
 
         if os.path.isfile(top):
             walker = [(os.path.dirname(top), [], [os.path.basename(top)])]
@@ -181,7 +187,11 @@ class Reconciler:
                     continue
                 try:
                     st = os.lstat(path)
-                except OSError:
+                except FileNotFoundError:
+                    continue  # gone since it was listed
+                except OSError as exc:  # too long a path, EIO: never silently unscanned
+                    exc.filename = path
+                    onerror(exc)
                     continue
                 if stat.S_ISLNK(st.st_mode):
                     # a link into a root: its target is walked there; one out of every root is offered
@@ -191,6 +201,8 @@ class Reconciler:
                             queued += 1
                     continue
                 if not stat.S_ISREG(st.st_mode):
+                    if self.on_special is not None:
+                        self.on_special(path, st)
                     continue
                 if temp and not self._stale(st, stale_after):
                     continue  # a download in progress: its rename is the signal

@@ -34,7 +34,8 @@ EVENTS = {
 
 def new_counts() -> dict[str, int]:
     return {"scanned": 0, "clean": 0, "issues": 0, "error": 0, "incomplete": 0, "skipped": 0,
-            "over_threshold": 0, "cached": 0, "overflows": 0, "handler_errors": 0}
+            "over_threshold": 0, "cached": 0, "overflows": 0, "handler_errors": 0,
+            "unscanned": 0}  # model-named special files, directories a walk could not read
 
 
 class Results:

@@ -240,3 +240,60 @@ def test_a_users_link_into_another_users_directory_is_refused_at_start_up(tmp_pa
     started = sorted(e["root"] for e in evs if e["event"] == "watch.start")
     assert started == sorted([str(own), str(shared)])  # the operator's own link is followed
     assert not [e for e in evs if str(e.get("path", "")).startswith(str(vdir))]
+
+
+# -- what a walk cannot scan is said, and is no "clean" ------------------------------------------
+
+def _deep(root, depth: int = 40) -> str:
+    """A malicious file below a path longer than PATH_MAX (made through dir fds)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    names = []
+    try:
+        for i in range(depth):
+            name = "d" * 200 + str(i)
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            names.append(name)
+        out = os.open("deep_evil.pkl", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, EVIL)
+        os.close(out)
+    finally:
+        os.close(fd)
+    return os.path.join(str(root), *names, "deep_evil.pkl")
+
+
+@pytest.mark.slow
+def test_run_once_over_a_tree_it_could_not_read_whole_is_no_clean_exit(tmp_path):
+    """A directory below PATH_MAX's reach (or any the walk cannot read) was a warning, then
+    exit 0: the one-shot run said "clean" over a malicious file it never read. FIFOs, sockets
+    and devices named like models were silent in a walk (only a watch event warned)."""
+    import socket
+
+    root = tmp_path / "r"
+    root.mkdir()
+    deep = _deep(root)
+    out = cli("run", "--once", "--root", str(root), "--state-dir", _state(tmp_path))
+    evs = events(out.stdout)
+    assert [e["level"] for e in evs if e["event"] == "reconcile.unreadable"] == ["warning"]
+    assert not [e for e in evs if e.get("path") == deep and e["event"].startswith("scan.")]
+    assert out.returncode == 2, out.stdout[-2000:]
+    specials = tmp_path / "s"
+    specials.mkdir()
+    os.mkfifo(specials / "fifo.pkl")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(specials / "sock.safetensors"))
+    made = ["fifo.pkl", "sock.safetensors"]
+    if os.geteuid() == 0:
+        os.mknod(specials / "zero.bin", 0o600 | 0o020000, os.makedev(1, 5))
+        made.append("zero.bin")
+    (specials / "notes.txt").write_text("fine")
+    try:
+        out = cli("run", "--once", "--root", str(specials), "--state-dir", _state(tmp_path, "s2"))
+    finally:
+        sock.close()
+    evs = events(out.stdout)
+    warned = sorted(os.path.basename(e["path"]) for e in evs if e["event"] == "scan.not_regular")
+    assert warned == sorted(made) and {e["level"] for e in evs if e["event"] == "scan.not_regular"} == {"warning"}
+    assert out.returncode == 2
