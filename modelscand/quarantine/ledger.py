@@ -7,6 +7,13 @@ and its own ``hash``: sha256 of its canonical JSON (sorted keys, no spaces, ASCI
 starts a new segment whose first record (``ledger.segment``) chains to the last record of the
 previous one: the chain runs unbroken over every segment and `verify` walks them in order.
 
+Damage is recorded, never repaired away: a tail cut short (a crash mid-write, a disk that
+lost blocks) or a ledger that ends before the record HEAD names is set right so appending can
+go on with a valid chain, and a record says what was lost (``ledger.damaged``: a record that
+HEAD had committed is gone; its bytes are kept beside the segment) or dropped
+(``ledger.repaired``: a write a crash cut before its fsync, never acted on). `verify` reports
+every ``ledger.damaged`` for good, so a later append cannot hide a loss.
+
 Why it is also the journal: every step of a move is announced by a record that is fsync'd
 before the step is taken, and recovery reads the ledger to finish what a kill interrupted.
 
@@ -74,6 +81,7 @@ class Ledger:
         self._lockfd: int | None = None
         self._tail: tuple[str, int, int, str] | None = None  # segment, size, seq, hash
         self._last: dict = {}
+        self._repairing = False  # recording damage appends: that append must not look again
 
     # -- files -----------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -228,7 +236,8 @@ class Ledger:
         size = os.lstat(self._path(seg)).st_size
         if self._tail is not None and self._tail[:2] == (seg, size):
             return self._tail
-        self.repair_torn_tail()
+        if not self._repairing and self.repair_torn_tail():  # recorded what it found: read the tail again, that record included
+            return self._tail_state()
         for name in reversed(segs):
             last = self._last_line(name)
             if last is not None:
@@ -262,37 +271,92 @@ class Ledger:
                 chunk *= 4
 
     def repair_torn_tail(self) -> int:
-        """Drop the bytes of a record a crash cut short (never fsync'd, so never acted on).
-        Returns how many bytes were dropped. Call under `locked()`."""
+        """Set right a tail a crash (or a disk) cut, and record it. Call under `locked()`.
+
+        A partial last line is moved aside (kept in ``<segment>.torn-<offset>``) so appends
+        chain on from the last whole record. When HEAD names a record the ledger no longer
+        holds whole (cut mid-record, or whole records gone from the end), a committed record
+        was lost: ``ledger.damaged``, which `verify` reports from then on. A partial line past
+        HEAD was never fsync'd nor acted on: ``ledger.repaired``. Returns the bytes dropped
+        (or 1 when only a loss was recorded): non-zero when a record was written."""
         segs = self.segments()
         if not segs:
             return 0
-        path = self._path(segs[-1])
-        self._own_file(segs[-1])
+        seg = segs[-1]
+        path = self._path(seg)
+        self._own_file(seg)
+        torn: dict | None = None
         fd = os.open(path, os.O_RDWR | _FILE_FLAGS)
         try:
             size = os.fstat(fd).st_size
-            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-                return 0
-            keep = size
-            while keep > 0:
-                start = max(0, keep - (1 << 16))
-                block = os.pread(fd, keep - start, start)
-                cut = block.rfind(b"\n")
-                if cut >= 0:
-                    keep = start + cut + 1
-                    break
-                keep = start
-            os.ftruncate(fd, keep)
-            os.fsync(fd)
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                keep = size
+                while keep > 0:
+                    start = max(0, keep - (1 << 16))
+                    block = os.pread(fd, keep - start, start)
+                    cut = block.rfind(b"\n")
+                    if cut >= 0:
+                        keep = start + cut + 1
+                        break
+                    keep = start
+                dropped = os.pread(fd, size - keep, keep)
+                saved = f"{seg}.torn-{keep}"
+                self._save(saved, dropped)
+                os.ftruncate(fd, keep)
+                os.fsync(fd)
+                torn = {"segment": seg, "offset": keep, "dropped_bytes": size - keep,
+                        "dropped_sha256": hashlib.sha256(dropped).hexdigest(), "saved": saved}
         finally:
             os.close(fd)
         self._tail = None
+        lost = self._lost_against_head(segs)
+        if torn is None and lost is None:
+            return 0
+        self._repairing = True
+        try:
+            self._record_damage(path, lost, torn)
+        finally:
+            self._repairing = False
+        return torn["dropped_bytes"] if torn else 1
+
+    def _record_damage(self, path: str, lost: dict | None, torn: dict | None) -> None:
         from modelscand import logging as mlog
 
-        mlog.get().warning("ledger.torn_record", path=path, dropped_bytes=size - keep,
-                           why="a write was cut short by a crash; it was never fsync'd nor acted on")
-        return size - keep
+        if lost is not None:
+            mlog.get().error("ledger.damaged", path=path, lost=lost, torn=torn,
+                             why="the ledger ends before the record HEAD names: committed records were cut",
+                             answer="recorded in the ledger; 'modelscand quarantine verify' reports it")
+            self.append("ledger.damaged", lost=lost, torn=torn)
+        else:
+            mlog.get().warning("ledger.torn_record", path=path, dropped_bytes=torn["dropped_bytes"],
+                               why="a write was cut short by a crash; it was never fsync'd nor acted on")
+            self.append("ledger.repaired", torn=torn)
+
+    def _lost_against_head(self, segs: list[str]) -> dict | None:
+        """What HEAD says was committed and the ledger no longer holds, or None."""
+        head = self.head()
+        if not head or head.get("unreadable") or not isinstance(head.get("seq"), int):
+            return None
+        last: dict = {"seq": 0, "hash": GENESIS}
+        for name in reversed(segs):
+            line = self._last_line(name)
+            if line is not None:
+                last = _parse(line) or {"seq": None, "hash": None}
+                break
+        if not isinstance(last.get("seq"), int):
+            return None  # a damaged line: chained past and flagged elsewhere
+        if head["seq"] > last["seq"] or (head["seq"] == last["seq"] and head.get("hash") != last.get("hash")):
+            return {"head_seq": head["seq"], "head_hash": head.get("hash"), "head_segment": head.get("segment"),
+                    "last_seq": last["seq"], "last_hash": last.get("hash")}
+        return None
+
+    def _save(self, name: str, data: bytes) -> None:
+        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- reading ---------------------------------------------------------------------------
     def lines(self, start: tuple[str, int] | None = None) -> Iterator[tuple[str, int, bytes, bool, int]]:
@@ -414,6 +478,12 @@ class Ledger:
                                 f"(a record was inserted, removed or rewritten before it)")
             if rec.get("seq") != seq + 1:
                 problems.append(f"{where}: seq {rec.get('seq')} follows seq {seq} (records missing or reordered)")
+            if rec.get("type") == "ledger.damaged":
+                lost = rec.get("lost") or {}
+                problems.append(f"{where}: seq {rec.get('seq')}: records were lost before it: the ledger ended at seq "
+                                f"{lost.get('last_seq')} where HEAD named seq {lost.get('head_seq')}"
+                                + (f" (the cut bytes are kept in {(rec.get('torn') or {}).get('saved')})"
+                                   if rec.get("torn") else ""))
             prev = rec["hash"]
             seq = rec["seq"] if isinstance(rec.get("seq"), int) else seq + 1
         head = self.head()

@@ -297,3 +297,49 @@ def test_run_once_over_a_tree_it_could_not_read_whole_is_no_clean_exit(tmp_path)
     warned = sorted(os.path.basename(e["path"]) for e in evs if e["event"] == "scan.not_regular")
     assert warned == sorted(made) and {e["level"] for e in evs if e["event"] == "scan.not_regular"} == {"warning"}
     assert out.returncode == 2
+
+
+# -- a ledger cut by a crash or a disk -------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", ["mid_record", "whole_record"])
+def test_a_ledger_cut_below_head_is_reported_by_verify_for_good_and_appends_go_on(tmp_path, cut):
+    """The torn tail of a committed record (HEAD named it) was truncated away without a
+    trace; verify (which recovers first) then said nothing, and the next append overwrote
+    HEAD: the loss was invisible for good."""
+    from modelscand.quarantine import mover, review
+    from tests.modelscand.qhelpers import make_store
+
+    store = make_store(tmp_path)
+    evil = plant(tmp_path / "r", "evil.pkl")
+    mover.quarantine(store, mover.Subject(str(tmp_path / "r"), evil), {"verdict": "issues"})
+    seg = os.path.join(store.ledger.dir, store.ledger.segments()[-1])
+    data = open(seg, "rb").read()
+    last = data.rstrip(b"\n").rfind(b"\n") + 1
+    os.truncate(seg, last + 40 if cut == "mid_record" else last)
+    first = review.verify(store)
+    assert any("records were lost" in p for p in first["problems"]), first["problems"]
+    other = plant(tmp_path / "r", "evil2.pkl", EVIL + b" ")
+    mover.quarantine(store, mover.Subject(str(tmp_path / "r"), other), {"verdict": "issues"})
+    again = review.verify(store)
+    problems = again["problems"]
+    assert len(problems) == 1 and "records were lost" in problems[0], problems  # the chain on is valid
+    if cut == "mid_record":
+        (saved,) = [n for n in os.listdir(store.ledger.dir) if ".torn-" in n]
+        assert open(os.path.join(store.ledger.dir, saved), "rb").read() == data[last:last + 40]
+    out = cli("quarantine", "verify", "--state-dir", store.state_dir)
+    assert out.returncode == 1 and "records were lost" in out.stdout + out.stderr
+
+
+def test_a_write_cut_before_its_fsync_is_dropped_and_noted_not_a_problem(tmp_path):
+    """The ordinary crash: a partial line past HEAD was never committed nor acted on."""
+    from modelscand.quarantine import review
+    from tests.modelscand.qhelpers import make_store
+
+    store = make_store(tmp_path)
+    store.ledger.append("test.note", id=None)
+    seg = os.path.join(store.ledger.dir, store.ledger.segments()[-1])
+    with open(seg, "ab") as fh:
+        fh.write(b'{"type":"quarantine.begin","id":"Q2026')
+    result = review.verify(store)
+    assert result["problems"] == []
+    assert [r["type"] for r in store.ledger.records()] == ["test.note", "ledger.repaired"]
