@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from modelscan_core.detect import Rule
+from modelscan_core.model import Severity
 from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
 
@@ -81,6 +82,9 @@ class GgufHeader:
     tensor_count: int
     kv_count: int
     templates: list[Template] = field(default_factory=list)
+    #: (key, length, offset) of templates too long to analyse: no published template comes near
+    #: the limit, and padding is how a payload would be pushed past an analyser
+    oversized: list[tuple[str, int, int]] = field(default_factory=list)
     alignment: int = DEFAULT_ALIGNMENT
     data_start: int = 0
 
@@ -203,12 +207,14 @@ def _key(r: _Reader, count: struct.Struct) -> str:
     return r.read(n).decode("utf-8", "replace")
 
 
-def _string(r: _Reader, count: struct.Struct, key: str) -> tuple[int, str]:
+def _string(r: _Reader, count: struct.Struct, key: str, header: GgufHeader) -> tuple[int, str | None]:
+    """A template string, or None (skipped, noted in `header.oversized`) when it is too long."""
     n = r.unpack(count)
     offset = r.pos
     if n > MAX_TEMPLATE:
         r.skip(n)
-        raise GgufError(f"{_shown(key)} is {n} bytes long, more than the {MAX_TEMPLATE} analysed", incomplete=True)
+        header.oversized.append((_shown(key), n, offset))
+        return offset, None
     return offset, r.read(n).decode("utf-8", "replace")
 
 
@@ -220,8 +226,9 @@ def _readings(text: str) -> list[tuple[str, str]]:
 
 
 def _template(r: _Reader, count: struct.Struct, key: str, header: GgufHeader) -> None:
-    offset, text = _string(r, count, key)
-    header.templates.append(Template(_shown(key), offset, _readings(text)))
+    offset, text = _string(r, count, key, header)
+    if text is not None:
+        header.templates.append(Template(_shown(key), offset, _readings(text)))
 
 
 def _template_array(r: _Reader, count: struct.Struct, u32: struct.Struct, key: str, header: GgufHeader) -> None:
@@ -237,10 +244,17 @@ def _template_array(r: _Reader, count: struct.Struct, u32: struct.Struct, key: s
     items: list[str] = []
     offset = r.pos
     for i in range(n):
-        _item_offset, text = _string(r, count, f"{key}[{i}]")
+        _item_offset, text = _string(r, count, f"{key}[{i}]", header)
+        if text is None:
+            r.pos = start
+            _skip_value(r, ARRAY, count, u32, 0)
+            return
         items.append(text)
         if r.pos - offset > MAX_TEMPLATE:
-            raise GgufError(f"{_shown(key)}: an array of more than {MAX_TEMPLATE} bytes of text", incomplete=True)
+            header.oversized.append((_shown(key), r.pos - offset, offset))
+            r.pos = start
+            _skip_value(r, ARRAY, count, u32, 0)
+            return
     # llama.cpp's gguf_kv_to_str: what llama-cpp-python renders; the gguf package gives the items
     joined = "[" + ", ".join('"' + t.split("\0", 1)[0].replace("\\", "\\\\").replace('"', '\\"') + '"' for t in items) + "]"
     readings = [(" as llama.cpp joins the array", joined)]
@@ -321,6 +335,12 @@ class GgufScanner(Scanner):
             failure = exc
         for template in header.templates:  # those read before a failure count too
             self._template(template, ctx)
+        for key, length, offset in header.oversized:
+            ctx.report("gguf/chat-template-oversized", Severity.HIGH,
+                       f"{key} is a template of {length} bytes, more than the {MAX_TEMPLATE} analysed: published chat "
+                       "templates are a few kilobytes, and padding is how a payload is pushed past an analyser",
+                       module="jinja2", operator="chat_template", offset=offset)
+            ctx.error(f"GGUF: {key} ({length} bytes) was not analysed", incomplete=True)
         if failure is not None:
             raise ScanFailed(f"GGUF: {failure}", incomplete=failure.incomplete)
 

@@ -16,7 +16,9 @@ What is code, for a loader:
 - Keras APIs that are not modeling APIs (`keras.utils.get_file`,
   `keras.config.enable_unsafe_deserialization`, `load_model`, ...) and layers that load code or
   files by design (TorchModuleWrapper holds a `torch.save` pickle, TFSMLayer loads a
-  SavedModel from a path, lookup layers read a vocabulary file or URL);
+  SavedModel from a path, lookup layers and keras_hub tokenizers read a vocabulary, merges
+  or SentencePiece file or URL), and Keras-internal functions that read, write or download
+  (a Lambda calls whatever function its config names, with the config's `arguments`);
 - custom objects looked up by `registered_name` (`package>Name`) outside Keras's packages, and
   layer names that are escaping paths (Keras 3 makes paths of them).
 """
@@ -55,7 +57,18 @@ NON_MODELING = {
     "clear_session": (Severity.MEDIUM, "resets the loading process's Keras state"),
 }
 
-LOOKUP_LAYERS = frozenset({"StringLookup", "IntegerLookup", "TextVectorization"})
+LOOKUP_LAYERS = frozenset({"StringLookup", "IntegerLookup", "TextVectorization", "IndexLookup"})
+#: config keys that layers and tokenizers (Keras lookups, keras_hub's WordPiece, BytePair and
+#: SentencePiece tokenizers) open as a file or URL when their value is a string; saved models
+#: keep these inline (a list) or as assets, so a string is a path the file chooses
+FILE_KEYS = ("vocabulary", "merges", "proto", "spm_proto")
+#: words in the name of a Keras-internal function that reads, writes, downloads or runs: a
+#: config reaches such a function by `module` + `class_name: function` (Keras before 3.11
+#: imported any `keras.src` module by name), and a Lambda calls it with the config's `arguments`
+_KERAS_EFFECT_WORDS = frozenset({"load", "save", "dump", "write", "open", "exec", "eval", "system", "popen", "spawn",
+                                 "download", "urlretrieve", "extract", "remove", "rmtree", "unlink", "delete",
+                                 "subprocess", "shell", "import", "file", "makedirs", "mkdir", "copy2", "copyfile",
+                                 "move", "rename"})
 
 #: strings in marshalled bytecode that mean the lambda reaches for the system
 _DANGEROUS_NAMES = frozenset(
@@ -213,17 +226,19 @@ class ConfigWalker:
             elif short == "TFSMLayer" and isinstance(config, dict):
                 fp = config.get("filepath")
                 self._report("keras/tfsm-layer", Severity.HIGH, f"{where}: {label} loads a TensorFlow SavedModel (graph code) from {fp!r} at load time", operator="TFSMLayer", key=json_key(obj))
-            elif short in LOOKUP_LAYERS and isinstance(config, dict):
-                vocab = config.get("vocabulary")
-                if isinstance(vocab, str) and vocab:
-                    remote = "://" in vocab
-                    self._report(
-                        "keras/vocabulary-file",
-                        Severity.HIGH,
-                        f"{where}: {label} reads its vocabulary from {'the URL' if remote else 'the file'} {vocab!r} at load time",
-                        operator=short,
-                        key=json_key(obj),
-                    )
+            elif isinstance(config, dict):
+                for file_key in FILE_KEYS:
+                    vocab = config.get(file_key)
+                    if isinstance(vocab, str) and vocab.strip():
+                        remote = "://" in vocab
+                        self._report(
+                            "keras/vocabulary-file",
+                            Severity.HIGH,
+                            f"{where}: {label} reads its {file_key} from {'the URL' if remote else 'the file'} {vocab!r} "
+                            "at load time",
+                            operator=short,
+                            key=(file_key, json_key(obj)),
+                        )
 
     def _path_name(self, layer_name: str, label: str, where: str, obj: dict) -> None:
         """Keras 3 turns layer names into paths (assets, weight groups): one that escapes is a file
@@ -292,6 +307,16 @@ class ConfigWalker:
             return
         package = module.split(".", 1)[0]
         if package in KERAS_PACKAGES:
+            if class_name == "function" and isinstance(config, str) and config not in NON_MODELING:
+                words = set(config.lower().split("_"))
+                if words & _KERAS_EFFECT_WORDS:
+                    self._report(
+                        "keras/effect-function",
+                        Severity.HIGH,
+                        f"{where}: {label} names the Keras-internal function {module}.{config}, which reads, writes or runs "
+                        "something: not a modeling function (a Lambda calls it with the config's arguments)",
+                        module=module, operator=config, call=f"{module}.{config}", key=json_key(obj),
+                    )
             return
         name = config if class_name == "function" and isinstance(config, str) else class_name
         registered = obj.get("registered_name")

