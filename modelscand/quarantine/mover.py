@@ -259,7 +259,16 @@ def _transfer(store: Store, begin: dict, fd: int, dfd: int, base: str, qfd: int,
         else:
             _step("renamed")
             return _finish(store, begin, qfd, dfd, base, renamed=True, recovered=recovered)
-    _copy(store, begin, fd, qfd)
+    try:
+        _copy(store, begin, fd, qfd)
+    except OSError as exc:  # ENOSPC, EDQUOT, EIO on the quarantine's filesystem: nothing half done stays
+        _unlink_quiet(qfd, begin["name"])
+        reason = f"the copy failed: {exc.strerror or exc}; the file is still in place"
+        try:
+            store.ledger.append("quarantine.aborted", id=begin["id"], reason=reason)
+        except OSError:
+            pass  # the ledger's filesystem is full too: recovery finds the begin and decides again
+        raise QuarantineError(f"not moved: {reason}") from None
     note = _unlink_source(begin, fd, dfd, base)
     return _finish(store, begin, qfd, dfd, base, renamed=False, note=note, recovered=recovered)
 
@@ -338,9 +347,12 @@ def _finish(store: Store, begin: dict, qfd: int, dfd: int | None, base: str | No
         renamed and not _same_bytes(after, begin["identity"]))
     tomb = None
     if store.tombstones and dfd is not None and base is not None:
-        placed = tombstone.place(dfd, base, begin["id"], begin["tombstone_kind"], begin["owner"]["uid"],
-                                 begin["group"]["gid"])
-        tomb = {"kind": begin["tombstone_kind"], "placed": placed}
+        try:
+            placed = tombstone.place(dfd, base, begin["id"], begin["tombstone_kind"], begin["owner"]["uid"],
+                                     begin["group"]["gid"])
+            tomb = {"kind": begin["tombstone_kind"], "placed": placed}
+        except OSError as exc:  # the user's filesystem is full: the move stands, the name stays empty
+            tomb = {"kind": begin["tombstone_kind"], "placed": False, "error": exc.strerror or str(exc)}
         _step("tombstoned")
     other_links = (after.st_nlink if renamed else begin["nlink"]) - 1
     return store.ledger.append("quarantine.done", id=begin["id"], after=identity(after), sha256=sha,

@@ -24,6 +24,7 @@ prefixed or appended, so a malicious file cannot hide behind our header.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -96,17 +97,32 @@ def read(dfd: int, name: str) -> str | None:
 
 
 def place(dfd: int, name: str, qid: str, kind: str, uid: int, gid: int) -> bool:
-    """Create the tombstone (never over an existing entry); False if the name is taken."""
+    """Create the tombstone (never over an existing entry); False if the name is taken.
+    Whole or not at all: a write that fails (a full filesystem) removes what it created, so
+    no truncated tombstone (which a loader would read as something else) is left; the error
+    is raised for the caller to record."""
+    data = build(qid, kind)
     try:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                      0o444, dir_fd=dfd)
     except FileExistsError:
         return False
     try:
-        os.write(fd, build(qid, kind))
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         try_chown(fd, uid, gid)  # the user's cache entry (theirs to delete either way: they own the dir)
         os.fchmod(fd, 0o444)
         os.fsync(fd)
-    finally:
+    except OSError:
+        ours = os.fstat(fd)
         os.close(fd)
+        try:
+            now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+                os.unlink(name, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
     return True

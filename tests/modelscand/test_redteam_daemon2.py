@@ -343,3 +343,73 @@ def test_a_write_cut_before_its_fsync_is_dropped_and_noted_not_a_problem(tmp_pat
     result = review.verify(store)
     assert result["problems"] == []
     assert [r["type"] for r in store.ledger.records()] == ["test.note", "ledger.repaired"]
+
+
+# -- a filesystem that fills up during a copy ---------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_a_quarantine_filesystem_that_fills_during_a_copy_leaves_nothing_half_done(tmp_path, small_tmpfs):
+    """ENOSPC mid-copy: the partial copy stayed in the quarantine dir (on the state dir's
+    filesystem, full for good) and the entry stayed 'quarantining' with no record of why."""
+    from modelscand.quarantine import QuarantineError, mover
+    from tests.modelscand.qhelpers import EVIL_BIG, accounted
+
+    state = small_tmpfs / "state"
+    state.mkdir(mode=0o700)
+    store = Store(str(state), per_filesystem=False)
+    root = tmp_path / "r"
+    evil = plant(root, "big.pkl", EVIL_BIG)
+    with pytest.raises(QuarantineError) as err:
+        mover.quarantine(store, mover.Subject(str(root), evil), {"verdict": "issues"})
+    assert "No space left" in str(err.value)
+    assert open(evil, "rb").read() == EVIL_BIG
+    assert os.listdir(store.dirs.primary) == []
+    (entry,) = store.index().entries.values()
+    assert entry.state == "aborted"
+    accounted(store, {evil: EVIL_BIG})
+
+
+def _fill(directory) -> None:
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_user_filesystem_fails_the_tombstone_not_the_move(tmp_path, small_tmpfs):
+    """The tombstone's write hit ENOSPC after the rename: the move was done, yet the daemon
+    logged 'the file is still in place' and the entry stayed 'quarantining' until a restart."""
+    from modelscand.quarantine import mover
+    from tests.modelscand.qhelpers import accounted
+
+    root = small_tmpfs / "r"
+    evil = plant(root, "evil.pkl")
+    store = Store(_state(tmp_path))
+    qdir, same = store.dirs.for_file(os.stat(evil).st_dev, str(root))
+    assert same and qdir.startswith(str(small_tmpfs))
+    _fill(small_tmpfs)
+    begin, done = mover.quarantine(store, mover.Subject(str(root), evil), {"verdict": "issues"})
+    assert done["type"] == "quarantine.done" and done["tombstone"]["placed"] is False
+    assert "No space left" in done["tombstone"]["error"]
+    assert not os.path.lexists(evil)  # no half-written tombstone left in the user's name
+    accounted(store, {evil: EVIL})
