@@ -40,8 +40,11 @@ def new_counts() -> dict[str, int]:
 
 class Results:
     def __init__(self, config: Callable[[], Config], baseline: Callable[[], Baseline], action: Callable[[], Action],
-                 log, counts: dict):
+                 log, counts: dict, reoffer: Callable[[str, str, str], None] | None = None):
         self._config = config
+        # a move refused because the file is not what was scanned any more (a chmod, a rewrite
+        # no event announced) must not end there: what is there now is scanned again
+        self._reoffer = reoffer
         self._baseline = baseline
         self._action = action
         self.log = log
@@ -127,7 +130,9 @@ class Results:
                                  **({"via": cand.via} if cand.via else {}),
                                  **({"outside_roots": True} if cand.outside else {})})
         try:
-            action.handle(outcome)
+            done = action.handle(outcome)
+            if isinstance(done, dict) and done.get("action") == "changed" and self._reoffer is not None:
+                self._reoffer(cand.path, "changed_before_move", cand.root)
         except Exception as exc:
             self.log.error("action.failed", path=cand.path, action=getattr(action, "name", "?"),
                            error=f"{type(exc).__name__}: {exc}")

@@ -413,3 +413,67 @@ def test_a_full_user_filesystem_fails_the_tombstone_not_the_move(tmp_path, small
     assert "No space left" in done["tombstone"]["error"]
     assert not os.path.lexists(evil)  # no half-written tombstone left in the user's name
     accounted(store, {evil: EVIL})
+
+
+# -- a file changed between its verdict and its move ---------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["chmod", "replace"])
+def test_a_file_changed_between_scan_and_move_is_scanned_again_and_moved(running, root, monkeypatch, change):
+    """The move refuses bytes it did not scan ("scanned again as it is now"), but nothing
+    offered the file again: a chmod (no event the daemon asks for) left a malicious file in
+    place until the next walk; in run --once, for good."""
+    from modelscand.quarantine import mover
+
+    path = root / "evil.pkl"
+    other = EVIL + b"  "
+    done = []
+
+    def meddle(step):
+        if step == "opened" and not done:
+            done.append(step)
+            if change == "chmod":
+                os.chmod(path, 0o600)
+            else:  # the same name, new malicious bytes, renamed over it from outside the root
+                tmp = root.parent / "x.tmp"
+                tmp.write_bytes(other)
+                os.rename(tmp, path)
+
+    monkeypatch.setattr(mover, "STEP_HOOK", meddle)
+    with running(str(root), scan__mode="quarantine") as h:
+        tmp = root / ".evil.pkl.tmp"
+        tmp.write_bytes(EVIL)
+        os.rename(tmp, path)
+        refused = h.wait_event("quarantine.not_moved", path=str(path), timeout=20)
+        assert refused["level"] == "info"
+        moved = h.wait_event("quarantine.moved", path=str(path), timeout=20)
+        h.settle()
+    assert tombstone.parse(open(path, "rb").read()) == moved["id"]
+    st = Store(str(root.parent / "state"))
+    assert st.index().entries[moved["id"]].sha256 == __import__("hashlib").sha256(
+        other if change == "replace" else EVIL).hexdigest()
+
+
+@pytest.mark.slow
+def test_run_once_scans_again_what_changed_before_its_move(tmp_path):
+    """run --once has no watch: a file changed between its verdict and its move was left in
+    place with its first verdict, its new bytes never scanned."""
+    root = tmp_path / "r"
+    evil = plant(root, "evil.pkl")
+    code = _kill_at("none").replace(
+        "from modelscand.cli import main\n",
+        "done = []\n"
+        "def meddle(s):\n"
+        "    if s == 'opened' and not done:\n"
+        f"        done.append(s); os.chmod({evil!r}, 0o600)\n"
+        "mover.STEP_HOOK = meddle\n"
+        "from modelscand.cli import main\n")
+    out = subprocess.run([sys.executable, "-c", code, "run", "--once", "--mode", "quarantine", "--root", str(root),
+                          "--state-dir", _state(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    evs = events(out.stdout)
+    assert [e["event"] for e in evs if e.get("path") == evil and e["event"].startswith("quarantine.")][:1] == \
+        ["quarantine.not_moved"]
+    moved = [e for e in evs if e["event"] == "quarantine.moved"]
+    assert [e["path"] for e in moved] == [evil], out.stdout[-3000:]
+    assert tombstone.parse(open(evil, "rb").read()) == moved[0]["id"]
+    assert out.returncode == 1
