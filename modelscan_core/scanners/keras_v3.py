@@ -27,14 +27,55 @@ KNOWN_DIRS = ("assets/",)
 
 
 def sniff_keras_zip(head: bytes, name: str, stream) -> bool:
-    """A zip named `.keras`, or any zip whose root holds Keras's config and metadata/weights."""
+    """A zip named `.keras`, or any zip whose root holds Keras's config: with its metadata or
+    weights, or alone when it reads as a Keras object (Keras deserializes `config.json` before
+    it looks for weights, and needs no `metadata.json`)."""
     if name.endswith(".keras"):
         return True
     try:
-        names = set(zipfile.ZipFile(stream).namelist())
+        archive = zipfile.ZipFile(stream)
+        names = set(archive.namelist())
+        if CONFIG not in names:
+            return False
+        if METADATA in names or any(n in names for n in WEIGHTS):
+            return True
+        info = archive.getinfo(CONFIG)
+        if info.file_size > MAX_JSON:
+            return True
+        return _keras_object(archive.read(info))
     except Exception:
         return False
-    return CONFIG in names and (METADATA in names or any(n in names for n in WEIGHTS))
+
+
+MAX_JSON = 64 * 1024 * 1024
+_BOM = b"\xef\xbb\xbf"
+
+
+def _keras_object(data: bytes) -> bool:
+    """The JSON document's top level is a Keras object. Parsed only when the key could be
+    there: spelled out, or hidden behind a `\\u` escape (JSON decodes `"class\\u005fname"`)."""
+    if b'"class_name"' not in data and b"\\u" not in data:
+        return False
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "class_name" in doc and "config" in doc
+
+
+def sniff_keras_json(head: bytes, name: str, stream) -> bool:
+    """A JSON document whose top level is a Keras object (`class_name` and `config`): a Keras 3
+    model saved as a directory (`keras.saving.load_model` reads a directory's `config.json`, as
+    Hugging Face Keras repos hold it), a keras_hub preset's `config.json`/`tokenizer.json`
+    (`from_preset` deserializes each), or tf.keras `model.to_json()`. Key order is the
+    writer's choice, so the whole document is looked at, not its head."""
+    if head.removeprefix(_BOM).lstrip()[:1] != b"{":
+        return False
+    stream.seek(0, 2)
+    if stream.tell() > MAX_JSON:
+        return b'"class_name"' in head  # the scanner says it is too large to read
+    stream.seek(0)
+    return _keras_object(stream.read())
 
 
 class KerasV3Scanner(Scanner):
@@ -90,6 +131,25 @@ class KerasV3Scanner(Scanner):
             raise ScanFailed(f"{info.filename} is not valid JSON: {exc}", "JSON_DECODE") from None
 
 
+class KerasJsonScanner(Scanner):
+    """A Keras object config stored as a JSON file of its own, walked like a `.keras` config."""
+
+    name = "modelscan.scanners.KerasLambdaDetectScan"
+    formats = ("keras_json",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        from modelscan_core.scanners.keras_common import ConfigWalker
+
+        if item.size > MAX_JSON:
+            raise ScanFailed(f"a Keras config of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
+        item.stream.seek(0)
+        try:
+            doc = json.loads(item.stream.read())
+        except (ValueError, RecursionError) as exc:
+            raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None
+        ConfigWalker(ctx, "keras").walk(doc, "Keras config", "model")
+
+
 def _member_path(info: zipfile.ZipInfo, ctx: ScanContext) -> None:
     """Keras extracts asset members to a temporary directory; other tools unzip the whole
     file: a member named outside it, or stored as a symbolic link, is a write elsewhere."""
@@ -115,6 +175,8 @@ FORMATS = (
     Format("keras_v3", "KerasV3Scanner", "keras",
            rules=(Rule(priority=100, magics=(b"PK\x03\x04", b"PK\x05\x06"), sniff=sniff_keras_zip, family="zip"),),
            extensions=(".keras",)),
+    # text: after every binary format, before the zip rules that look for an archive's tail
+    Format("keras_json", "KerasJsonScanner", "keras", rules=(Rule(priority=600, sniff=sniff_keras_json, family="json"),)),
 )
 
 SETTINGS = (ScannerSettings("keras", "modelscan.scanners.KerasLambdaDetectScan", {"enabled": True, "supported_extensions": [".keras"]}),)

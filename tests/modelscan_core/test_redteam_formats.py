@@ -193,3 +193,44 @@ def test_keras_lookup_and_tokenizer_configs_as_keras_saves_them_are_clean(tmp_pa
     ]
     for i, layer in enumerate(layers):
         assert scan_path(_keras(tmp_path / f"ok{i}.keras", layer)).exit_code == 0, layer
+
+
+# -- Keras configs outside a .keras zip ----------------------------------------------------
+
+_FOREIGN = {"module": "keras", "class_name": "Sequential", "registered_name": None, "config": {"name": "s", "layers": [
+    {"module": "keras.layers", "class_name": "Dense", "registered_name": None, "config": {"name": "d", "units": 4,
+     "activation": {"module": "os", "class_name": "function", "config": "system", "registered_name": None}}}]}}
+
+
+@pytest.mark.parametrize("variant", ["directory", "padded", "escaped", "bom", "zip_without_metadata"])
+def test_a_keras_config_stored_outside_a_keras_zip_is_walked(tmp_path, variant):
+    """`keras.saving.load_model` reads a directory's config.json, keras_hub's `from_preset`
+    deserializes every preset JSON, and a zip needs no metadata.json: key order, escapes
+    and a BOM are the writer's choice."""
+    text = json.dumps(_FOREIGN)
+    path = tmp_path / "config.json"
+    if variant == "directory":
+        path.write_text(text)
+        (tmp_path / "metadata.json").write_text('{"keras_version": "3.8.0"}')
+        path = tmp_path
+    elif variant == "padded":
+        path.write_text(json.dumps({"pad": "x" * 100_000, **_FOREIGN}))
+    elif variant == "escaped":
+        path.write_text(text.replace('"class_name"', '"class\\u005fname"'))
+    elif variant == "bom":
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    else:
+        path = tmp_path / "blob"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("config.json", text)
+    assert top(path) == Severity.CRITICAL
+
+
+def test_json_that_is_not_a_keras_object_is_not_claimed(tmp_path):
+    for i, doc in enumerate([{"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+                             {"model": {"vocab": {"\u0120the": 1}}, "class_names": ["a"]},
+                             [{"class_name": "Dense", "config": {}}]]):
+        path = tmp_path / f"{i}.json"
+        path.write_text(json.dumps(doc))
+        report = scan_path(path)
+        assert report.exit_code != 1 and not report.all_errors() and report.files[0].format == "unknown", doc
