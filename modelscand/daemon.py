@@ -85,7 +85,8 @@ class Daemon:
         self.roots = Roots(cfg, self.log, watch_enabled=watch, make_watch=self._make_watch)
         self.intake = Intake(self.roots, self.queue, self.log, self.counts, wake=self.maintenance.wake)
         self.results = Results(cfg, lambda: self.baseline, lambda: self.action, self.log, self.counts,
-                               reoffer=lambda path, why, root: self._reoffer(path, why, root))
+                               reoffer=lambda path, why, root: self._reoffer(path, why, root),
+                               watched=lambda root: self.roots.get(root) is not None)
         self.reconciler = Reconciler(cfg, self.roots, self.queue, lambda: self.baseline, self.log, self.activity,
                                      stopping=self.stopping, settled=self._settled,
                                      on_cached=self.results.log_cached if report_cached else None,

@@ -40,8 +40,12 @@ def new_counts() -> dict[str, int]:
 
 class Results:
     def __init__(self, config: Callable[[], Config], baseline: Callable[[], Baseline], action: Callable[[], Action],
-                 log, counts: dict, reoffer: Callable[[str, str, str], None] | None = None):
+                 log, counts: dict, reoffer: Callable[[str, str, str], None] | None = None,
+                 watched: Callable[[str], bool] | None = None):
         self._config = config
+        # is the candidate's root still watched? (a reload may remove it mid-scan: its verdict is
+        # logged, but nothing is moved out of a directory the daemon no longer watches)
+        self._watched = watched
         # a move refused because the file is not what was scanned any more (a chmod, a rewrite
         # no event announced) must not end there: what is there now is scanned again
         self._reoffer = reoffer
@@ -128,7 +132,9 @@ class Results:
                           tuple(findings), hf, result=result, identity=ident, root=cand.root,
                           extra={"format": fields["format"], "errors": errors, "error": fields.get("error"),
                                  **({"via": cand.via} if cand.via else {}),
-                                 **({"outside_roots": True} if cand.outside else {})})
+                                 **({"outside_roots": True} if cand.outside else {}),
+                                 **({"root_gone": True} if self._watched is not None and cand.root
+                                    and not self._watched(cand.root) else {})})
         try:
             done = action.handle(outcome)
             if isinstance(done, dict) and done.get("action") == "changed" and self._reoffer is not None:

@@ -159,6 +159,12 @@ class QuarantineAction:
                            why="reached through a link, outside every watched root: the daemon moves nothing it "
                                "does not watch", answer="act on it by hand (or remove the link)")
             return {"action": "outside_roots"}
+        if extra.get("root_gone"):
+            self.log.warning("quarantine.not_moved", path=outcome.path, sha256=sha, reason=reason,
+                             why="its root is no longer watched (a reload removed it, or it moved away) since the "
+                                 "scan began: the daemon moves nothing it does not watch",
+                             answer="act on it by hand, or watch the root again")
+            return {"action": "root_gone"}
         ident = outcome.identity
         scanned = (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns) if ident is not None else None
         subject = mover.Subject(outcome.root or os.path.dirname(outcome.path), outcome.path, scanned, sha)

@@ -477,3 +477,36 @@ def test_run_once_scans_again_what_changed_before_its_move(tmp_path):
     assert [e["path"] for e in moved] == [evil], out.stdout[-3000:]
     assert tombstone.parse(open(evil, "rb").read()) == moved[0]["id"]
     assert out.returncode == 1
+
+
+# -- a reload that removes a root while its scan is in flight -----------------------------------
+
+@pytest.mark.slow
+def test_a_root_removed_by_a_reload_mid_scan_gets_its_verdict_but_nothing_moved(running, tmp_path):
+    """The operator removes a root (SIGHUP) while a file of it is being scanned: the verdict
+    still reaches the log, but the quarantine moved the file out of a directory the daemon no
+    longer watches, on the word of a configuration that no longer exists."""
+    import dataclasses
+
+    keep, drop = tmp_path / "keep", tmp_path / "drop"
+    keep.mkdir()
+    drop.mkdir()
+    conf = tmp_path / "reload.toml"
+    conf.write_text(f'[watch]\nconventions = false\nroots = ["{keep}"]\n[scan]\nmode = "quarantine"\n')
+    with running([str(keep), str(drop)], scan__mode="quarantine", scan_function="tests.modelscand.hooks:slow") as h:
+        h.daemon.config = dataclasses.replace(h.daemon.config, source=str(conf))
+        path = drop / "slow_evil.pkl"
+        tmp = drop / ".slow_evil.pkl.tmp"
+        tmp.write_bytes(EVIL)
+        os.rename(tmp, path)
+        pool = h.daemon.pool
+        h.wait_for(lambda _: any(s.busy_since is not None for s in pool.slots), what="the scan in flight")
+        h.daemon.maintenance.reload()
+        assert h.daemon.roots.paths() == [str(keep)]
+        ev = h.wait_scan(str(path), timeout=20)
+        assert ev["event"] == "scan.finding"
+        refused = h.wait_event("quarantine.not_moved", path=str(path), timeout=20)
+        assert refused["level"] == "warning" and "no longer" in refused["why"]
+        h.settle()
+        assert not h.named("quarantine.moved")
+    assert open(path, "rb").read() == EVIL
