@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import zipfile
+from typing import Any
 
 from modelscan_core.detect import Rule
 from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
+from modelscan_core.scanners.jsondoc import MAX_JSON, TOO_LARGE, document, parse_object
 
 CONFIG = "config.json"
 METADATA = "metadata.json"
@@ -42,40 +44,24 @@ def sniff_keras_zip(head: bytes, name: str, stream) -> bool:
         info = archive.getinfo(CONFIG)
         if info.file_size > MAX_JSON:
             return True
-        return _keras_object(archive.read(info))
+        return _keras_object(parse_object(archive.read(info), _KERAS_KEYS))
     except Exception:
         return False
 
 
-MAX_JSON = 64 * 1024 * 1024
-_BOM = b"\xef\xbb\xbf"
+_KERAS_KEYS = (b'"class_name"',)
 
 
-def _keras_object(data: bytes) -> bool:
-    """The JSON document's top level is a Keras object. Parsed only when the key could be
-    there: spelled out, or hidden behind a `\\u` escape (JSON decodes `"class\\u005fname"`)."""
-    if b'"class_name"' not in data and b"\\u" not in data:
-        return False
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(doc, dict) and "class_name" in doc and "config" in doc
+def _keras_object(doc: Any) -> bool:
+    return doc is TOO_LARGE or isinstance(doc, dict) and "class_name" in doc and "config" in doc
 
 
 def sniff_keras_json(head: bytes, name: str, stream) -> bool:
     """A JSON document whose top level is a Keras object (`class_name` and `config`): a Keras 3
     model saved as a directory (`keras.saving.load_model` reads a directory's `config.json`, as
     Hugging Face Keras repos hold it), a keras_hub preset's `config.json`/`tokenizer.json`
-    (`from_preset` deserializes each), or tf.keras `model.to_json()`. Key order is the
-    writer's choice, so the whole document is looked at, not its head."""
-    if head.removeprefix(_BOM).lstrip()[:1] != b"{":
-        return False
-    stream.seek(0, 2)
-    if stream.tell() > MAX_JSON:
-        return b'"class_name"' in head  # the scanner says it is too large to read
-    stream.seek(0)
-    return _keras_object(stream.read())
+    (`from_preset` deserializes each), or tf.keras `model.to_json()`."""
+    return _keras_object(document(head, stream, _KERAS_KEYS))
 
 
 class KerasV3Scanner(Scanner):

@@ -14,6 +14,12 @@ them, a private name or a function named for reading, writing or running (`torch
 `OmegaConf.save`) HIGH. An OmegaConf interpolation (`${a.b}`) is judged by what it resolves to
 in the same config, HIGH when it cannot be resolved.
 
+NeMo 2 checkpoints hold their config as `context/io.json`, fiddle's JSON: `load_context`
+rebuilds it with `fdl.build`, importing every python reference (`{"type": "pyref", "module",
+"name"}`) and calling each Buildable's `fn_or_cls` with its arguments. References the pickle
+policy denylists are reported at its severity; a called one outside the packages NeMo
+contexts name is HIGH, a value there MEDIUM.
+
 YAML is read with `yaml.safe_load` only (OmegaConf's loader is a SafeLoader too); config
 members stored as tar links are read through the link, as extraction copies them. The tar's
 members (the torch checkpoints, the tokenizer files) are scanned by the tar scanner like any
@@ -254,10 +260,121 @@ def _link_target(archive, member):
     return None
 
 
+# -- NeMo 2 checkpoints: context/io.json ---------------------------------------------------
+
+#: modules a NeMo 2 context names for its own objects (NeMo's SafePyrefPolicy trusts the first
+#: group; fiddle, Megatron, Transformers and a few stdlib value types are what real contexts hold)
+CONTEXT_MODULES = frozenset({
+    "nemo", "nemo_run", "nemo_alligner", "nemo_curator", "torch", "pytorch_lightning", "lightning", "numpy",
+    "collections", "typing", "enum", "dataclasses", "pathlib", "fiddle", "megatron", "transformers", "builtins",
+    "functools", "datetime", "omegaconf",
+})
+_CONTEXT_KEYS = (b'"pyref"',)
+
+
+def _fiddle_document(doc: Any) -> bool:
+    from modelscan_core.scanners.jsondoc import TOO_LARGE
+
+    return doc is TOO_LARGE or isinstance(doc, dict) and "root" in doc and "objects" in doc
+
+
+def sniff_nemo_context(head: bytes, name: str, stream: BinaryIO) -> bool:
+    """A fiddle JSON document (`root`, `objects`, python references): NeMo 2's `context/io.json`,
+    which `nemo.lightning.io.load_context` rebuilds with `fdl.build`."""
+    from modelscan_core.scanners.jsondoc import document, looks_like_object
+
+    return looks_like_object(head) and _fiddle_document(document(head, stream, _CONTEXT_KEYS))
+
+
+def pyrefs(doc: Any) -> Iterator[tuple[Any, Any, bool]]:
+    """(module, name, called) of every python reference in a fiddle document. `called`: the
+    reference is a Buildable's `fn_or_cls` (inline, or an entry of `objects` it refers to),
+    which `fdl.build` calls with the config's arguments; any other reference is imported and
+    handed to the model as a value."""
+    objects = doc.get("objects") if isinstance(doc, dict) else None
+    called_keys: list[Any] = []
+    stack: list[tuple[Any, bool]] = [(doc, False)]
+    while stack or called_keys:
+        if not stack:
+            key = called_keys.pop()
+            if isinstance(objects, dict) and isinstance(key, str) and key in objects:
+                stack.append((objects.pop(key), True))  # popped: each entry is walked once as called
+            continue
+        node, called = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "pyref":
+                yield node.get("module"), node.get("name"), called
+            elif called and node.get("type") == "ref":
+                called_keys.append(node.get("key"))
+            stack.extend((v, False) for v in node.values())
+        elif isinstance(node, list):
+            # a traversable's items are [path, value] pairs; the Buildable's callable sits at `fn_or_cls`
+            if len(node) == 2 and isinstance(node[0], str) and "fn_or_cls" in node[0]:
+                stack.append((node[1], True))
+                continue
+            stack.extend((v, called) for v in node)
+
+
+class NemoContextScanner(Scanner):
+    name = "modelscan.scanners.NemoScan"
+    formats = ("nemo_context",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        import json
+
+        from modelscan_core.scanners.jsondoc import MAX_JSON
+        from modelscan_core.scanners.pickle.values import CALLED
+
+        if item.size > MAX_JSON:
+            raise ScanFailed(f"a NeMo context of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
+        item.stream.seek(0)
+        try:
+            doc = json.loads(item.stream.read())
+        except (ValueError, RecursionError) as exc:
+            raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None
+        policy = ctx.settings.pickle_policy
+        seen: set[tuple[str, str, bool]] = set()
+        for module, name, called in pyrefs(doc):
+            key = (repr(module), repr(name), called)
+            if key in seen:
+                continue
+            seen.add(key)
+            verdict = _judge_pyref(module, name, called, policy, CALLED)
+            if verdict is None:
+                continue
+            severity, why = verdict
+            shown = f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else f"{module!r}:{name!r}"
+            role = "calls" if called else "imports"
+            ctx.report(
+                "nemo/context-pyref",
+                severity,
+                f"python reference {shown} {why}; NeMo's load_context {role} it when it rebuilds the context "
+                "(fdl.build)",
+                module=module if isinstance(module, str) else "",
+                operator=name if isinstance(name, str) else "",
+                call=shown,
+            )
+
+
+def _judge_pyref(module: Any, name: Any, called: bool, policy, uses) -> tuple[Severity, str] | None:
+    if not isinstance(module, str) or not isinstance(name, str) or not _DOTTED.match(module) or not _DOTTED.match(name):
+        return Severity.HIGH, "is not a plain module and name"
+    judgement = policy.judge(module, name, uses)
+    if judgement.rule_id == "pickle/unsafe-global" and judgement.severity is not None and judgement.severity >= Severity.HIGH:
+        return judgement.severity, f"is a denylisted callable ({judgement.matched or module + '.' + name})"
+    if module.split(".", 1)[0] in CONTEXT_MODULES:
+        return None
+    if called:
+        return Severity.HIGH, "lies outside the packages a NeMo context names"
+    return Severity.MEDIUM, "lies outside the packages a NeMo context names"
+
+
 FORMATS = (
     # before the generic tar rule: a tar holding model_config.yaml (a gzip .nemo reaches it decompressed)
     Format("nemo", "NemoScanner", "nemo", rules=(Rule(priority=495, sniff=sniff_nemo, family="tar"),),
            extensions=(".nemo",)),
+    # text, like Keras's JSON configs (their own family: a document is one or the other)
+    Format("nemo_context", "NemoContextScanner", "nemo", rules=(Rule(priority=610, sniff=sniff_nemo_context, family="json"),)),
 )
 
 SETTINGS = (ScannerSettings("nemo", "modelscan.scanners.NemoScan", {"enabled": True, "supported_extensions": [".nemo"]}),)

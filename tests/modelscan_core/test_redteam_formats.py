@@ -234,3 +234,54 @@ def test_json_that_is_not_a_keras_object_is_not_claimed(tmp_path):
         path.write_text(json.dumps(doc))
         report = scan_path(path)
         assert report.exit_code != 1 and not report.all_errors() and report.files[0].format == "unknown", doc
+
+
+# -- NeMo 2: context/io.json (fiddle) -------------------------------------------------------
+
+
+def _pyref(module: str, name: str) -> dict:
+    return {"type": "pyref", "module": module, "name": name}
+
+
+def _fiddle_context(fn: dict | None = None, value: dict | None = None, fn_by_ref: bool = False) -> dict:
+    """A NeMo 2 `context/io.json` as fiddle's `dump_json` writes it: Buildables whose
+    `fn_or_cls` sits in their traverser metadata, values as python references."""
+    def config(key, fn_or_cls, items):
+        return {key: {"type": _pyref("fiddle._src.config", "Config"), "metadata": {"type": "ref", "key": key + "_m"},
+                      "items": [[f"Attr(name='{k}')", v] for k, v in items]},
+                key + "_m": {"type": _pyref("fiddle._src.config", "BuildableTraverserMetadata"),
+                             "items": [["Attr(name='fn_or_cls')", fn_or_cls]], "metadata": None}}
+
+    objects = {}
+    objects.update(config("llama_config_1", _pyref("nemo.collections.llm.gpt.model.llama", "Llama32Config1B"), [
+        ("params_dtype", _pyref("torch", "bfloat16")), ("activation_func", value or _pyref("torch.nn.functional", "silu")),
+        ("attn_mask_type", _pyref("megatron.core.transformer.enums", "AttnMaskType.causal"))]))
+    objects.update(config("llama_model_1", _pyref("nemo.collections.llm.gpt.model.llama", "LlamaModel"),
+                          [("config", {"type": "ref", "key": "llama_config_1"})]))
+    if fn is not None:
+        if fn_by_ref:
+            objects["payload_ref"], fn = fn, {"type": "ref", "key": "payload_ref"}
+        objects.update(config("payload_1", fn, [("args", "id")]))
+    return {"root": {"type": "ref", "key": "llama_model_1"}, "objects": objects, "refcounts": {}, "version": "0.0.1"}
+
+
+def test_a_nemo2_context_as_nemo_writes_it_is_clean(tmp_path):
+    (tmp_path / "context").mkdir()
+    path = tmp_path / "context" / "io.json"
+    path.write_text(json.dumps(_fiddle_context(), indent=2))
+    report = scan_path(tmp_path)
+    assert report.exit_code == 0 and report.files[0].format == "nemo_context"
+
+
+@pytest.mark.parametrize("doc, severity", [
+    (_fiddle_context(_pyref("subprocess", "Popen")), Severity.CRITICAL),
+    (_fiddle_context(_pyref("subprocess", "getoutput"), fn_by_ref=True), Severity.CRITICAL),
+    (_fiddle_context(value=_pyref("os", "system")), Severity.CRITICAL),
+    (_fiddle_context(_pyref("evil_pkg.payload", "Run")), HIGH),
+])
+def test_python_references_a_nemo2_context_calls_or_imports_are_judged(tmp_path, doc, severity):
+    """`load_context` rebuilds the context with fiddle (`fdl.build`): every python reference is
+    imported, and a Buildable's `fn_or_cls` is called (NeMo's SafePyrefPolicy came later)."""
+    path = tmp_path / "io.json"
+    path.write_text(json.dumps(doc).replace('"pyref"', '"py\\u0072ef"', 1))
+    assert top(path) == severity
