@@ -81,8 +81,8 @@ class _LoudWatchGroup(InotifyWatchGroup):
                 raise
             try:
                 type(self).report_failure(path, exc)
-            except Exception:
-                pass
+            except Exception as failed:  # noqa: BLE001 - never into watchdog; loud: the directory is unwatched
+                _callback_failed("subwatch_failed", path, failed)
             return
         self._active_callbacks_by_path[path] = wd
         self._active_callbacks_by_watch[wd] = path

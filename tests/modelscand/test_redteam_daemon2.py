@@ -19,7 +19,7 @@ import pytest
 from modelscand.quarantine import tombstone
 from modelscand.quarantine.store import Store
 from tests.modelscand.conftest import EVIL
-from tests.modelscand.qhelpers import REPO, plant
+from tests.modelscand.qhelpers import REPO, plant, tmpfs  # noqa: F401 (a fixture)
 from tests.modelscand.test_cli import cli, events
 from tests.modelscand.test_issue10 import _state
 
@@ -510,3 +510,68 @@ def test_a_root_removed_by_a_reload_mid_scan_gets_its_verdict_but_nothing_moved(
         h.settle()
         assert not h.named("quarantine.moved")
     assert open(path, "rb").read() == EVIL
+
+
+# -- attacks that found no defect (kept as guards) ---------------------------------------------------
+
+@ROOT_ONLY
+@pytest.mark.slow
+def test_a_quarantine_dir_a_user_made_first_at_a_filesystem_top_is_never_used(tmp_path, tmpfs):
+    """/tmp-like (sticky, world-writable) filesystem top: a user creates
+    `.modelscand-quarantine` before the daemon does. It is not ours: the file is copied to the
+    primary quarantine instead, and nothing lands in (or is hidden by) the user's directory."""
+    from modelscand.quarantine import mover
+    from tests.modelscand.qhelpers import accounted
+
+    trap = tmpfs / ".modelscand-quarantine"
+    trap.mkdir(mode=0o700)
+    os.chown(trap, USER, USER)
+    root = tmpfs / "r"
+    evil = plant(root, "evil.pkl")
+    store = Store(_state(tmp_path))
+    begin, done = mover.quarantine(store, mover.Subject(str(root), evil), {"verdict": "issues"})
+    assert begin["method"] == "copy" and begin["dir"] == store.dirs.primary
+    assert os.listdir(trap) == []
+    accounted(store, {evil: EVIL})
+    hidden = plant(trap, "evil.pkl")  # and the user's directory hides nothing from a walk
+    out = cli("run", "--once", "--root", str(tmpfs), "--state-dir", _state(tmp_path, "s2"))
+    assert [e["event"] for e in events(out.stdout) if e.get("path") == hidden and e["event"].startswith("scan.")] \
+        == ["scan.finding"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken_report", [False, True])
+def test_a_directory_beyond_the_inotify_watch_limit_is_polled_and_its_files_get_verdicts(running, root,
+                                                                                          monkeypatch, broken_report):
+    """fs.inotify.max_user_watches reached (ENOSPC from inotify_add_watch, simulated): the
+    directory is logged as an error with the exact fix, polled, and a file written there
+    later still gets its verdict."""
+    import errno
+
+    from watchdog.observers import inotify_c
+
+    real = inotify_c.InotifyFD.add_callback
+
+    def limited(self, path, *args, **kwargs):
+        if os.path.basename(path) == b"deep":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(inotify_c.InotifyFD, "add_callback", limited)
+    monkeypatch.setattr("modelscand.maintenance.SUBWATCH_POLL_INTERVAL", 0.3)
+    if broken_report:  # the report itself fails: was `except Exception: pass`, the directory lost silently
+        monkeypatch.setattr("modelscand.intake.Intake.on_subwatch_failed",
+                            lambda *a: (_ for _ in ()).throw(RuntimeError("report broke")))
+    with running(str(root)) as h:
+        if broken_report:
+            (root / "deep").mkdir()
+            ev = h.wait_event("watch.report_failed", timeout=20)
+            assert ev["level"] == "error" and "report broke" in ev["error"] and ev["root"].endswith("deep")
+            return
+        (root / "deep").mkdir()
+        failed = h.wait_event("watch.subwatch_failed", path=str(root / "deep"), timeout=20)
+        assert failed["level"] == "error" and "max_user_watches" in failed["fix"]
+        evil = root / "deep" / "evil.pkl"
+        evil.write_bytes(EVIL)
+        assert h.wait_scan(str(evil), timeout=20)["event"] == "scan.finding"
+        h.settle()
