@@ -14,6 +14,9 @@ Python or load libraries get the severities of `unsafe_tf_operators`; ops Tensor
 know (tf_ops.txt, generated from TensorFlow by scripts/gen_tf_ops.py) need a custom kernel
 library and are reported too. Keras layer JSON (keras_metadata.pb, and the `metadata` of
 user objects in older SavedModels) is walked for Lambda layers like any Keras config.
+Asset filenames (`asset_file_def`, and TF1's `saved_model_assets` collection) are joined to
+the assets directory by the loader: one that is absolute or climbs out is HIGH, as ONNX
+external data is.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ UNSAFE_TF_OPERATORS = {
 
 
 SAVED_MODEL_NAMES = ("saved_model.pb",)
+ASSETS_COLLECTION = "saved_model_assets"  # TF1's collection of AssetFileDefs
 KERAS_METADATA_NAMES = ("keras_metadata.pb",)
 #: ops that are unsafe only when a string attribute points outside the process:
 #: op -> (attribute, values that stay inside, what the op then does)
@@ -226,12 +230,14 @@ class SavedModelScanner(Scanner):
         functions: set[str] = set()
         user_metadata: list[tuple[str, str]] = []
         graphs = 0
+        self.assets: list[tuple[str, bytes]] = []
         for _number, (start, end) in parse_each(buf, {2: SPAN}):
             graphs += 1
             self._meta_graph(buf, start, end, f"meta_graphs[{graphs - 1}]", ops, functions, user_metadata)
         if graphs == 0:
             raise ScanFailed("saved_model.pb holds no meta graph")
         self._judge(ops, functions, ctx)
+        self._judge_assets(ctx)
         if user_metadata:
             from modelscan_core.scanners.keras_common import ConfigWalker
 
@@ -239,12 +245,47 @@ class SavedModelScanner(Scanner):
             for where, meta in user_metadata:
                 _walk_json(walker, ctx, meta, where)
 
+    def _judge_assets(self, ctx: ScanContext) -> None:
+        """TensorFlow joins each asset's filename to `<export_dir>/assets` and hands the path to the
+        graph (a vocabulary table reads it, a serving function may return it): a filename that is
+        absolute or climbs out reads any file on the host, as ONNX external data does."""
+        from modelscan_core.scanners.paths import escapes
+
+        seen: set[bytes] = set()
+        for label, raw in self.assets:
+            if raw in seen:
+                continue
+            seen.add(raw)
+            filename = raw.decode("utf-8", "surrogateescape")
+            why = escapes(filename)
+            if why:
+                ctx.report("tf/asset-path", Severity.HIGH,
+                           f"{label} asset {raw.decode('utf-8', 'replace')!r} is {why}: the SavedModel reads it as an asset "
+                           "at load time, from outside its assets directory", module="Tensorflow", operator="asset_file_def")
+
     def _meta_graph(self, buf, start, end, label, ops, functions, user_metadata) -> None:
         from modelscan_core.scanners.proto import SPAN, parse_each
 
-        for number, value in parse_each(buf, {2: SPAN, 7: _message("SavedObjectGraph")}, start, end):
+        for number, value in parse_each(buf, {2: SPAN, 4: _message("CollectionDefEntry"), 6: _message("AssetFileDef"),
+                                              7: _message("SavedObjectGraph")}, start, end):
             if number == 2:
                 self._graph(buf, value[0], value[1], label, ops, functions)
+                continue
+            if number == 6:
+                self.assets.append((label, bytes(value.filename)))
+                continue
+            if number == 4:  # TF1: AssetFileDefs packed as Any in the "saved_model_assets" collection
+                if _text(value.key) == ASSETS_COLLECTION:
+                    from google.protobuf.message import DecodeError
+
+                    asset_cls = _message("AssetFileDef")
+                    for packed in value.value.any_list.value:
+                        asset = asset_cls()
+                        try:
+                            asset.ParseFromString(bytes(packed.value))
+                        except DecodeError as exc:
+                            raise ScanFailed(f"{label}: an asset entry that is not an AssetFileDef: {exc}") from None
+                        self.assets.append((label, bytes(asset.filename)))
                 continue
             for i, obj in enumerate(value.nodes):
                 user = obj.user_object

@@ -285,3 +285,49 @@ def test_python_references_a_nemo2_context_calls_or_imports_are_judged(tmp_path,
     path = tmp_path / "io.json"
     path.write_text(json.dumps(doc).replace('"pyref"', '"py\\u0072ef"', 1))
     assert top(path) == severity
+
+
+# -- TF SavedModel assets ---------------------------------------------------------------------
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                return out
+
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def _saved_model(filename: str, tf1: bool = False) -> bytes:
+    """saved_model.pb with one asset (TF2: MetaGraphDef.asset_file_def; TF1: the AssetFileDef packed
+    as an Any in the `saved_model_assets` collection), encoded field by field as TensorFlow does."""
+    asset = _field(1, _field(1, b"Const:0")) + _field(2, filename.encode())  # tensor_info.name, filename
+    if tf1:
+        packed = _field(1, b"type.googleapis.com/tensorflow.AssetFileDef") + _field(2, asset)
+        meta = _field(4, _field(1, b"saved_model_assets") + _field(2, _field(5, _field(1, packed))))
+    else:
+        meta = _field(6, asset)
+    meta = _field(1, _field(1, b"serve")) + _field(2, _field(1, _field(1, b"Const") + _field(2, b"Const"))) + meta
+    return b"\x08\x01" + _field(2, meta)
+
+
+@pytest.mark.parametrize("filename, tf1, severity", [
+    ("/etc/passwd", False, HIGH),
+    ("../../../root/.ssh/id_rsa", False, HIGH),
+    ("/etc/shadow", True, HIGH),
+    ("vocab.txt", False, None),
+    ("vocab.txt", True, None),
+])
+def test_savedmodel_assets_outside_the_assets_directory_are_high(tmp_path, filename, tf1, severity):
+    """TensorFlow joins an asset's filename to `<export_dir>/assets` (an absolute one replaces it)
+    and the graph reads the result: a vocabulary table, or a serving function returning it."""
+    (tmp_path / "assets").mkdir()
+    path = tmp_path / "saved_model.pb"
+    path.write_bytes(_saved_model(filename, tf1))
+    report = scan_path(path)
+    assert top(path) == severity, report.findings()
+    assert not report.all_errors()

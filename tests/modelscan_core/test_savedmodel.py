@@ -243,6 +243,8 @@ def test_minimal_tensorflow_proto_agrees_with_tensorflow():
         "GradientDef": function_pb2.GradientDef, "OpDef": op_def_pb2.OpDef,
         "SavedObjectGraph": saved_object_graph_pb2.SavedObjectGraph, "SavedObject": saved_object_graph_pb2.SavedObject,
         "SavedUserObject": saved_object_graph_pb2.SavedUserObject, "FingerprintDef": fingerprint_pb2.FingerprintDef,
+        "AssetFileDef": meta_graph_pb2.AssetFileDef, "CollectionDefEntry": meta_graph_pb2.MetaGraphDef.CollectionDefEntry,
+        "CollectionDef": meta_graph_pb2.CollectionDef, "AnyList": meta_graph_pb2.CollectionDef.AnyList,
     }
     kinds = {v: k for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}
     for name, real_cls in upstream.items():
