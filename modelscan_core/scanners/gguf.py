@@ -15,6 +15,10 @@ turns an array value into one text (`["a", "b"]`, quotes escaped) before the ren
 it; the `gguf` package keeps keys and strings whole. Each reading is analysed. Tensor data is never read: tensor
 infos are checked against the file size arithmetically, so a 10 GB file costs a few reads.
 
+The same analysis reads the templates of Hugging Face models (`chat_template` in
+`tokenizer_config.json` or `chat_template.json`, and `chat_template.jinja`): transformers
+renders them in Jinja's sandbox, which the `str.format` escapes get out of.
+
 Every count and length is checked against the bytes that remain before it is used, arrays
 nest at most `MAX_DEPTH` deep, and metadata beyond `MAX_METADATA` bytes is not read.
 """
@@ -344,7 +348,8 @@ class GgufScanner(Scanner):
         if failure is not None:
             raise ScanFailed(f"GGUF: {failure}", incomplete=failure.incomplete)
 
-    def _template(self, template: Template, ctx: ScanContext) -> None:
+    def _template(self, template: Template, ctx: ScanContext, rule: str = "gguf/chat-template-",
+                  renders: str = "a loader that renders it outside a sandbox runs it") -> None:
         """Every reading is analysed; a reading Jinja2 cannot parse is one no loader renders, so the
         template is an error only when no reading parses."""
         from modelscan_core.scanners.jinja_template import TemplateUnreadable, analyse
@@ -362,9 +367,9 @@ class GgufScanner(Scanner):
                     continue
                 seen.add((issue.rule_id, issue.what))
                 ctx.report(
-                    "gguf/chat-template-" + issue.rule_id.split("/", 1)[1],
+                    rule + issue.rule_id.split("/", 1)[1],
                     issue.severity,
-                    f"{template.key}{how} {issue.description}; a loader that renders it outside a sandbox runs it",
+                    f"{template.key}{how} {issue.description}; {renders}",
                     module="jinja2",
                     operator=issue.what,
                     offset=template.offset,
@@ -373,8 +378,83 @@ class GgufScanner(Scanner):
             ctx.error(f"{template.key} is not a template Jinja2 can parse ({'; '.join(failures)}); it was not analysed")
 
 
+class ChatTemplateScanner(GgufScanner):
+    """The chat templates of a Hugging Face model: `chat_template` in `tokenizer_config.json` (a
+    string, or a list of `{name, template}`), in a processor's `chat_template.json`, and the
+    `chat_template.jinja` files transformers writes since templates left the JSON. transformers
+    renders them in Jinja's sandbox, so what matters there are the sandbox escapes (the
+    `str.format` family, CVE-2024-56326 and CVE-2025-27516), which the same analysis reports."""
+
+    formats = ("chat_template_json", "chat_template_jinja")
+    _RULE = "hf/chat-template-"
+    _RENDERS = "transformers renders it (apply_chat_template)"
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        item.stream.seek(0)
+        if item.format == "chat_template_jinja":
+            if item.size > MAX_TEMPLATE:
+                self._oversized(item.source, item.size, ctx)
+                return
+            text = item.stream.read().decode("utf-8", "replace")
+            self._template(Template("template", 0, _readings(text)), ctx, self._RULE, self._RENDERS)
+            return
+        import json
+
+        from modelscan_core.scanners.jsondoc import MAX_JSON
+
+        if item.size > MAX_JSON:
+            raise ScanFailed(f"a tokenizer config of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
+        try:
+            doc = json.loads(item.stream.read())
+        except (ValueError, RecursionError) as exc:
+            raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None
+        for key, text in _hf_templates(doc):
+            if len(text.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE:
+                self._oversized(key, len(text), ctx)
+                continue
+            self._template(Template(key, 0, _readings(text)), ctx, self._RULE, self._RENDERS)
+
+    def _oversized(self, key: str, length: int, ctx: ScanContext) -> None:
+        ctx.report(self._RULE + "oversized", Severity.HIGH,
+                   f"{key} is a template of {length} bytes, more than the {MAX_TEMPLATE} analysed: published chat "
+                   "templates are a few kilobytes, and padding is how a payload is pushed past an analyser",
+                   module="jinja2", operator="chat_template")
+        ctx.error(f"{key} ({length} bytes) was not analysed", incomplete=True)
+
+
+def _hf_templates(doc) -> list[tuple[str, str]]:
+    """(where, text) of every template a tokenizer or processor config holds."""
+    value = doc.get("chat_template") if isinstance(doc, dict) else None
+    if isinstance(value, str):
+        return [("chat_template", value)]
+    out = []
+    if isinstance(value, list):
+        for i, entry in enumerate(value):
+            if isinstance(entry, dict) and isinstance(entry.get("template"), str):
+                out.append((f"chat_template[{entry.get('name', i)!s}]", entry["template"]))
+    return out
+
+
+def sniff_hf_template_json(head: bytes, name: str, stream: BinaryIO) -> bool:
+    """A JSON document with a top-level `chat_template` (tokenizer_config.json, chat_template.json)."""
+    from modelscan_core.scanners.jsondoc import TOO_LARGE, document
+
+    doc = document(head, stream, (b'"chat_template"',))
+    return doc is TOO_LARGE or bool(_hf_templates(doc))
+
+
+def sniff_jinja_file(head: bytes, name: str, stream: BinaryIO) -> bool:
+    """`chat_template.jinja`, the file transformers keeps a model's template in (other `.jinja`
+    files are code generators' templates, torch inductor's among them: not a model's)."""
+    return name.endswith(".jinja") and "chat" in name and b"\x00" not in head
+
+
 FORMATS = (
     Format("gguf", "GgufScanner", "gguf", rules=(Rule(priority=40, magics=(MAGIC,), sniff=sniff_gguf),), extensions=(".gguf",)),
+    # text documents, after every binary format (the JSON ones share the family of Keras's configs)
+    Format("chat_template_json", "ChatTemplateScanner", "gguf",
+           rules=(Rule(priority=620, sniff=sniff_hf_template_json, family="json"),)),
+    Format("chat_template_jinja", "ChatTemplateScanner", "gguf", rules=(Rule(priority=630, sniff=sniff_jinja_file),)),
 )
 
 SETTINGS = (ScannerSettings("gguf", "modelscan.scanners.GgufScan", {"enabled": True, "supported_extensions": [".gguf"]}),)

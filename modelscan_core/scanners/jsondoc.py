@@ -10,6 +10,7 @@ every other JSON file (tokenizers, HF configs) at one byte search.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, BinaryIO
 
 MAX_JSON = 64 * 1024 * 1024
@@ -25,11 +26,21 @@ def parse_object(data: bytes, needles: tuple[bytes, ...]) -> dict | None:
     """The document's top-level object, when one of `needles` could be in it, else None."""
     if not any(n in data for n in needles) and b"\\u" not in data:
         return None
+    return _parse(data)
+
+
+def _parse(data: bytes) -> dict | None:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+#: the last stream read, per thread: every JSON rule asks about the same stream in turn, and a
+#: tokenizer's 10 MB is read and parsed once, not once per rule (the stream is held, so `is`
+#: cannot match another file's)
+_local = threading.local()
 
 
 def document(head: bytes, stream: BinaryIO, needles: tuple[bytes, ...]) -> Any:
@@ -40,5 +51,13 @@ def document(head: bytes, stream: BinaryIO, needles: tuple[bytes, ...]) -> Any:
     stream.seek(0, 2)
     if stream.tell() > MAX_JSON:
         return TOO_LARGE if any(n in head for n in needles) else None
-    stream.seek(0)
-    return parse_object(stream.read(), needles)
+    _last = getattr(_local, "last", None)
+    if _last is None or _last[0] is not stream:
+        stream.seek(0)
+        _last = _local.last = [stream, stream.read(), None, False]  # stream, data, document, parsed yet
+    data = _last[1]
+    if not any(n in data for n in needles) and b"\\u" not in data:
+        return None
+    if not _last[3]:
+        _last[2], _last[3] = _parse(data), True
+    return _last[2]

@@ -331,3 +331,38 @@ def test_savedmodel_assets_outside_the_assets_directory_are_high(tmp_path, filen
     report = scan_path(path)
     assert top(path) == severity, report.findings()
     assert not report.all_errors()
+
+
+# -- Hugging Face chat templates (tokenizer_config.json, chat_template.jinja) ------------------
+
+_PUBLISHED = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "chat_templates.json").read_text()).items()
+              if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("name", sorted(_PUBLISHED)[:40:4])
+def test_published_templates_in_a_tokenizer_config_are_clean(tmp_path, name):
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({"bos_token": "<s>", "chat_template": _PUBLISHED[name], "tokenizer_class": "LlamaTokenizer"}))
+    report = scan_path(path)
+    assert report.exit_code == 0 and report.files[0].format == "chat_template_json"
+
+
+@pytest.mark.parametrize("file, content", [
+    ("tokenizer_config.json", {"chat_template": "{{ x|attr('format')('{0.__class__}') }}"}),
+    ("tokenizer_config.json", {"chat_template": [{"name": "default", "template": "{{ messages }}"},
+                                                 {"name": "tool_use", "template": "{{ ''.__class__.__mro__ }}"}]}),
+    ("chat_template.json", {"chat_template": "{% set f = '{0.__globals__}'.format %}{{ f(raise_exception) }}"}),
+    ("chat_template.jinja", "{{ '{0.__class__.__init__.__globals__}'.format(cycler) }}"),
+])
+def test_sandbox_escapes_in_hugging_face_chat_templates_are_reported(tmp_path, file, content):
+    """transformers renders these in Jinja's sandbox: the `str.format` escapes (CVE-2024-56326,
+    CVE-2025-27516) are what reach Python there, and the analysis reports them."""
+    path = tmp_path / file
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    assert top(path) == Severity.CRITICAL
+
+
+def test_code_generators_jinja_files_are_not_chat_templates(tmp_path):
+    path = tmp_path / "triton_mm.py.jinja"
+    path.write_text("{{ kernel.__name__ }}")
+    assert scan_path(path).files[0].format == "unknown"
