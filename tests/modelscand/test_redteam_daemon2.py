@@ -575,3 +575,38 @@ def test_a_directory_beyond_the_inotify_watch_limit_is_polled_and_its_files_get_
         evil.write_bytes(EVIL)
         assert h.wait_scan(str(evil), timeout=20)["event"] == "scan.finding"
         h.settle()
+
+
+@pytest.mark.slow
+def test_names_with_newlines_invalid_utf8_and_escapes_go_through_quarantine_and_back(tmp_path):
+    """A file name (or an HF repo folder) holding a newline, bytes that are no UTF-8 and
+    terminal escapes: moved and restored to the exact bytes, shown escaped, never raw."""
+    import hashlib
+
+    from modelscand.quarantine import mover
+
+    hub = os.fsencode(tmp_path / "hub")
+    repo = hub + b"/models--org--ev\x1b]0;PWNED\x07il"
+    rev = b"0123456789abcdef0123456789abcdef01234567"
+    etag = hashlib.sha256(EVIL).hexdigest().encode()
+    os.makedirs(repo + b"/blobs")
+    os.makedirs(repo + b"/snapshots/" + rev)
+    with open(repo + b"/blobs/" + etag, "wb") as fh:
+        fh.write(EVIL)
+    os.symlink(b"../../blobs/" + etag, repo + b"/snapshots/" + rev + b"/m\x1b[31m\n.bin")
+    odd = hub + b"/bad\xff\n\x1b[2J.pkl"
+    with open(odd, "wb") as fh:
+        fh.write(EVIL + b" ")
+    state = _state(tmp_path)
+    store = Store(state)
+    ids = [mover.quarantine(store, mover.Subject(os.fsdecode(hub), os.fsdecode(p)), {"verdict": "issues"})[0]["id"]
+           for p in (repo + b"/blobs/" + etag, odd)]
+    listed = cli("quarantine", "list", "--state-dir", state)
+    assert listed.returncode == 0 and "\x1b" not in listed.stdout and "\\x1b" in listed.stdout
+    for qid in ids:
+        shown = cli("quarantine", "show", qid, "--state-dir", state)
+        assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+        assert cli("quarantine", "restore", qid, "--state-dir", state).returncode == 0
+    with open(odd, "rb") as fh:
+        assert fh.read() == EVIL + b" "
+    assert os.readlink(repo + b"/snapshots/" + rev + b"/m\x1b[31m\n.bin") == b"../../blobs/" + etag
