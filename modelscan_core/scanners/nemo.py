@@ -12,7 +12,9 @@ CRITICAL; outside the prefixes NeMo allows (its own packages, `torch.nn`/`optim`
 torchmetrics, Lightning's callbacks/loggers/strategies, OmegaConf, Megatron) HIGH; inside
 them, a private name or a function named for reading, writing or running (`torch.save`,
 `OmegaConf.save`) HIGH. An OmegaConf interpolation (`${a.b}`) is judged by what it resolves to
-in the same config, HIGH when it cannot be resolved.
+in the same config, HIGH when it cannot be resolved; a string that OmegaConf turns into a
+config when it reads it (`${oc.create:...}`, `${oc.decode:...}`) is walked like the config it
+makes.
 
 NeMo 2 checkpoints hold their config as `context/io.json`, fiddle's JSON: `load_context`
 rebuilds it with `fdl.build`, importing every python reference (`{"type": "pyref", "module",
@@ -111,6 +113,47 @@ def hydra_targets(doc: Any) -> Iterator[tuple[str, Any, str]]:
         elif isinstance(node, list):
             for i, value in enumerate(node):
                 stack.append((value, f"{path}[{i}]"))
+        elif isinstance(node, str) and "${" in node:
+            # `${oc.create:{_target_: ...}}` / `${oc.decode:...}`: OmegaConf turns the string into a
+            # config when it is read, and Hydra instantiates what it holds
+            created = _created_config(node, doc)
+            if created is not None:
+                stack.append((created, f"{path}(created by interpolation)"))
+            elif "_target_" in node:
+                yield path or "/", node, "_target_"
+
+
+_CREATING = re.compile(r"\$\{\s*oc\.(?:create|decode)\s*:\s*(.*)\}\s*\Z", re.S)
+
+
+def _created_config(text: str, doc: Any, depth: int = 0) -> Any:
+    """The mapping or list an `oc.create`/`oc.decode` interpolation makes of its argument (a
+    literal, read as YAML: OmegaConf's grammar for these is YAML's flow style; or another node
+    of the config, `${a.b}`), or None."""
+    import yaml
+
+    match = _CREATING.match(text.strip())
+    if not match or depth > 8:
+        return None
+    arg = match.group(1).strip()
+    if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":
+        arg = arg[1:-1]
+    resolved = _resolve(arg, doc)
+    if resolved is not arg:
+        value = resolved
+    else:
+        try:
+            value = yaml.safe_load(arg)
+        except (yaml.YAMLError, RecursionError):
+            return None
+    if isinstance(value, str):
+        if "${" in value:
+            return _created_config(value, doc, depth + 1)
+        try:
+            value = yaml.safe_load(value)  # oc.create of a string node holding YAML
+        except (yaml.YAMLError, RecursionError):
+            return None
+    return value if isinstance(value, (dict, list)) else None
 
 
 def judge_target(target: Any, policy, *, doc: Any = None, bare: bool = False) -> tuple[Severity, str] | None:

@@ -366,3 +366,28 @@ def test_code_generators_jinja_files_are_not_chat_templates(tmp_path):
     path = tmp_path / "triton_mm.py.jinja"
     path.write_text("{{ kernel.__name__ }}")
     assert scan_path(path).files[0].format == "unknown"
+
+
+def _nemo(path: Path, config: str) -> Path:
+    with tarfile.open(path, "w:") as tar:
+        data = config.encode()
+        info = tarfile.TarInfo("./model_config.yaml")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+_ASR = "target: nemo.collections.asr.models.EncDecCTCModelBPE\nsample_rate: 16000\n"
+
+
+@pytest.mark.parametrize("config, severity", [
+    ('encoder: "${oc.create:{_target_: os.system, command: id}}"\n', Severity.CRITICAL),
+    ("encoder: \"${oc.decode:'{_target_: subprocess.Popen, args: [id]}'}\"\n", Severity.CRITICAL),
+    ('encoder: ${oc.create:${other}}\nother: "{_target_: os.system}"\n', Severity.CRITICAL),
+    ('encoder: "${oc.create:{_target_: os.system, x: ${y}}}"\n', HIGH),
+    ('encoder: "${oc.create:{_target_: torch.nn.SiLU}}"\nrate: ${sample_rate}\nhome: "${oc.env:HOME,/tmp}"\n', None),
+])
+def test_configs_omegaconf_creates_from_strings_are_walked(tmp_path, config, severity):
+    """`oc.create` and `oc.decode` turn a string into a config when OmegaConf reads it; Hydra
+    then instantiates the `_target_` it holds."""
+    assert top(_nemo(tmp_path / "m.nemo", _ASR + config)) == severity
