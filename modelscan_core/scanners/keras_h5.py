@@ -4,12 +4,15 @@
 in the file's `model_config` attribute and compiles it from `training_config`; the weights
 in `model_weights/` are plain arrays. So the JSON is what can run code, and it is walked
 to every depth by `keras_common.ConfigWalker`. An HDF5 file with no model config (a
-weights-only file, or plain data) is data: clean.
+weights-only file, or plain data) is data, clean unless HDF5 reads some of it from other
+files (external raw storage, external links, virtual datasets): the weights would then be
+a file of the host.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from modelscan_core.detect import Rule
 from modelscan_core.scanners import Format, ScannerSettings
@@ -71,6 +74,66 @@ class KerasH5Scanner(Scanner):
                 except (ValueError, RecursionError) as exc:
                     raise ScanFailed(f"{key} is not valid JSON: {exc}", "JSON_DECODE") from None
                 walker.walk(config, key, "model" if key == "model_config" else "training")
+            _external_storage(handle, ctx)
+
+
+#: objects looked at for storage outside the file (a model has a few thousand)
+MAX_OBJECTS = 1_000_000
+
+
+def _external_storage(handle, ctx: ScanContext) -> None:
+    """HDF5 reads some data from other files: a dataset's external raw storage (any file, at
+    an offset: the library reads its bytes as the array), an external link (another HDF5 file)
+    and the sources of a virtual dataset. Keras reads every weight of a model or a
+    `load_weights` file through h5py, so any of these reads a file of the host into the
+    weights; Keras never writes one."""
+    import h5py
+
+    from modelscan_core.model import Severity
+
+    def report(what: str, where: str) -> None:
+        ctx.report("keras/h5-external-data", Severity.HIGH,
+                   f"{where} {what}: HDF5 reads it when the weights are loaded, a file outside the model",
+                   module="h5py", operator=where)
+
+    seen: set = set()
+    stack = [("", handle)]
+    count = 0
+    while stack:
+        path, group = stack.pop()
+        for name in group:
+            count += 1
+            if count > MAX_OBJECTS:
+                ctx.error(f"more than {MAX_OBJECTS} HDF5 objects; the rest was not checked", incomplete=True)
+                return
+            where = f"{path}/{name}"
+            try:
+                link = group.get(name, getlink=True)
+                if isinstance(link, h5py.ExternalLink):
+                    report(f"is an external link to {link.filename!r}:{link.path!r}", where)
+                    continue
+                if isinstance(link, h5py.SoftLink):
+                    continue
+                obj = group[name]
+                info = h5py.h5o.get_info(obj.id)
+                key = (info.fileno, getattr(info, "addr", None) or getattr(info, "token", where))  # hard links: once
+            except (KeyError, OSError, ValueError, RuntimeError) as exc:
+                ctx.error(f"{where}: cannot be read ({exc})")
+                continue
+            if key in seen:
+                continue
+            seen.add(key)
+            if isinstance(obj, h5py.Group):
+                stack.append((where, obj))
+            elif isinstance(obj, h5py.Dataset):
+                external = obj.external
+                if external:
+                    files = ", ".join(repr(os.fsdecode(e[0])) for e in external[:3])
+                    report(f"keeps its data in external file(s) {files}", where)
+                if obj.is_virtual:
+                    sources = sorted({s.file_name for s in obj.virtual_sources()} - {"."})
+                    if sources:
+                        report(f"is a virtual dataset reading {', '.join(map(repr, sources[:3]))}", where)
 
 
 FORMATS = (

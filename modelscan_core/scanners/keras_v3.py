@@ -21,8 +21,9 @@ from modelscan_core.scanners.jsondoc import MAX_JSON, TOO_LARGE, document, parse
 
 CONFIG = "config.json"
 METADATA = "metadata.json"
-#: members Keras reads as plain arrays (h5py); anything else is scanned as a file of its own, also
-#: `model.weights.npz`, which Keras 3 before the fix opened with `np.load(allow_pickle=True)`
+#: members Keras reads as plain arrays with h5py (scanned as HDF5, for data kept in other files);
+#: anything else is scanned as a file of its own, also `model.weights.npz`, which Keras 3 before
+#: the fix opened with `np.load(allow_pickle=True)`
 KNOWN_DATA = ("model.weights.h5",)
 WEIGHTS = ("model.weights.h5", "model.weights.npz")
 KNOWN_DIRS = ("assets/",)
@@ -99,7 +100,9 @@ class KerasV3Scanner(Scanner):
                 _member_path(info, ctx)
                 if info.is_dir() or info.filename in (CONFIG, METADATA):
                     continue
-                if info.filename in KNOWN_DATA:  # weights: arrays, read by h5py/numpy as data
+                if info.filename in KNOWN_DATA:
+                    # weights: arrays, but HDF5 may keep them in other files (external storage, links)
+                    ctx.scan_member(info.filename, lambda info=info: archive.open(info), info.file_size, format_hint="keras_h5")
                     continue
                 if info.filename.startswith(KNOWN_DIRS) and info.file_size == 0:
                     continue

@@ -391,3 +391,45 @@ def test_configs_omegaconf_creates_from_strings_are_walked(tmp_path, config, sev
     """`oc.create` and `oc.decode` turn a string into a config when OmegaConf reads it; Hydra
     then instantiates the `_target_` it holds."""
     assert top(_nemo(tmp_path / "m.nemo", _ASR + config)) == severity
+
+
+# -- HDF5 data kept in other files ------------------------------------------------------------
+
+
+def _h5_with(path: Path, kind: str, source_dir: Path) -> Path:
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "w") as f:
+        vars_group = f.create_group("layers/dense/vars")
+        if kind == "external_storage":
+            vars_group.create_dataset("0", shape=(64,), dtype="u1", external=[("/etc/passwd", 0, 64)])
+        elif kind == "relative_storage":
+            vars_group.create_dataset("0", shape=(8,), dtype="u1", external=[("../../../root/.ssh/id_rsa", 0, 8)])
+        elif kind == "external_link":
+            vars_group["0"] = h5py.ExternalLink("/srv/other.h5", "/w")
+        elif kind == "virtual":
+            layout = h5py.VirtualLayout(shape=(4,), dtype="i8")
+            layout[:] = h5py.VirtualSource(str(source_dir / "elsewhere.h5"), "w", shape=(4,))
+            f.create_virtual_dataset("layers/dense/vars/0", layout)
+        else:
+            vars_group.create_dataset("0", data=np.arange(4.0))
+            vars_group["alias"] = h5py.SoftLink("/layers/dense/vars/0")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["external_storage", "relative_storage", "external_link", "virtual", "plain"])
+def test_hdf5_weights_read_from_other_files_are_high(tmp_path, kind):
+    """Keras reads every weight through h5py, and HDF5 follows external raw storage (any file,
+    read as the array's bytes), external links and virtual dataset sources; Keras never writes
+    them. Checked in a `load_weights` file and in a `.keras` zip's model.weights.h5."""
+    weights = _h5_with(tmp_path / "model.weights.h5", kind, tmp_path)
+    expected = None if kind == "plain" else HIGH
+    assert top(weights) == expected
+    archive = tmp_path / "m.keras"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("metadata.json", json.dumps({"keras_version": "3.8.0"}))
+        z.writestr("config.json", json.dumps({"module": "keras", "class_name": "Sequential", "registered_name": None,
+                                              "config": {"name": "s", "layers": []}}))
+        z.write(weights, "model.weights.h5")
+    assert top(archive) == expected
