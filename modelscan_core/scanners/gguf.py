@@ -19,6 +19,10 @@ The same analysis reads the templates of Hugging Face models (`chat_template` in
 `tokenizer_config.json` or `chat_template.json`, and `chat_template.jinja`): transformers
 renders them in Jinja's sandbox, which the `str.format` escapes get out of.
 
+A count or length whose byte size wraps 64-bit arithmetic, or a tensor with more than
+ggml's four dimensions, is what the llama.cpp GGUF parser overflows of 2024 were built from:
+HIGH, besides the error.
+
 Every count and length is checked against the bytes that remain before it is used, arrays
 nest at most `MAX_DEPTH` deep, and metadata beyond `MAX_METADATA` bytes is not read.
 """
@@ -61,9 +65,22 @@ GGML_BLOCKS = {
 class GgufError(ValueError):
     """The bytes are not a GGUF file llama.cpp would read; `incomplete` when a limit stopped us."""
 
-    def __init__(self, message: str, incomplete: bool = False):
+    def __init__(self, message: str, incomplete: bool = False, overflow: str = ""):
         super().__init__(message)
         self.incomplete = incomplete
+        self.overflow = overflow  # the llama.cpp parser bug such a value was built to trigger, if any
+
+
+#: a count or length whose byte size reaches 2**63 wraps llama.cpp's size arithmetic (`n + 1`,
+#: `n * sizeof(...)`) into a small allocation that the read then overflows: the GGUF parser
+#: heap overflows of CVE-2024-21825, 21836, 21802 and 23605 (TALOS-2024-1912..1916). A
+#: truncated or merely corrupt file does not produce such values by accident.
+_WRAP = 1 << 63
+
+
+def _check_wrap(value: int, unit: int, what: str, cve: str) -> None:
+    if value * unit >= _WRAP:
+        raise GgufError(f"{what} of {value} wraps llama.cpp's size arithmetic", overflow=f"{what} ({cve})")
 
 
 def sniff_gguf(head: bytes, name: str, stream: BinaryIO) -> bool:
@@ -150,6 +167,7 @@ class _Reader:
             count -= done
             self.pos = self.base + off
             if self.pos > size:
+                _check_wrap(self.pos - size, 2, "a string length in an array", "CVE-2024-21825")
                 raise GgufError(f"a string array runs past the end of the file ({size})")
 
 
@@ -174,6 +192,8 @@ def read_header(stream: BinaryIO, size: int, header: GgufHeader | None = None) -
     header.version, header.byteorder = version, "little" if order == "<" else "big"
     header.tensor_count = r.unpack(count)
     header.kv_count = r.unpack(count)
+    _check_wrap(header.tensor_count, 512, "a tensor count", "CVE-2024-21836")
+    _check_wrap(header.kv_count, 64, "a metadata count", "CVE-2024-21802")
     # every entry takes some bytes: a count larger than the file can hold is a lie
     if header.kv_count > (size - r.pos) // (count.size + 4 + 1):
         raise GgufError(f"{header.kv_count} metadata entries cannot fit in {size} bytes")
@@ -206,6 +226,7 @@ def read_header(stream: BinaryIO, size: int, header: GgufHeader | None = None) -
 
 def _key(r: _Reader, count: struct.Struct) -> str:
     n = r.unpack(count)
+    _check_wrap(n, 2, "a key length", "CVE-2024-21825")
     if n > MAX_KEY:
         raise GgufError(f"metadata key of {n} bytes at offset {r.pos}")
     return r.read(n).decode("utf-8", "replace")
@@ -215,6 +236,7 @@ def _string(r: _Reader, count: struct.Struct, key: str, header: GgufHeader) -> t
     """A template string, or None (skipped, noted in `header.oversized`) when it is too long."""
     n = r.unpack(count)
     offset = r.pos
+    _check_wrap(n, 2, "a string length", "CVE-2024-21825")
     if n > MAX_TEMPLATE:
         r.skip(n)
         header.oversized.append((_shown(key), n, offset))
@@ -274,7 +296,9 @@ def _skip_value(r: _Reader, vtype: int, count: struct.Struct, u32: struct.Struct
     if vtype in _SCALAR_SIZE:
         r.skip(_SCALAR_SIZE[vtype])
     elif vtype == STRING:
-        r.skip(r.unpack(count))
+        n = r.unpack(count)
+        _check_wrap(n, 2, "a string length", "CVE-2024-21825")
+        r.skip(n)
     elif vtype == ARRAY:
         if depth >= MAX_DEPTH:
             raise GgufError(f"arrays nested deeper than {MAX_DEPTH} at offset {r.pos}")
@@ -283,6 +307,7 @@ def _skip_value(r: _Reader, vtype: int, count: struct.Struct, u32: struct.Struct
         minimum = _SCALAR_SIZE.get(itype, count.size if itype == STRING else 4 + count.size)
         if itype not in _SCALAR_SIZE and itype not in (STRING, ARRAY):
             raise GgufError(f"array of unknown value type {itype} at offset {r.pos}")
+        _check_wrap(n, max(minimum, 8), "an array length", "CVE-2024-23605")
         if n > (r.size - r.pos) // minimum:
             raise GgufError(f"array of {n} items at offset {r.pos} cannot fit in the file")
         if itype in _SCALAR_SIZE:
@@ -300,13 +325,19 @@ def _tensors(r: _Reader, header: GgufHeader, count: struct.Struct, u32: struct.S
     infos = []
     for _ in range(header.tensor_count):
         n = r.unpack(count)
+        _check_wrap(n, 2, "a tensor name length", "CVE-2024-21825")
         if n > MAX_KEY:
             raise GgufError(f"tensor name of {n} bytes at offset {r.pos}")
         name = r.read(n).decode("utf-8", "replace")
         n_dims = r.unpack(u32)
         if n_dims > MAX_DIMS:
-            raise GgufError(f"tensor {name!r} has {n_dims} dimensions (ggml allows {MAX_DIMS})")
+            raise GgufError(f"tensor {name!r} has {n_dims} dimensions (ggml allows {MAX_DIMS})",
+                            overflow=f"{n_dims} dimensions, written past ggml's {MAX_DIMS} (CVE-2024-23496)")
         dims = [r.unpack(count) for _ in range(n_dims)]
+        product = 1
+        for d in dims:
+            product *= d
+        _check_wrap(product, 1, f"tensor {name!r}'s element count", "ggml_nbytes overflow")
         ggml_type = r.unpack(u32)
         offset = r.unpack(struct.Struct(order + "Q"))
         infos.append((name, dims, ggml_type, offset))
@@ -337,6 +368,10 @@ class GgufScanner(Scanner):
             read_header(item.stream, item.size, header)
         except GgufError as exc:
             failure = exc
+            if exc.overflow:
+                ctx.report("gguf/parser-overflow", Severity.HIGH,
+                           f"GGUF header holds {exc.overflow}: a value built to overflow llama.cpp's GGUF parser "
+                           "(memory corruption while the file is opened)", module="llama.cpp", operator="gguf_init")
         for template in header.templates:  # those read before a failure count too
             self._template(template, ctx)
         for key, length, offset in header.oversized:

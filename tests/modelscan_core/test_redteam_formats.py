@@ -433,3 +433,52 @@ def test_hdf5_weights_read_from_other_files_are_high(tmp_path, kind):
                                               "config": {"name": "s", "layers": []}}))
         z.write(weights, "model.weights.h5")
     assert top(archive) == expected
+
+
+# -- GGUF values built to overflow llama.cpp's parser -------------------------------------------
+
+
+def _gguf_header(tensors: int, kvs: int, body: bytes) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, kvs) + body
+
+
+def _gguf_overflows() -> dict[str, bytes]:
+    import struct
+
+    key = struct.pack("<Q", 7) + b"general"
+    tensor = struct.pack("<Q", 1) + b"w"
+    return {
+        "tensor-count": _gguf_header(2**64 - 1, 0, b"\0" * 64),
+        "kv-count": _gguf_header(0, 2**62, b"\0" * 64),
+        "key-length": _gguf_header(0, 1, struct.pack("<Q", 2**64 - 1) + b"x" * 64),
+        "string-length": _gguf_header(0, 1, key + struct.pack("<IQ", 8, 2**64 - 1) + b"x" * 64),
+        "array-length": _gguf_header(0, 1, key + struct.pack("<IIQ", 9, 10, 2**61) + b"\0" * 64),
+        "string-in-array": _gguf_header(0, 1, key + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", 1) + b"a"
+                                        + struct.pack("<Q", 2**63) + b"b" * 64),
+        "n-dims": _gguf_header(1, 0, tensor + struct.pack("<I", 9) + struct.pack("<Q", 1) * 9 + struct.pack("<IQ", 0, 0)),
+        "elements": _gguf_header(1, 0, tensor + struct.pack("<I", 2) + struct.pack("<QQ", 2**40, 2**40)
+                                 + struct.pack("<IQ", 0, 0)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_gguf_overflows()))
+def test_gguf_values_that_overflow_llama_cpp_are_high(tmp_path, name):
+    """The GGUF parser heap overflows reported by Talos (CVE-2024-21825, 21836, 21802, 23496,
+    23605): lengths and counts whose byte size wraps 64-bit arithmetic, more than ggml's four
+    dimensions. Still an error (the file cannot be read), and HIGH."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf_overflows()[name])
+    report = scan_path(path)
+    assert top(path) == HIGH and report.all_errors()
+
+
+def test_a_truncated_gguf_is_an_error_not_an_overflow(tmp_path):
+    import struct
+
+    body = struct.pack("<Q", 7) + b"general" + struct.pack("<IQ", 8, 4096) + b"x" * 100  # a download cut short
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf_header(0, 1, body))
+    report = scan_path(path)
+    assert top(path) is None and report.all_errors()
