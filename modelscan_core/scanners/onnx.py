@@ -18,6 +18,10 @@ An ONNX file runs no Python, but a loader does two things the file decides:
   is neither ONNX's own nor onnxruntime's needs a custom operator library loaded by the
   application: reported LOW, with the domain, once per domain.
 
+`onnx.load` also reads models written as JSON, as a text proto or in ONNX's textual syntax
+(it picks the reader by extension) and loads their external data the same way: their
+locations are judged like the binary form's.
+
 Tensor payloads are never read: the two outer levels (model, graph) are split with the wire
 reader and each node and tensor is parsed on its own, so memory stays at one element.
 """
@@ -25,6 +29,7 @@ reader and each node and tensor is parsed on its own, so memory stays at one ele
 from __future__ import annotations
 
 import os
+import re
 from typing import BinaryIO
 
 from modelscan_core.detect import Rule
@@ -364,10 +369,107 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
 
+# -- ONNX in text: onnx.load picks the JSON or text-proto reader by the file's extension ----------
+
+_TEXTPROTO_NAMES = (".txtpb", ".textproto", ".prototxt", ".pbtxt")
+_JSON_KEYS = (b'"graph"',)
+_TEXT_EXTERNAL = re.compile(rb"\bexternal_data\s*[:]?\s*[{<]([^{}<>]*)[}>]")
+_TEXT_FIELD = re.compile(rb"""\b(key|value)\s*:\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')""")
+
+
+def _onnx_json(doc) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("graph"), dict) and any(
+        k in doc for k in ("irVersion", "ir_version", "opsetImport", "opset_import"))
+
+
+def sniff_onnx_json(head: bytes, name: str, stream: BinaryIO) -> bool:
+    """A ModelProto in protobuf's JSON mapping (`onnx.load("model.json")`)."""
+    from modelscan_core.scanners.jsondoc import document
+
+    return _onnx_json(document(head, stream, _JSON_KEYS))
+
+
+def sniff_onnx_textproto(head: bytes, name: str, stream: BinaryIO) -> bool:
+    """A ModelProto in protobuf's text format or in ONNX's own textual syntax, under a name
+    `onnx.load` reads as one."""
+    if b"\x00" in head or not (b"ir_version" in head or b"opset_import" in head):
+        return False
+    return name.endswith(_TEXTPROTO_NAMES) and b"graph" in head or name.endswith(_ONNXTXT_NAMES)
+
+
+_ONNXTXT_NAMES = (".onnxtxt", ".onnxtext")
+#: ONNX's textual syntax names external data inline: `<float[4] w = ["location": "..."]>`
+_ONNXTXT_LOCATION = re.compile(rb"""["']location["']\s*:\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')""")
+
+
+class OnnxTextScanner(Scanner):
+    """External data named by an ONNX model in JSON or text-proto form: `onnx.load` resolves it the
+    same way (onnxruntime reads only the binary form)."""
+
+    name = "modelscan.scanners.OnnxScan"
+    formats = ("onnx_json", "onnx_textproto")
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        from modelscan_core.scanners.jsondoc import MAX_JSON
+
+        if item.size > MAX_JSON:
+            raise ScanFailed(f"an ONNX text model of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
+        item.stream.seek(0)
+        data = item.stream.read()
+        walk = _Walk(item, ctx)
+        if item.format == "onnx_json":
+            import json
+
+            try:
+                doc = json.loads(data)
+            except (ValueError, RecursionError) as exc:
+                raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None
+            for location in _json_locations(doc):
+                walk._location(_Named(b"?"), location, "JSON model")
+        else:
+            import codecs
+
+            for value in _ONNXTXT_LOCATION.findall(data):
+                walk._location(_Named(b"?"), codecs.escape_decode(value[1:-1])[0], "text model")
+            for block in _TEXT_EXTERNAL.finditer(data):
+                fields = {k: v for k, v in _TEXT_FIELD.findall(block.group(1))}
+                if fields.get(b"key", b"")[1:-1] == b"location" and b"value" in fields:
+                    raw = codecs.escape_decode(fields[b"value"][1:-1])[0]
+                    walk._location(_Named(b"?"), raw, "text model")
+
+
+class _Named:
+    def __init__(self, name: bytes):
+        self.name = name
+
+
+def _json_locations(doc) -> list[bytes]:
+    """Every `location` of every `externalData` list, at any depth (protobuf's JSON mapping
+    accepts the camelCase and the original field names)."""
+    out: list[bytes] = []
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in ("externalData", "external_data"):
+                entries = node.get(key)
+                if isinstance(entries, list):
+                    for entry in entries:
+                        if isinstance(entry, dict) and entry.get("key") == "location" and isinstance(entry.get("value"), str):
+                            out.append(entry["value"].encode("utf-8", "surrogateescape"))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
+
+
 FORMATS = (
     # after TensorFlow's protobuf rules (they match by name), in the same family
     Format("onnx", "OnnxScanner", "onnx", rules=(Rule(priority=170, sniff=sniff_onnx, family="protobuf"),),
            extensions=(".onnx",)),
+    Format("onnx_json", "OnnxTextScanner", "onnx", rules=(Rule(priority=640, sniff=sniff_onnx_json, family="json"),)),
+    Format("onnx_textproto", "OnnxTextScanner", "onnx", rules=(Rule(priority=650, sniff=sniff_onnx_textproto,
+                                                                     family="onnx_text"),)),
 )
 
 SETTINGS = (ScannerSettings("onnx", "modelscan.scanners.OnnxScan", {"enabled": True, "supported_extensions": [".onnx"]}),)

@@ -482,3 +482,17 @@ def test_a_truncated_gguf_is_an_error_not_an_overflow(tmp_path):
     path.write_bytes(_gguf_header(0, 1, body))
     report = scan_path(path)
     assert top(path) is None and report.all_errors()
+
+
+# -- ONNX in text form --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, name", [("json", "m.json"), ("textproto", "m.textproto"), ("onnxtxt", "m.onnxtxt")])
+@pytest.mark.parametrize("location, severity", [("../../../../etc/passwd", HIGH), ("weights.bin", None)])
+def test_onnx_models_onnx_load_reads_as_text_are_checked(tmp_path, fmt, name, location, severity):
+    """`onnx.load` picks its reader by extension (JSON, text proto, ONNX's textual syntax) and
+    then loads external data as for the binary form."""
+    path = tmp_path / name
+    onnx.save(_model(inits=[_ext(location)]), path, format=fmt)
+    report = scan_path(path)
+    assert report.files[0].format.startswith("onnx_") and top(path) == severity
