@@ -369,6 +369,43 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
 
+# -- a TensorProto of its own (`input_0.pb` of ONNX test data sets, `onnx.load_tensor`) ------------
+
+#: TensorProto's fields and the wire types a writer uses for them (packed or not)
+_TENSOR_FIELDS = {1: {0, 2}, 2: {0}, 3: {2}, 4: {2, 5}, 5: {0, 2}, 6: {2}, 7: {0, 2}, 8: {2}, 9: {2}, 10: {1, 2},
+                  11: {0, 2}, 12: {2}, 13: {2}, 14: {0}, 16: {2}}
+
+
+def sniff_onnx_tensor(head: bytes, name: str, stream: BinaryIO) -> bool:
+    """A `.pb` that reads whole as a TensorProto with a data type: what ONNX test data sets hold
+    and `numpy_helper.to_array` turns into an array, loading its external data."""
+    if not name.endswith(".pb") or not head or head[0] not in (0x08, 0x0A, 0x10):
+        return False
+    seen = _top_level_fields(stream)
+    # a dim above 100 shows as the "odd ir_version" wire type: it is a varint all the same
+    return bool(seen) and 2 in seen and all(n in _TENSOR_FIELDS and {0 if x == _ODD else x for x in w} <= _TENSOR_FIELDS[n]
+                                            for n, w in seen.items())
+
+
+class OnnxTensorScanner(Scanner):
+    name = "modelscan.scanners.OnnxScan"
+    formats = ("onnx_tensor",)
+
+    def scan(self, item: Item, ctx: ScanContext) -> None:
+        from google.protobuf.message import DecodeError
+
+        from modelscan_core.scanners.proto import read_message
+
+        buf = read_message(item, "an ONNX tensor reader")
+        walk = _Walk(item, ctx)
+        tensor = walk.cls["TensorProto"]()
+        try:
+            tensor.ParseFromString(buf)
+        except DecodeError as exc:
+            raise ScanFailed(f"not a well-formed ONNX TensorProto: {exc}") from None
+        walk._tensor(tensor, "tensor file")
+
+
 # -- ONNX in text: onnx.load picks the JSON or text-proto reader by the file's extension ----------
 
 _TEXTPROTO_NAMES = (".txtpb", ".textproto", ".prototxt", ".pbtxt")
@@ -467,6 +504,7 @@ FORMATS = (
     # after TensorFlow's protobuf rules (they match by name), in the same family
     Format("onnx", "OnnxScanner", "onnx", rules=(Rule(priority=170, sniff=sniff_onnx, family="protobuf"),),
            extensions=(".onnx",)),
+    Format("onnx_tensor", "OnnxTensorScanner", "onnx", rules=(Rule(priority=175, sniff=sniff_onnx_tensor, family="protobuf"),)),
     Format("onnx_json", "OnnxTextScanner", "onnx", rules=(Rule(priority=640, sniff=sniff_onnx_json, family="json"),)),
     Format("onnx_textproto", "OnnxTextScanner", "onnx", rules=(Rule(priority=650, sniff=sniff_onnx_textproto,
                                                                      family="onnx_text"),)),

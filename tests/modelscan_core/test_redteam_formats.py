@@ -496,3 +496,17 @@ def test_onnx_models_onnx_load_reads_as_text_are_checked(tmp_path, fmt, name, lo
     onnx.save(_model(inits=[_ext(location)]), path, format=fmt)
     report = scan_path(path)
     assert report.files[0].format.startswith("onnx_") and top(path) == severity
+
+
+@pytest.mark.parametrize("location, severity", [("../../../etc/passwd", HIGH), (None, None)])
+def test_a_tensor_file_is_read_as_onnx_test_data(tmp_path, location, severity):
+    """ONNX test data sets keep inputs and outputs as TensorProto `.pb` files; `numpy_helper.to_array`
+    loads their external data. Such files are recognised (not an unknown `.pb` error)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    tensor = _ext(location) if location else numpy_helper.from_array(np.arange(300, dtype=np.float32).reshape(3, 100), "x")
+    path = tmp_path / "input_0.pb"
+    path.write_bytes(tensor.SerializeToString())
+    report = scan_path(path)
+    assert report.files[0].format == "onnx_tensor" and not report.all_errors() and top(path) == severity
