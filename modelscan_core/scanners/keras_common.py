@@ -83,6 +83,11 @@ _DANGEROUS_NAMES = frozenset(
         # ("locals" is left out: nested functions' qualnames read "f.<locals>.<lambda>")
         "globals", "vars", "chr", "b64decode", "base64", "fromhex", "decompress", "zlib", "codecs",
         "__dict__", "__getattribute__",
+        # reaching a module or an attribute by a name built at run time, without the names above
+        # (`inspect.getattr_static(sys.modules[...], ...)`, `operator.attrgetter(...)`)
+        "sys", "modules", "importlib", "inspect", "getattr_static", "operator", "attrgetter", "methodcaller",
+        "__class__", "__bases__", "__base__", "__mro__", "mro", "__reduce__", "__reduce_ex__", "__getattr__",
+        "__loader__", "__spec__", "load_module", "exec_module", "FunctionType", "CodeType",
     }
 )
 

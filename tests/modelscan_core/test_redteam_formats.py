@@ -510,3 +510,29 @@ def test_a_tensor_file_is_read_as_onnx_test_data(tmp_path, location, severity):
     path.write_bytes(tensor.SerializeToString())
     report = scan_path(path)
     assert report.files[0].format == "onnx_tensor" and not report.all_errors() and top(path) == severity
+
+
+# -- Keras Lambda bytecode that reaches the system without naming it ---------------------------
+
+
+def _lambda_layer(fn) -> dict:
+    import base64
+    import marshal
+
+    code = base64.b64encode(marshal.dumps(fn.__code__)).decode()
+    return {"module": "keras.layers", "class_name": "Lambda", "registered_name": None,
+            "config": {"name": "lam", "function": {"class_name": "__lambda__", "config": {"code": code}}}}
+
+
+@pytest.mark.parametrize("fn, severity", [
+    (lambda x: inspect.getattr_static(sys.modules["".join(["o", "s"])], "".join(["sy", "stem"]))("id") or x,  # noqa: F821
+     Severity.CRITICAL),
+    (lambda x: operator.attrgetter("".join(["sy", "stem"]))(sys.modules["".join(["o", "s"])])("id"),  # noqa: F821
+     Severity.CRITICAL),
+    (lambda x: x.__class__.__mro__[-1], Severity.CRITICAL),
+    (lambda x: keras.ops.sqrt(keras.ops.sum(keras.ops.square(x), axis=-1)), Severity.MEDIUM),  # noqa: F821
+])
+def test_lambda_bytecode_that_builds_module_and_attribute_names_is_critical(tmp_path, fn, severity):
+    """Names built at run time hide `os.system`; the way to the module (`sys.modules`,
+    `inspect.getattr_static`, `operator.attrgetter`, dunders) cannot be hidden. Never unmarshalled."""
+    assert top(_keras(tmp_path / "m.keras", _lambda_layer(fn))) == severity
