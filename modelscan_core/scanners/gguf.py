@@ -396,6 +396,12 @@ class GgufScanner(Scanner):
                 issues = analyse(text)
             except TemplateUnreadable as exc:
                 failures.append(f"{how.strip() or 'as stored'}: {exc}")
+                if exc.too_deep and ("depth", "") not in seen:
+                    seen.add(("depth", ""))
+                    ctx.report(rule + "too-deep", Severity.HIGH,
+                               f"{template.key}{how} nests expressions deeper than the analyser's parser reaches; "
+                               "Jinja2 renders it in a loader with more stack left, and no published template nests "
+                               "so deep", module="jinja2", operator="nesting", offset=template.offset)
                 continue
             for issue in issues:
                 if (issue.rule_id, issue.what) in seen:

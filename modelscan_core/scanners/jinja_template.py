@@ -88,7 +88,15 @@ class TemplateIssue:
 
 
 class TemplateUnreadable(ValueError):
-    """Jinja2 cannot parse the template (so it cannot render it either)."""
+    """Jinja2 cannot parse the template (so it cannot render it either), or (`too_deep`) its
+    parser ran out of Python stack here: a loader whose stack has more room left renders it."""
+
+    @property
+    def too_deep(self) -> bool:
+        return str(self) == TOO_DEEP
+
+
+TOO_DEEP = "nested too deeply for the parser"
 
 
 def judge_attribute(name: str) -> Severity | None:
@@ -122,7 +130,7 @@ def analyse(source: str, *, trust_known: bool = True) -> list[TemplateIssue]:
         except TemplateSyntaxError as exc:
             known = f"line {exc.lineno}: {exc.message}"
         except RecursionError:
-            known = "nested too deeply for the parser"
+            known = TOO_DEEP
         if len(_RESULTS) >= _RESULTS_MAX:
             _RESULTS.pop(next(iter(_RESULTS)))
         _RESULTS[key] = known
