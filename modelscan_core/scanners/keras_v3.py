@@ -102,7 +102,8 @@ class KerasV3Scanner(Scanner):
                     continue
                 if info.filename in KNOWN_DATA:
                     # weights: arrays, but HDF5 may keep them in other files (external storage, links)
-                    ctx.scan_member(info.filename, lambda info=info: archive.open(info), info.file_size, format_hint="keras_h5")
+                    ctx.scan_member(info.filename, lambda info=info: _weights(archive, info, item.stream), info.file_size,
+                                    format_hint="keras_h5")
                     continue
                 if info.filename.startswith(KNOWN_DIRS) and info.file_size == 0:
                     continue
@@ -151,6 +152,23 @@ def _member_path(info: zipfile.ZipInfo, ctx: ScanContext) -> None:
     if why:
         ctx.report("keras/member-path", Severity.HIGH, f"zip member {info.filename!r} is {why}: extracting the archive "
                    "writes or links outside its directory", module="zipfile", operator=info.filename)
+
+
+def _weights(archive: zipfile.ZipFile, info: zipfile.ZipInfo, stream):
+    """The weights member as a seekable stream: in place when stored (as Keras writes it; h5py
+    seeks all over the file, which a decompressing reader pays for by re-reading from the
+    start), else decompressed into memory."""
+    import struct
+
+    from modelscan_core.sources.window import Window
+
+    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1:
+        stream.seek(info.header_offset)
+        local = stream.read(30)
+        if len(local) == 30 and local[:4] == b"PK\x03\x04":
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            return Window(stream, info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return _open(archive, info)
 
 
 def _open(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
