@@ -276,7 +276,7 @@ class _Analysis:
                             "`str.format` (CVE-2024-56326)")
         elif isinstance(node, n.Getitem):
             if not isinstance(node.arg, n.Slice):
-                self._key(node.arg, "`[...]`, which falls back to getattr")
+                self._key(node.arg, "`[...]`, which falls back to getattr", node.node)
         elif isinstance(node, n.Filter):
             self._filter(node)
         elif isinstance(node, n.Call):
@@ -287,19 +287,31 @@ class _Analysis:
             self._issue(Severity.HIGH, "jinja/template-load", type(node).__name__.lower(),
                         f"{type(node).__name__.lower()} loads another template through the renderer's loader (a file read)")
 
-    def _key(self, arg, how: str) -> None:
-        """A name the renderer looks an attribute up by: judged by its text and by its origin."""
+    def _key(self, arg, how: str, owner=None) -> None:
+        """A name the renderer looks an attribute up by: judged by its text and by its origin.
+        `owner`: the expression whose attribute it is, when known."""
         values, kinds = self.values(arg)
         for value in values:
             if isinstance(value, str):
-                for part in value.split(".") if "attribute" in how else (value,):
+                parts = value.split(".") if "attribute" in how else (value,)
+                for part in parts:
                     self._attribute(part, how)
+                if owner is not None and FORMAT_METHODS & set(parts) and self._template_string(owner, "|" in how):
+                    self._issue(Severity.HIGH, "jinja/format-reference", "format",
+                                f"takes `str.format` of a string the template chooses through {how}: calling it later "
+                                "escapes the sandbox's check on `str.format` (CVE-2024-56326)")
         if kinds & _CHOSEN and (COMPUTED in kinds or any(isinstance(v, str) for v in values)):
             shown = ", ".join(repr(v) for v in sorted(v for v in values if isinstance(v, str))[:3])
             self._issue(Severity.HIGH, "jinja/computed-attribute", "computed",
                         f"looks up an attribute or key whose name the template computes ({how})"
                         + (f", e.g. {shown}" if shown else "") + ": chat templates look names up literally or "
                         "through their data; computing a name is how escapes hide `__class__` and its kind")
+
+    def _template_string(self, node, items: bool = False) -> bool:
+        """`node` (or, with `items`, an item of it) may be a string the template wrote or built,
+        not one of its data's: its `format` method formats fields the template chose."""
+        values, kinds = self._items(self.values(node)) if items else self.values(node)
+        return any(isinstance(v, str) for v in values) or BUILT in kinds
 
     def _filter(self, node) -> None:
         args = list(node.args)
@@ -316,7 +328,7 @@ class _Analysis:
         if attribute is None and position is not None and len(args) > position:
             attribute = args[position]
         if attribute is not None and node.name in _ATTRIBUTE_POSITION:
-            self._key(attribute, f"`|{node.name}(attribute=...)`")
+            self._key(attribute, f"`|{node.name}(attribute=...)`", node.node)
         if node.name == "map" and args:
             names, kinds = self.values(args[0])
             if kinds & _CHOSEN and "attribute" not in kwargs:
@@ -324,7 +336,7 @@ class _Analysis:
                             "`|map(...)` calls a filter whose name the template computes")
             if "attr" in names:
                 for arg in args[1:2]:
-                    self._key(arg, "`|map('attr', ...)`")
+                    self._key(arg, "`|map('attr', ...)`", node.node)
 
     def _call(self, node) -> None:
         n = self.n

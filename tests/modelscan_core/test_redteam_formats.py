@@ -549,3 +549,20 @@ def test_a_template_nested_past_the_parser_stack_is_high(tmp_path):
     path.write_text(json.dumps({"chat_template": "{{ " + deep + " }}"}))
     report = scan_path(path)
     assert top(path) == HIGH and {f.rule_id for f in report.findings()} == {"hf/chat-template-too-deep"}
+
+
+@pytest.mark.parametrize("template", [
+    "{% set f = '{0.__cl' ~ 'ass__}'['format'] %}{{ f(messages) }}",
+    "{% set f = 'x'['format_map'] %}{{ f }}",
+    "{% set f = ['{0.'] | map(attribute='format') | first %}{{ f(messages) }}",
+    "{% set f = ['x'] | map('attr', 'format') | first %}{{ f }}",
+    "{% for g in ['x'] | groupby('format') %}{{ g.grouper }}{% endfor %}",
+])
+def test_str_format_taken_as_a_value_by_any_lookup_is_high(tmp_path, template):
+    """The sandbox escape of CVE-2024-56326 needs `str.format` of a string the template chose, as
+    a value: `x['format']` (getitem falls back to getattr), `map(attribute=...)`, `map('attr', ...)`
+    and `groupby` reach it as well as `.format` does. A data key named "format" (JSON schemas
+    of tools) stays clean: functionary's template reads `param["format"]`."""
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({"chat_template": template}))
+    assert top(path) >= HIGH
