@@ -439,17 +439,9 @@ class ChatTemplateScanner(GgufScanner):
             text = item.stream.read().decode("utf-8", "replace")
             self._template(Template("template", 0, _readings(text)), ctx, self._RULE, self._RENDERS)
             return
-        import json
+        from modelscan_core.scanners.jsondoc import load
 
-        from modelscan_core.scanners.jsondoc import MAX_JSON
-
-        if item.size > MAX_JSON:
-            raise ScanFailed(f"a tokenizer config of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
-        try:
-            doc = json.loads(item.stream.read())
-        except (ValueError, RecursionError) as exc:
-            raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None
-        for key, text in _hf_templates(doc):
+        for key, text in _hf_templates(load(item, "a tokenizer config")):
             if len(text.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE:
                 self._oversized(key, len(text), ctx)
                 continue

@@ -61,3 +61,16 @@ def document(head: bytes, stream: BinaryIO, needles: tuple[bytes, ...]) -> Any:
     if not _last[3]:
         _last[2], _last[3] = _parse(data), True
     return _last[2]
+
+
+def load(item, what: str) -> Any:
+    """The whole JSON document of a scanned item, or ScanFailed (too large, or not JSON)."""
+    from modelscan_core.scanners.interface import ScanFailed
+
+    if item.size > MAX_JSON:
+        raise ScanFailed(f"{what} of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
+    item.stream.seek(0)
+    try:
+        return json.loads(item.stream.read())
+    except (ValueError, RecursionError) as exc:
+        raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None

@@ -17,7 +17,7 @@ from typing import Any
 from modelscan_core.detect import Rule
 from modelscan_core.scanners import Format, ScannerSettings
 from modelscan_core.scanners.interface import Item, ScanContext, ScanFailed, Scanner
-from modelscan_core.scanners.jsondoc import MAX_JSON, TOO_LARGE, document, parse_object
+from modelscan_core.scanners.jsondoc import MAX_JSON, TOO_LARGE, document, load, parse_object
 
 CONFIG = "config.json"
 METADATA = "metadata.json"
@@ -130,14 +130,7 @@ class KerasJsonScanner(Scanner):
     def scan(self, item: Item, ctx: ScanContext) -> None:
         from modelscan_core.scanners.keras_common import ConfigWalker
 
-        if item.size > MAX_JSON:
-            raise ScanFailed(f"a Keras config of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
-        item.stream.seek(0)
-        try:
-            doc = json.loads(item.stream.read())
-        except (ValueError, RecursionError) as exc:
-            raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None
-        ConfigWalker(ctx, "keras").walk(doc, "Keras config", "model")
+        ConfigWalker(ctx, "keras").walk(load(item, "a Keras config"), "Keras config", "model")
 
 
 def _member_path(info: zipfile.ZipInfo, ctx: ScanContext) -> None:

@@ -363,18 +363,10 @@ class NemoContextScanner(Scanner):
     formats = ("nemo_context",)
 
     def scan(self, item: Item, ctx: ScanContext) -> None:
-        import json
-
-        from modelscan_core.scanners.jsondoc import MAX_JSON
+        from modelscan_core.scanners.jsondoc import load
         from modelscan_core.scanners.pickle.values import CALLED
 
-        if item.size > MAX_JSON:
-            raise ScanFailed(f"a NeMo context of {item.size} bytes, beyond the {MAX_JSON} read", incomplete=True)
-        item.stream.seek(0)
-        try:
-            doc = json.loads(item.stream.read())
-        except (ValueError, RecursionError) as exc:
-            raise ScanFailed(f"not valid JSON: {exc}", "JSON_DECODE") from None
+        doc = load(item, "a NeMo context")
         policy = ctx.settings.pickle_policy
         seen: set[tuple[str, str, bool]] = set()
         for module, name, called in pyrefs(doc):
