@@ -102,8 +102,7 @@ class KerasV3Scanner(Scanner):
                     continue
                 if info.filename in KNOWN_DATA:
                     # weights: arrays, but HDF5 may keep them in other files (external storage, links)
-                    ctx.scan_member(info.filename, lambda info=info: _weights(archive, info, item.stream), info.file_size,
-                                    format_hint="keras_h5")
+                    ctx.scan_member(info.filename, lambda info=info: _weights(archive, info, item.stream), info.file_size)
                     continue
                 if info.filename.startswith(KNOWN_DIRS) and info.file_size == 0:
                     continue
