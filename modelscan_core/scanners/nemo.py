@@ -66,8 +66,6 @@ def sniff_nemo(head: bytes, name: str, stream: BinaryIO) -> bool:
 
     if not sniff.tar(head, name, stream):
         return False
-    if name.endswith(".nemo"):
-        return True  # a tar so named: a missing config is reported, not left to the generic tar scan
     import tarfile  # only for a tar: every file is asked, and tarfile costs a millisecond
 
     try:
