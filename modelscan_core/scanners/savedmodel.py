@@ -230,14 +230,14 @@ class SavedModelScanner(Scanner):
         functions: set[str] = set()
         user_metadata: list[tuple[str, str]] = []
         graphs = 0
-        self.assets: list[tuple[str, bytes]] = []
+        assets: list[tuple[str, bytes]] = []  # (where, filename): a local, the scanner instance is shared
         for _number, (start, end) in parse_each(buf, {2: SPAN}):
             graphs += 1
-            self._meta_graph(buf, start, end, f"meta_graphs[{graphs - 1}]", ops, functions, user_metadata)
+            self._meta_graph(buf, start, end, f"meta_graphs[{graphs - 1}]", ops, functions, user_metadata, assets)
         if graphs == 0:
             raise ScanFailed("saved_model.pb holds no meta graph")
         self._judge(ops, functions, ctx)
-        self._judge_assets(ctx)
+        self._judge_assets(assets, ctx)
         if user_metadata:
             from modelscan_core.scanners.keras_common import ConfigWalker
 
@@ -245,14 +245,15 @@ class SavedModelScanner(Scanner):
             for where, meta in user_metadata:
                 _walk_json(walker, ctx, meta, where)
 
-    def _judge_assets(self, ctx: ScanContext) -> None:
+    @staticmethod
+    def _judge_assets(assets: list[tuple[str, bytes]], ctx: ScanContext) -> None:
         """TensorFlow joins each asset's filename to `<export_dir>/assets` and hands the path to the
         graph (a vocabulary table reads it, a serving function may return it): a filename that is
         absolute or climbs out reads any file on the host, as ONNX external data does."""
         from modelscan_core.scanners.paths import escapes
 
         seen: set[bytes] = set()
-        for label, raw in self.assets:
+        for label, raw in assets:
             if raw in seen:
                 continue
             seen.add(raw)
@@ -263,7 +264,7 @@ class SavedModelScanner(Scanner):
                            f"{label} asset {raw.decode('utf-8', 'replace')!r} is {why}: the SavedModel reads it as an asset "
                            "at load time, from outside its assets directory", module="Tensorflow", operator="asset_file_def")
 
-    def _meta_graph(self, buf, start, end, label, ops, functions, user_metadata) -> None:
+    def _meta_graph(self, buf, start, end, label, ops, functions, user_metadata, assets) -> None:
         from modelscan_core.scanners.proto import SPAN, parse_each
 
         for number, value in parse_each(buf, {2: SPAN, 4: _message("CollectionDefEntry"), 6: _message("AssetFileDef"),
@@ -272,7 +273,7 @@ class SavedModelScanner(Scanner):
                 self._graph(buf, value[0], value[1], label, ops, functions)
                 continue
             if number == 6:
-                self.assets.append((label, bytes(value.filename)))
+                assets.append((label, bytes(value.filename)))
                 continue
             if number == 4:  # TF1: AssetFileDefs packed as Any in the "saved_model_assets" collection
                 if _text(value.key) == ASSETS_COLLECTION:
@@ -285,7 +286,7 @@ class SavedModelScanner(Scanner):
                             asset.ParseFromString(bytes(packed.value))
                         except DecodeError as exc:
                             raise ScanFailed(f"{label}: an asset entry that is not an AssetFileDef: {exc}") from None
-                        self.assets.append((label, bytes(asset.filename)))
+                        assets.append((label, bytes(asset.filename)))
                 continue
             for i, obj in enumerate(value.nodes):
                 user = obj.user_object
@@ -386,14 +387,30 @@ class SavedModelTextScanner(SavedModelScanner):
         if "meta_graphs" not in text and "node" not in text:
             raise ScanFailed("saved_model.pbtxt holds no meta graph")
         ops: dict[str, _Op] = defaultdict(_Op)
-        functions = set(_PBTXT_FUNCTION.findall(text))
+        import bisect
+
+        starts = [(m.start(), _unescape(m.group(1))) for m in _PBTXT_FUNCTION.finditer(text)]
+        functions = {fname for _, fname in starts}
+        positions = [pos for pos, _ in starts]
         for match in _PBTXT_NODE.finditer(text):
             name, op = match.group(1), match.group(2)
-            self._add(ops, (_unescape(name), _unescape(op), {}), "saved_model.pbtxt")
+            # a library function's nodes follow its signature: the saver's checkpoint ops are its own
+            i = bisect.bisect_right(positions, match.start()) - 1
+            fname = starts[i][1] if i >= 0 else ""
+            where = f"saved_model.pbtxt function {fname}" if fname else "saved_model.pbtxt"
+            self._add(ops, (_unescape(name), _unescape(op), {}), where, saver=bool(_SAVER_FUNCTION.match(fname)))
         self._judge(ops, functions, ctx)
+        assets = []
+        for match in _PBTXT_ASSET.finditer(text):  # the filename follows the asset's tensor_info block
+            found = _PBTXT_FILENAME.search(text, match.end(), match.end() + 4096)
+            if found:
+                assets.append(("saved_model.pbtxt", _unescape(found.group(1)).encode("utf-8", "surrogateescape")))
+        self._judge_assets(assets, ctx)
 
 
 _PBTXT_NODE = re.compile(r'\bname:\s*"((?:[^"\\]|\\.)*)"\s*op:\s*"((?:[^"\\]|\\.)*)"')
+_PBTXT_ASSET = re.compile(r"\basset_file_def\s*\{")
+_PBTXT_FILENAME = re.compile(r'\bfilename:\s*"((?:[^"\\]|\\.)*)"')
 _PBTXT_FUNCTION = re.compile(r'\bsignature\s*\{\s*name:\s*"((?:[^"\\]|\\.)*)"')
 
 

@@ -566,3 +566,41 @@ def test_str_format_taken_as_a_value_by_any_lookup_is_high(tmp_path, template):
     path = tmp_path / "tokenizer_config.json"
     path.write_text(json.dumps({"chat_template": template}))
     assert top(path) >= HIGH
+
+
+_PBTXT = """saved_model_schema_version: 1
+meta_graphs {
+  graph_def {
+    node { name: "Const" op: "Const" }
+    library {
+      function {
+        signature { name: "__inference__traced_save_45" }
+        node_def { name: "SaveV2" op: "SaveV2" }
+        node_def { name: "MergeV2Checkpoints" op: "MergeV2Checkpoints" }
+      }
+      function {
+        signature { name: "__inference_serve_12" }
+        node_def { name: "Identity" op: "Identity" }
+        %s
+      }
+    }
+  }
+  asset_file_def {
+    tensor_info { name: "Const_1:0" dtype: DT_STRING tensor_shape { } }
+    filename: "%s"
+  }
+}
+"""
+
+
+@pytest.mark.parametrize("extra, filename, severity", [
+    ("", "vocab.txt", None),
+    ("", "/etc/passwd", HIGH),
+    ('node_def { name: "SaveV2_1" op: "SaveV2" }', "vocab.txt", HIGH),
+])
+def test_text_savedmodel_assets_and_saver_functions(tmp_path, extra, filename, severity):
+    """saved_model.pbtxt is read like the binary form: asset filenames are judged, and checkpoint
+    ops count only outside TensorFlow's own saver functions (the binary form already knew)."""
+    path = tmp_path / "saved_model.pbtxt"
+    path.write_text(_PBTXT % (extra, filename))
+    assert top(path) == severity, scan_path(path).findings()
