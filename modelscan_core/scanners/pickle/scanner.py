@@ -16,7 +16,7 @@ from modelscan_core.model import Severity
 from modelscan_core.scanners.interface import Item, ScanContext, Scanner
 from modelscan_core.scanners.pickle.flow import analyse, observer_factory, reachable_globals
 from modelscan_core.scanners.pickle.policy import NESTED
-from modelscan_core.scanners.pickle.values import Blob, Call, GlobalRef, render, render_call
+from modelscan_core.scanners.pickle.values import Blob, Call, GlobalRef, grown_bytes, render, render_call
 from modelscan_core.scanners.pickle.vm import BuildHook, PickleVM, StreamFacts
 from modelscan_core.sources.window import Window
 from modelscan_core.scanners.joblib import joblib_hook
@@ -380,6 +380,8 @@ def static_bytes(value: object, stream: BinaryIO, limit: int | None = None, *, _
 
     With `limit`, only (at least) the first `limit` bytes matter: long text is not read whole.
     """
+    if grown_bytes(value):
+        return None  # a bytearray the pickle extended: not what the operand holds
     if isinstance(value, (bytes, bytearray)):
         return bytes(value[:limit] if limit is not None else value)
     if isinstance(value, Blob):

@@ -71,11 +71,28 @@ class Unknown:
 
 @dataclass(eq=False, slots=True)
 class Blob:
-    """A long bytes/str operand left in the file instead of copied: where it is and how long."""
+    """A long bytes/str operand left in the file instead of copied: where it is and how long.
+
+    `bytearray`: made by BYTEARRAY8, so APPEND(S) extend it; `grown`: they did, and the bytes
+    in the file are no longer all it holds."""
 
     offset: int
     length: int
     is_text: bool = False
+    bytearray: bool = False
+    grown: bool = False
+
+
+class PByteArray(bytes):
+    """The bytes of a BYTEARRAY8 operand: a bytearray to the unpickler, so APPEND(S) on it call
+    its extend, which takes ints. `grown` once they did: what it holds is then no longer known."""
+
+    grown = False
+
+
+def grown_bytes(value: object) -> bool:
+    """A bytearray APPEND(S) extended: its content cannot be worked out statically."""
+    return getattr(value, "grown", False) is True
 
 
 class PDict(list):

@@ -58,6 +58,7 @@ from modelscan_core.scanners.pickle.values import (
     Blob,
     Call,
     GlobalRef,
+    PByteArray,
     PDict,
     PSet,
     Unknown,
@@ -914,6 +915,8 @@ class PickleVM:
                             room = DISPLAY_ITEMS - len(target)
                             if room > 0:
                                 target.extend(stack[k : k + room])
+                        elif _is_bytearray(target):
+                            _extend_bytearray(target, stack[k:], base + pos - 1)
                         elif isinstance(target, (Call, GlobalRef, Unknown)):
                             _mark_built(target)  # its own extend/append gets the items
                             mutate(target, MUT_APPEND, base + pos - 1, stack[k : k + DISPLAY_ITEMS])
@@ -1013,6 +1016,8 @@ class PickleVM:
                         size_add(target, (value,), 0, base + pos - 1)
                         if len(target) < DISPLAY_ITEMS:
                             target.append(value)
+                    elif _is_bytearray(target):
+                        _extend_bytearray(target, (value,), base + pos - 1)
                     elif isinstance(target, (Call, GlobalRef, Unknown)):
                         _mark_built(target)  # its own extend/append gets the item
                         mutate(target, MUT_APPEND, base + pos - 1, [value])
@@ -1089,7 +1094,13 @@ class PickleVM:
                     width = 1 if op == 0x43 else 4 if op == 0x42 else 8
                     raw = self.read(width)
                     n = raw[0] if width == 1 else (_unpack_I if width == 4 else _unpack_Q)(raw, 0)[0]
-                    stack.append(take(n, at, False))
+                    value = take(n, at, False)
+                    if op == 0x96:  # a bytearray: APPEND(S) extend it
+                        if isinstance(value, Blob):
+                            value.bytearray = True
+                        else:
+                            value = PByteArray(value)
+                    stack.append(value)
                 elif op == 0x80:  # PROTO
                     proto = self.read(1)[0]
                     if proto > HIGHEST_PROTOCOL:
@@ -1507,6 +1518,21 @@ def _mark_built(target: object) -> None:
         target.func.uses |= BUILT
     elif isinstance(target, GlobalRef):
         target.uses |= BUILT
+
+
+def _is_bytearray(value: object) -> bool:
+    return type(value) is PByteArray or (type(value) is Blob and value.bytearray)
+
+
+def _extend_bytearray(target: PByteArray | Blob, items, at: int) -> None:
+    """APPEND(S) on a bytearray: the C unpickler calls its extend, which takes ints 0-255 (or
+    objects with __index__, which a value made at load time may be) and fails on anything else."""
+    for item in items:
+        if not isinstance(item, (int, Call, GlobalRef, Unknown)):
+            raise PickleError(f"APPEND of {type(item).__name__} to a bytearray", at)
+        if isinstance(item, int) and not 0 <= item <= 255:
+            raise PickleError("APPEND of an int outside 0-255 to a bytearray", at)
+    target.grown = True
 
 
 def _c_string(line: bytes) -> bytes:

@@ -80,6 +80,10 @@ FOUND = {
     "long line ending at a NUL": (b"L7\x00zz\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
     "memo index ending at a NUL": (b"cmypkg\nevil\np1\x00x\n0g1\x00y\n)R.", "mypkg", "evil", CALLED),
     "int line that is only a NUL": (b"I\x00\n0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
+    # APPEND(S) on a BYTEARRAY8 value calls bytearray.extend, which takes ints (the VM stopped)
+    "append to a bytearray": (b"\x80\x05\x96\x03" + bytes(7) + b"abcK\x01a0cmypkg\nevil\n)R.", "mypkg", "evil", CALLED),
+    "appends to a bytearray": (b"\x80\x05\x96\x03" + bytes(7) + b"abc(K\x01\x88e0cmypkg\nevil\n)R.", "mypkg", "evil",
+                               CALLED),
 }
 
 
@@ -93,6 +97,13 @@ def test_a_planted_new_of_an_unknown_callable_is_high(scan_bytes):
     data = FOUND["planted __new__ on a class"][0]
     scanned = scan_bytes(data)
     assert "mypkg.evil" in scanned.names(Severity.HIGH)
+
+
+def test_a_bytearray_grown_by_appends_and_unpickled_is_unresolved_not_its_first_bytes(scan_bytes):
+    # pickle.loads(bytearray(b"\x80\x02N") + ...): what it unpickles is built at load time
+    data = b"\x80\x05cpickle\nloads\n\x96\x03" + bytes(7) + b"\x80\x02N(K.e\x85R."
+    scanned = scan_bytes(data)
+    assert "pickle/nested-unresolved" in scanned.rules() and scanned.worst >= Severity.HIGH, scanned.report.findings()
 
 
 def test_the_bytes_reading_is_pickle_loads(oracle):
