@@ -35,18 +35,9 @@ def open_dir(path: str, root: str | None = None) -> int:
     parts = [] if rel == "." else rel.split(os.sep)
     if any(p in ("", ".", "..") for p in parts):
         raise OSError(errno.EINVAL, f"{path!r} is not a plain path")
-    from modelscand.workers import open_root
+    from modelscand.workers import descend, open_root
 
-    fd = open_root(base)
-    try:
-        for part in parts:
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return descend(open_root(base), parts)
 
 
 def _below(path: str, root: str) -> bool:

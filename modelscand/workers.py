@@ -141,7 +141,12 @@ def open_root(root: str) -> int:
     parts = [p for p in root.split(os.sep) if p]
     if any(p in (".", "..") for p in parts):
         raise OSError(errno.EINVAL, f"{root!r} is not a plain path")
-    fd = os.open(os.sep, DIR_FLAGS)
+    return descend(os.open(os.sep, DIR_FLAGS), parts)
+
+
+def descend(fd: int, parts: list[str]) -> int:
+    """The directory `parts` below the directory fd `fd` (taken over: closed on the way or on
+    failure), each component opened by the previous one's fd without following a link."""
     try:
         for part in parts:
             nfd = os.open(part, DIR_FLAGS, dir_fd=fd)

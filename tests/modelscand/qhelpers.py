@@ -74,20 +74,25 @@ def no_rename_across(monkeypatch):
     yield
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A real tmpfs mounted under tmp_path (root only); skipped where mount is not allowed."""
+def mounted_tmpfs(path, options: str):
+    """A real tmpfs mounted at `path` (created) while the generator is suspended; skips the
+    test where it cannot be mounted (not root, no permission)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (the simulated-EXDEV tests cover the copy path)")
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", str(d)], capture_output=True)
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
     try:
-        yield d
+        yield path
     finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 64 MB tmpfs mounted under tmp_path (root only)."""
+    yield from mounted_tmpfs(tmp_path / "tmpfs", "size=64m,mode=1777")
 
 
 def run_killed(spec: dict) -> int:

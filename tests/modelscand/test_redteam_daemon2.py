@@ -19,7 +19,7 @@ import pytest
 from modelscand.quarantine import tombstone
 from modelscand.quarantine.store import Store
 from tests.modelscand.conftest import EVIL
-from tests.modelscand.qhelpers import REPO, plant, tmpfs  # noqa: F401 (a fixture)
+from tests.modelscand.qhelpers import REPO, mounted_tmpfs, plant, tmpfs  # noqa: F401 (a fixture)
 from tests.modelscand.test_cli import cli, events
 from tests.modelscand.test_issue10 import _state
 
@@ -349,17 +349,7 @@ def test_a_write_cut_before_its_fsync_is_dropped_and_noted_not_a_problem(tmp_pat
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    yield from mounted_tmpfs(tmp_path / "small", "size=1m,mode=0700")
 
 
 def test_a_quarantine_filesystem_that_fills_during_a_copy_leaves_nothing_half_done(tmp_path, small_tmpfs):
