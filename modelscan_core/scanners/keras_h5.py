@@ -99,9 +99,15 @@ def _external_storage(handle, ctx: ScanContext) -> None:
     seen: set = set()
     stack = [("", handle)]
     count = 0
+    unreadable = (KeyError, OSError, ValueError, RuntimeError)  # what h5py raises for damaged structures
     while stack:
         path, group = stack.pop()
-        for name in group:
+        try:
+            names = list(group)
+        except unreadable as exc:
+            ctx.error(f"{path or '/'}: its members cannot be listed ({exc}); they were not checked")
+            continue
+        for name in names:
             count += 1
             if count > MAX_OBJECTS:
                 ctx.error(f"more than {MAX_OBJECTS} HDF5 objects; the rest was not checked", incomplete=True)
@@ -117,7 +123,7 @@ def _external_storage(handle, ctx: ScanContext) -> None:
                 obj = group[name]
                 info = h5py.h5o.get_info(obj.id)
                 key = (info.fileno, getattr(info, "addr", None) or getattr(info, "token", where))  # hard links: once
-            except (KeyError, OSError, ValueError, RuntimeError) as exc:
+            except unreadable as exc:
                 ctx.error(f"{where}: cannot be read ({exc})")
                 continue
             if key in seen:
@@ -126,14 +132,17 @@ def _external_storage(handle, ctx: ScanContext) -> None:
             if isinstance(obj, h5py.Group):
                 stack.append((where, obj))
             elif isinstance(obj, h5py.Dataset):
-                external = obj.external
+                try:
+                    external = obj.external
+                    virtual = sorted({s.file_name for s in obj.virtual_sources()} - {"."}) if obj.is_virtual else []
+                except unreadable as exc:
+                    ctx.error(f"{where}: its storage cannot be read ({exc}); not checked")
+                    continue
                 if external:
                     files = ", ".join(repr(os.fsdecode(e[0])) for e in external[:3])
                     report(f"keeps its data in external file(s) {files}", where)
-                if obj.is_virtual:
-                    sources = sorted({s.file_name for s in obj.virtual_sources()} - {"."})
-                    if sources:
-                        report(f"is a virtual dataset reading {', '.join(map(repr, sources[:3]))}", where)
+                if virtual:
+                    report(f"is a virtual dataset reading {', '.join(map(repr, virtual[:3]))}", where)
 
 
 FORMATS = (
