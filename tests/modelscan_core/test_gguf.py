@@ -414,6 +414,7 @@ def test_a_payload_split_across_array_items_is_read_as_llama_cpp_joins_them(tmp_
 # -- published templates known clean ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_known_template_list_is_what_the_analyser_finds_clean_in_the_corpus():
     """Every digest vouches for a corpus template that the analyser itself finds clean now."""
     import subprocess

@@ -106,6 +106,7 @@ def test_a_bytearray_grown_by_appends_and_unpickled_is_unresolved_not_its_first_
     assert "pickle/nested-unresolved" in scanned.rules() and scanned.worst >= Severity.HIGH, scanned.report.findings()
 
 
+@pytest.mark.slow
 def test_the_bytes_reading_is_pickle_loads(oracle):
     """The oracle's `bytes` reading goes through a file whose peek returns everything: it must
     read exactly as pickle.loads (run in the worker, names refused by an audit hook)."""
